@@ -1,0 +1,7 @@
+"""rlhf_ppo: align a causal language model to a reward model with PPO."""
+
+from .config import Config, ConfigError, load_config
+from .trainer import PPOTrainer
+
+__all__ = ["Config", "ConfigError", "PPOTrainer", "load_config"]
+__version__ = "0.1.0"

@@ -1,0 +1,465 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides and validation.
+
+Every field carries a one-line docstring (read back by :func:`field_docs` for the CLI help and
+the README). Loading checks names, types and values before any model is touched, and every
+error names the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "builtin:tiny"
+    """policy: hub id, local folder, or `builtin:tiny` (a tiny random-init model built locally)"""
+    gguf_file: str | None = None
+    """GGUF file name inside `name_or_path` (dequantised by transformers; needs the `gguf` package)"""
+    tokenizer: str | None = None
+    """tokenizer hub id or folder; default: the policy's"""
+    revision: str | None = None
+    """hub revision (branch, tag or commit) of the policy"""
+    trust_remote_code: bool = False
+    """allow model code from the hub to run; off unless you trust the source"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the models are loaded in"""
+    ref_name_or_path: str | None = None
+    """reference model; default: a frozen copy of the initial policy"""
+    ref_gguf_file: str | None = None
+    """GGUF file name inside `ref_name_or_path`"""
+    critic: Literal["shared", "separate"] = "shared"
+    """`shared`: a value head on the policy's last hidden state; `separate`: its own model"""
+    critic_name_or_path: str | None = None
+    """separate critic's initial weights (e.g. the reward model); default: the policy's"""
+    disable_dropout: bool = True
+    """turn dropout off in every model, so rollout and update see the same function"""
+
+
+@dataclass
+class RewardSource:
+    model: str | None = None
+    """reward model (`AutoModelForSequenceClassification`, num_labels 1): hub id or folder"""
+    function: str | None = None
+    """reward function `package.module:function` or `path/to/file.py:function`"""
+    weight: float = 1.0
+    """weight of this source in the summed score"""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """extra keyword arguments passed to the reward function"""
+
+
+@dataclass
+class RewardConfig:
+    sources: list[RewardSource] = field(
+        default_factory=lambda: [RewardSource(function="rlhf_ppo.rewards:keyword_share")]
+    )
+    """reward sources, each with exactly one of `model` or `function`; scores are summed by weight"""
+    missing_stop_penalty: float | None = None
+    """subtracted from the score of a response that never emitted a stop token"""
+    normalize: bool = False
+    """divide scores by a running standard deviation (and subtract the running mean)"""
+    clip: float | None = None
+    """clip scores (after normalisation) to [-clip, clip]"""
+    batch_size: int = 32
+    """sequences per reward-model forward pass"""
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:tiny"
+    """prompt dataset: hub id, local .json/.jsonl/.csv/.parquet file, or `builtin:tiny`"""
+    split: str = "train"
+    """dataset split"""
+    prompt_column: str = "prompt"
+    """column with the prompt: a string, or a list of chat messages rendered with the chat template"""
+    max_prompt_length: int = 128
+    """longest prompt in tokens"""
+    truncate_long_prompts: bool = False
+    """keep the last `max_prompt_length` tokens of long prompts instead of dropping them"""
+    shuffle: bool = True
+    """reshuffle the prompts every pass over the dataset"""
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    """longest response in tokens"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs use the same temperature"""
+    top_k: int = 0
+    """keep the k most likely tokens (0: off). Changes the sampling distribution: off-policy"""
+    top_p: float = 1.0
+    """nucleus sampling (1.0: off). Changes the sampling distribution: off-policy"""
+    min_new_tokens: int = 0
+    """forbid stop tokens before this many tokens. Changes the distribution: off-policy"""
+    repetition_penalty: float = 1.0
+    """repetition penalty (1.0: off). Changes the distribution: off-policy"""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """extra stop token ids, besides the tokenizer's EOS"""
+    stop_strings: list[str] = field(default_factory=list)
+    """stop strings: the response ends at the token that completes one"""
+    batch_size: int | None = None
+    """prompts per `generate` call; default: the whole rollout batch"""
+
+
+@dataclass
+class PPOConfig:
+    batch_size: int = 16
+    """rollouts (prompts) per iteration, per process"""
+    num_minibatches: int = 2
+    """optimizer steps per PPO epoch; `batch_size` must divide evenly"""
+    micro_batch_size: int = 8
+    """sequences per forward/backward; a minibatch accumulates gradients over its micro-batches"""
+    inference_batch_size: int = 32
+    """sequences per no-grad forward (old log-probs, values, reference)"""
+    ppo_epochs: int = 4
+    """passes over the rollout batch per iteration"""
+    clip_range: float = 0.2
+    """PPO ratio clip epsilon"""
+    clip_range_value: float | None = 0.2
+    """value clip around the old values (null: no value clipping)"""
+    vf_coef: float = 0.1
+    """value loss coefficient"""
+    entropy_coef: float = 0.0
+    """entropy bonus coefficient"""
+    gamma: float = 1.0
+    """discount factor"""
+    lam: float = 0.95
+    """GAE lambda"""
+    kl_coef: float = 0.05
+    """initial KL penalty coefficient beta"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """per-token KL estimator for the reward penalty (Schulman's k1/k2/k3)"""
+    adaptive_kl: bool = False
+    """adapt `kl_coef` toward `kl_target` (Ziegler et al. 2019)"""
+    kl_target: float = 6.0
+    """target summed KL per sequence for the adaptive controller"""
+    kl_horizon: int = 10000
+    """horizon of the adaptive controller, in sequences"""
+    whiten_advantages: bool = True
+    """whiten advantages over the valid tokens of the batch"""
+    loss_aggregation: Literal["token-mean", "seq-mean"] = "token-mean"
+    """average the losses over tokens, or per sequence then over sequences"""
+    target_kl: float | None = None
+    """stop this iteration's updates when approx KL(old || new) exceeds it (null: never)"""
+    critic_warmup: int = 0
+    """the first N iterations train only the value head / critic"""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-6
+    """policy learning rate (AdamW)"""
+    critic_lr: float | None = None
+    """value head / critic learning rate; default: `lr`"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    max_grad_norm: float | None = 1.0
+    """clip the global gradient norm (null: off)"""
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """learning-rate schedule after warmup, over all optimizer steps"""
+    warmup_steps: int = 0
+    """optimizer steps of linear warmup from 0"""
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/tiny"
+    """folder for metrics.jsonl, checkpoints and the final model"""
+    seed: int = 0
+    """random seed for data order, sampling and initialisation"""
+    iterations: int = 100
+    """PPO iterations (rollout + update)"""
+    save_every: int = 0
+    """save the policy every N iterations (0: only at the end)"""
+    report_to: list[Literal["tensorboard"]] = field(default_factory=list)
+    """extra trackers through accelerate (`tensorboard`)"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """policy, reference and critic"""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """reward sources and score processing"""
+    data: DataConfig = field(default_factory=DataConfig)
+    """prompt dataset"""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """rollout sampling"""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO algorithm"""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """optimizer and schedule"""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of the config (YAML/JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges and cross-field constraints; raise ConfigError naming the key."""
+    p, g, o, r, d = cfg.ppo, cfg.generation, cfg.optim, cfg.reward, cfg.data
+    _check(cfg.iterations >= 1, "iterations", "an integer >= 1", cfg.iterations)
+    _check(cfg.save_every >= 0, "save_every", "an integer >= 0", cfg.save_every)
+    for key in ("batch_size", "num_minibatches", "micro_batch_size", "inference_batch_size",
+                "ppo_epochs"):
+        _check(getattr(p, key) >= 1, f"ppo.{key}", "an integer >= 1", getattr(p, key))
+    _check(p.batch_size % p.num_minibatches == 0, "ppo.batch_size",
+           f"a multiple of ppo.num_minibatches={p.num_minibatches}", p.batch_size)
+    mini = p.batch_size // p.num_minibatches
+    _check(mini % p.micro_batch_size == 0 or p.micro_batch_size >= mini, "ppo.micro_batch_size",
+           f"a divisor of the minibatch size {mini} (ppo.batch_size / ppo.num_minibatches)",
+           p.micro_batch_size)
+    _check(p.clip_range > 0, "ppo.clip_range", "a number > 0", p.clip_range)
+    _check(p.clip_range_value is None or p.clip_range_value > 0, "ppo.clip_range_value",
+           "a number > 0 or null", p.clip_range_value)
+    for key in ("vf_coef", "entropy_coef", "kl_coef"):
+        _check(getattr(p, key) >= 0, f"ppo.{key}", "a number >= 0", getattr(p, key))
+    _check(0 <= p.gamma <= 1, "ppo.gamma", "a number in [0, 1]", p.gamma)
+    _check(0 <= p.lam <= 1, "ppo.lam", "a number in [0, 1]", p.lam)
+    _check(p.kl_target > 0, "ppo.kl_target", "a number > 0", p.kl_target)
+    _check(p.kl_horizon >= 1, "ppo.kl_horizon", "an integer >= 1", p.kl_horizon)
+    _check(p.target_kl is None or p.target_kl > 0, "ppo.target_kl", "a number > 0 or null",
+           p.target_kl)
+    _check(p.critic_warmup >= 0, "ppo.critic_warmup", "an integer >= 0", p.critic_warmup)
+    _check(g.max_new_tokens >= 1, "generation.max_new_tokens", "an integer >= 1", g.max_new_tokens)
+    _check(g.temperature > 0, "generation.temperature", "a number > 0", g.temperature)
+    _check(g.top_k >= 0, "generation.top_k", "an integer >= 0", g.top_k)
+    _check(0 < g.top_p <= 1, "generation.top_p", "a number in (0, 1]", g.top_p)
+    _check(0 <= g.min_new_tokens <= g.max_new_tokens, "generation.min_new_tokens",
+           "an integer in [0, generation.max_new_tokens]", g.min_new_tokens)
+    _check(g.repetition_penalty > 0, "generation.repetition_penalty", "a number > 0",
+           g.repetition_penalty)
+    _check(g.batch_size is None or g.batch_size >= 1, "generation.batch_size",
+           "an integer >= 1 or null", g.batch_size)
+    _check(all(s != "" for s in g.stop_strings), "generation.stop_strings",
+           "non-empty strings", g.stop_strings)
+    _check(o.lr > 0, "optim.lr", "a number > 0", o.lr)
+    _check(o.critic_lr is None or o.critic_lr > 0, "optim.critic_lr", "a number > 0 or null",
+           o.critic_lr)
+    _check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    _check(len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas), "optim.adam_betas",
+           "two numbers in [0, 1)", o.adam_betas)
+    _check(o.adam_eps > 0, "optim.adam_eps", "a number > 0", o.adam_eps)
+    _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm",
+           "a number > 0 or null", o.max_grad_norm)
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
+    _check(len(r.sources) >= 1, "reward.sources", "at least one reward source", r.sources)
+    for i, src in enumerate(r.sources):
+        _check((src.model is None) != (src.function is None), f"reward.sources[{i}]",
+               "exactly one of `model` or `function`", dataclasses.asdict(src))
+        _check(src.function is None or ":" in src.function, f"reward.sources[{i}].function",
+               "'package.module:function' or 'path/to/file.py:function'", src.function)
+    _check(r.clip is None or r.clip > 0, "reward.clip", "a number > 0 or null", r.clip)
+    _check(r.batch_size >= 1, "reward.batch_size", "an integer >= 1", r.batch_size)
+    _check(d.max_prompt_length >= 1, "data.max_prompt_length", "an integer >= 1",
+           d.max_prompt_length)
+    _check(d.prompt_column != "", "data.prompt_column", "a column name", d.prompt_column)
+    _check(cfg.model.critic == "separate" or cfg.model.critic_name_or_path is None,
+           "model.critic_name_or_path", "null unless model.critic is 'separate'",
+           cfg.model.critic_name_or_path)
+
+
+# --------------------------------------------------------------------------- typed construction
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return tp.__name__
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(
+                f"{key}: unknown key; expected one of {', '.join(sorted(names))}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    if cls is Config:  # validate once, after every section is built
+        return cls(**kwargs)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a validated Config from a nested dict (e.g. parsed YAML)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {data!r}")
+    return _build(Config, data)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    if not key or any(part == "" for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when `path` is None) with dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r}: not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
+    apply_overrides(data, overrides or [])
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the config as YAML."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- field docs
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each field of a config dataclass, by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def iter_fields(cls: type = Config, prefix: str = ""):
+    """Yield (dotted key, type name, default, doc) for every leaf field, depth first."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+            default = [dataclasses.asdict(x) for x in default]
+        yield key, _type_name(tp), default, docs.get(f.name, "")
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            yield from iter_fields(typing.get_args(tp)[0], key + "[].")

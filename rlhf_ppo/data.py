@@ -1,0 +1,174 @@
+"""Prompt datasets: loading, chat templates, length filtering, sharding and left-padded batches."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import builtin
+from .config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """The prompt dataset is missing, empty or malformed; the message names the file and column."""
+
+
+@dataclass
+class Prompt:
+    """One prompt: its text as the policy sees it, its token ids and the other dataset columns."""
+
+    text: str
+    """the prompt text (chat prompts rendered with the chat template)"""
+    input_ids: list[int]
+    """token ids of `text`"""
+    messages: list[dict] | None = None
+    """the original chat messages, for chat prompts"""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """other dataset columns, passed to reward functions as keyword arguments"""
+
+
+def load_rows(cfg: DataConfig):
+    """The raw ``datasets.Dataset`` named by ``data.path`` (local file or hub id)."""
+    import datasets
+
+    path = builtin.resolve_dataset(cfg.path)
+    suffix = Path(path).suffix.lower()
+    try:
+        if suffix in LOCAL_FORMATS:
+            if not Path(path).is_file():
+                raise DataError(f"data.path: file {path!r} not found")
+            ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files={cfg.split: path},
+                                       split=cfg.split)
+        elif Path(path).is_dir():
+            ds = datasets.load_dataset(path, split=cfg.split)
+        else:
+            ds = datasets.load_dataset(path, split=cfg.split)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types; all mean "could not read it"
+        raise DataError(f"data.path: could not load {path!r} split {cfg.split!r} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                        "Expected a .json/.jsonl/.csv/.parquet file or a hub dataset id") from e
+    return ds
+
+
+def _is_messages(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def render_prompt(value: Any, tokenizer, row: int, column: str) -> tuple[str, list[dict] | None]:
+    """Prompt text for one dataset value: a string as is, chat messages through the template."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"data.prompt_column {column!r}: row {row} is an empty prompt")
+        return value, None
+    if _is_messages(value):
+        if tokenizer.chat_template is None:
+            raise DataError(f"data.prompt_column {column!r}: row {row} holds chat messages but the "
+                            "tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+        return text, value
+    raise DataError(f"data.prompt_column {column!r}: row {row} is {type(value).__name__} "
+                    f"{str(value)[:80]!r}; expected a string or a list of chat messages "
+                    "({'role': ..., 'content': ...})")
+
+
+def _encode(text: str, messages: list[dict] | None, tokenizer) -> list[int]:
+    # A rendered chat template already contains the special tokens it needs (e.g. BOS).
+    add_special = messages is None
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
+def load_prompts(cfg: DataConfig, tokenizer) -> list[Prompt]:
+    """Load, render, tokenize and length-filter the prompts.
+
+    Prompts longer than ``data.max_prompt_length`` tokens are dropped (count logged), or cut to
+    their last ``max_prompt_length`` tokens when ``data.truncate_long_prompts``.
+    """
+    ds = load_rows(cfg)
+    if cfg.prompt_column not in ds.column_names:
+        raise DataError(f"data.prompt_column: column {cfg.prompt_column!r} not in {cfg.path!r}; "
+                        f"columns are {ds.column_names}")
+    if len(ds) == 0:
+        raise DataError(f"data.path: {cfg.path!r} split {cfg.split!r} has no rows")
+    prompts, dropped = [], 0
+    for i, row in enumerate(ds):
+        text, messages = render_prompt(row[cfg.prompt_column], tokenizer, i, cfg.prompt_column)
+        ids = _encode(text, messages, tokenizer)
+        if len(ids) > cfg.max_prompt_length:
+            if not cfg.truncate_long_prompts:
+                dropped += 1
+                continue
+            ids = ids[-cfg.max_prompt_length:]
+            text = tokenizer.decode(ids)
+        extra = {k: v for k, v in row.items() if k != cfg.prompt_column}
+        prompts.append(Prompt(text, ids, messages, extra))
+    if dropped:
+        logger.warning("dropped %d of %d prompts longer than data.max_prompt_length=%d tokens "
+                       "(set data.truncate_long_prompts=true to keep them, cut)",
+                       dropped, len(ds), cfg.max_prompt_length)
+    if not prompts:
+        raise DataError(f"data.max_prompt_length={cfg.max_prompt_length}: every prompt in "
+                        f"{cfg.path!r} is longer; raise it or set data.truncate_long_prompts=true")
+    return prompts
+
+
+class PromptSampler:
+    """Endless, reproducible stream of prompt batches for one process.
+
+    Every pass over the data is a fresh permutation (``seed + epoch``); process ``rank`` of
+    ``world_size`` takes every ``world_size``-th prompt of it, so processes never share a prompt
+    within a pass.
+    """
+
+    def __init__(self, prompts: list[Prompt], batch_size: int, seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        self.prompts, self.batch_size, self.seed = prompts, batch_size, seed
+        self.shuffle, self.rank, self.world_size = shuffle, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        n = len(self.prompts)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        return order[self.rank::self.world_size] or order[:1]
+
+    def next_batch(self) -> list[Prompt]:
+        """The next ``batch_size`` prompts (wrapping into a new pass when one runs out)."""
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            batch.append(self.prompts[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def __iter__(self) -> Iterator[list[Prompt]]:
+        while True:
+            yield self.next_batch()
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to ``[B, P]`` ids and attention mask (1 on real tokens)."""
+    P = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), P), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, P - len(s):] = 1
+    return ids, mask

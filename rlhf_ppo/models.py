@@ -1,0 +1,292 @@
+"""Loading the policy, reference, critic and reward models, and the actor-critic forward pass.
+
+Shape legend: ``B`` batch, ``P`` prompt length (left-padded), ``R`` response length
+(right-padded), ``L = P + R``, ``H`` hidden size, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from . import builtin
+from .config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Logits are computed for at most this many elements at a time (64M floats = 256 MB in float32),
+# so a float32 [B, L, V] tensor is never materialised for the whole batch.
+LOGITS_CHUNK_ELEMENTS = 1 << 26
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message names the path and the config key."""
+
+
+def _load(loader, name: str, key: str, **kwargs):
+    try:
+        return loader(name, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(
+            f"{key}: could not load {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Expected a local folder with config.json and weights, a hub id (needs network), "
+            "or builtin:tiny.") from e
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The policy tokenizer, left-padding, with a pad token (EOS reused when there is none)."""
+    from transformers import AutoTokenizer
+
+    name = builtin.resolve_model(cfg.tokenizer or cfg.name_or_path)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gguf_file and not cfg.tokenizer:
+        kwargs["gguf_file"] = cfg.gguf_file
+    tok = _load(AutoTokenizer.from_pretrained, name, "model.tokenizer", **kwargs)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelLoadError(f"model.tokenizer: {name!r} has neither a pad nor an EOS token")
+        # Reusing EOS as pad is safe here: masks come from stop positions, never from token ids.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability (modules and attention-dropout attributes) to 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+
+
+def load_causal_lm(name: str, cfg: ModelConfig, key: str, gguf_file: str | None = None):
+    """An ``AutoModelForCausalLM`` from a hub id, local folder, GGUF file or ``builtin:``."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=DTYPES[cfg.dtype], revision=cfg.revision,
+                  trust_remote_code=cfg.trust_remote_code)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    model = _load(AutoModelForCausalLM.from_pretrained, builtin.resolve_model(name), key, **kwargs)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
+def load_sequence_classifier(name: str, cfg: ModelConfig, key: str, trainable: bool = False):
+    """An ``AutoModelForSequenceClassification`` with one output.
+
+    A reward model (``trainable=False``) must already have ``num_labels == 1``. A critic
+    (``trainable=True``) may start from any checkpoint of the architecture (a causal LM, a reward
+    model): a missing or mismatched one-output head is freshly initialised.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = builtin.resolve_model(name)
+    kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    if trainable:
+        kwargs.update(num_labels=1, ignore_mismatched_sizes=True)
+    else:
+        config = _load(AutoConfig.from_pretrained, path, key,
+                       trust_remote_code=cfg.trust_remote_code)
+        if getattr(config, "num_labels", 1) != 1:
+            raise ModelLoadError(f"{key}: {name!r} has num_labels={config.num_labels}; a reward "
+                                 "model must output one score (num_labels=1)")
+    model = _load(AutoModelForSequenceClassification.from_pretrained, path, key, **kwargs)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if not trainable:
+        freeze(model)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: for the reference and reward models."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so left padding does not shift them: ``[B, L]``."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _postprocess_logits(logits: torch.Tensor, config) -> torch.Tensor:
+    # Architectures that transform logits after lm_head inside their forward (Gemma 2/3
+    # soft-capping, Granite scaling, Cohere scale); we apply the same on our chunks.
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _chunk_logprobs(lm_head: nn.Module, config, hidden: torch.Tensor, tokens: torch.Tensor,
+                    temperature: float, with_entropy: bool):
+    logits = _postprocess_logits(lm_head(hidden), config).float() / temperature  # (N, V)
+    logp = torch.log_softmax(logits, dim=-1)
+    token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N,)
+    if not with_entropy:
+        return token_logp, torch.zeros_like(token_logp)
+    return token_logp, -(logp.exp() * logp).sum(-1)
+
+
+def token_logprobs(lm_head: nn.Module, config, hidden: torch.Tensor, tokens: torch.Tensor,
+                   temperature: float = 1.0, with_entropy: bool = True,
+                   chunk_elements: int = LOGITS_CHUNK_ELEMENTS
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (and entropies) of ``tokens`` from the hidden states that predict them.
+
+    ``hidden``: ``[B, R, H]``; ``tokens``: ``[B, R]``. Logits are divided by ``temperature``
+    (the sampling temperature, so log-probs are those of the sampling distribution) and computed
+    ``chunk_elements // V`` rows at a time; under autograd each chunk is checkpointed, so backward
+    recomputes it instead of keeping every chunk's ``[rows, V]`` float32 logits alive.
+    Returns ``(logprobs, entropy)``, each ``[B, R]`` float32 (entropy 0 if not requested).
+    """
+    B, R, H = hidden.shape
+    V = lm_head.weight.shape[0]
+    rows = max(1, chunk_elements // V)
+    flat_h, flat_t = hidden.reshape(B * R, H), tokens.reshape(B * R)
+    out_lp, out_ent = [], []
+    for start in range(0, B * R, rows):
+        h, t = flat_h[start:start + rows], flat_t[start:start + rows]
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp, ent = checkpoint(_chunk_logprobs, lm_head, config, h, t, temperature,
+                                 with_entropy, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(lm_head, config, h, t, temperature, with_entropy)
+        out_lp.append(lp)
+        out_ent.append(ent)
+    return torch.cat(out_lp).view(B, R), torch.cat(out_ent).view(B, R)
+
+
+def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                    ) -> torch.Tensor:
+    """Last hidden state ``[B, L, H]`` of a ``*ForCausalLM`` / ``*ForSequenceClassification``'s
+    backbone, with positions computed from the mask (correct under left padding)."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+class ActorCritic(nn.Module):
+    """The trained models in one module, so one ``accelerator.prepare`` wraps them and one
+    forward pass yields log-probs, entropies and values.
+
+    ``critic="shared"``: a linear value head on the policy's last hidden state (one backbone pass).
+    ``critic="separate"``: a sequence-classification model whose ``score`` head is applied to
+    every position.
+    """
+
+    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        hidden_size = policy.config.get_text_config().hidden_size
+        # Zero init: values start at 0, as in lm-human-preferences (value head init_scale=0).
+        self.value_head = nn.Linear(hidden_size, 1) if critic is None else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+            self.value_head.float()
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the policy loss."""
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the value head or separate critic."""
+        module = self.value_head if self.critic is None else self.critic
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                temperature: float = 1.0, with_entropy: bool = True, detach_backbone: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs, entropies and values of the response tokens ``input_ids[:, P:]``.
+
+        Args:
+            input_ids, attention_mask: ``[B, L]``, prompt left-padded to ``P = prompt_length``.
+            detach_backbone: train only the value head (critic warmup with a shared backbone).
+        Returns:
+            ``(logprobs, entropy, values)``, each ``[B, R]`` float32. ``values[:, t]`` is V of the
+            state before response token t (read at the position that predicts it).
+        """
+        hidden = backbone_hidden(self.policy, input_ids, attention_mask)  # (B, L, H)
+        # Position i predicts token i+1, so response tokens P..L-1 are predicted by P-1..L-2.
+        h_resp = hidden[:, prompt_length - 1:-1]  # (B, R, H)
+        tokens = input_ids[:, prompt_length:]  # (B, R)
+        logprobs, entropy = token_logprobs(self.policy.get_output_embeddings(), self.policy.config,
+                                           h_resp, tokens, temperature, with_entropy)
+        if self.critic is None:
+            h_v = h_resp.detach() if detach_backbone else h_resp
+            values = self.value_head(h_v.float()).squeeze(-1)
+        else:
+            c_hidden = backbone_hidden(self.critic, input_ids, attention_mask)
+            values = self.critic.score(c_hidden[:, prompt_length - 1:-1]).float().squeeze(-1)
+        return logprobs, entropy, values
+
+
+def reference_logprobs(ref: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       prompt_length: int, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs ``[B, R]`` of the response tokens under a frozen causal LM (no grad)."""
+    with torch.no_grad():
+        hidden = backbone_hidden(ref, input_ids, attention_mask)
+        lp, _ = token_logprobs(ref.get_output_embeddings(), ref.config,
+                               hidden[:, prompt_length - 1:-1], input_ids[:, prompt_length:],
+                               temperature, with_entropy=False)
+    return lp
+
+
+def build_actor_critic(cfg: ModelConfig) -> tuple[ActorCritic, nn.Module]:
+    """Load the policy (with its value head when present) and the reference; return both."""
+    policy = load_causal_lm(cfg.name_or_path, cfg, "model.name_or_path", cfg.gguf_file)
+    if cfg.ref_name_or_path is None:
+        ref = copy.deepcopy(policy)
+    else:
+        ref = load_causal_lm(cfg.ref_name_or_path, cfg, "model.ref_name_or_path", cfg.ref_gguf_file)
+        if ref.get_output_embeddings().weight.shape[0] != policy.get_output_embeddings().weight.shape[0]:
+            raise ModelLoadError("model.ref_name_or_path: the reference's vocabulary size differs "
+                                 "from the policy's; expected the same tokenizer")
+    freeze(ref)
+    critic = None
+    if cfg.critic == "separate":
+        critic = load_sequence_classifier(cfg.critic_name_or_path or cfg.name_or_path, cfg,
+                                          "model.critic_name_or_path", trainable=True)
+        critic.score.float()
+    ac = ActorCritic(policy, critic)
+    head_file = Path(builtin.resolve_model(cfg.name_or_path)) / VALUE_HEAD_FILE
+    if ac.value_head is not None and head_file.is_file():
+        from safetensors.torch import load_file
+
+        ac.value_head.load_state_dict(load_file(head_file))
+        logger.info("loaded value head from %s", head_file)
+    return ac, ref
+
+
+def save_actor_critic(ac: ActorCritic, tokenizer, folder: str | Path) -> None:
+    """``save_pretrained`` the policy and tokenizer into ``folder``, the value head beside them
+    (``value_head.safetensors``) or the separate critic in ``folder/critic``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    ac.policy.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if ac.value_head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ac.value_head.state_dict().items()},
+                  folder / VALUE_HEAD_FILE)
+    else:
+        ac.critic.save_pretrained(folder / "critic")
+        tokenizer.save_pretrained(folder / "critic")

@@ -1,0 +1,313 @@
+"""The PPO math as pure functions on tensors: no models, no I/O, no accelerate.
+
+Shape legend: ``B`` batch (sequences), ``T`` response length (tokens after the prompt),
+``V`` vocabulary, ``H`` hidden size. Every ``mask`` is 1 (or True) on the valid response tokens
+(up to and including the stop token) and 0 on the padding after it; that is the only mask
+convention in this package. Masked positions of every returned per-token tensor are 0.
+
+References
+- PPO: Schulman et al. 2017, https://arxiv.org/abs/1707.06347 (eq. 7 clipped surrogate).
+- GAE: Schulman et al. 2015, https://arxiv.org/abs/1506.02438 (eq. 16).
+- KL-shaped reward, adaptive KL: Ziegler et al. 2019, https://arxiv.org/abs/1909.08593 (sec. 2.2),
+  following openai/lm-human-preferences (lm_human_preferences/train_policy.py, AdaptiveKLController).
+- KL estimators k1/k2/k3: J. Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Aggregation = Literal["token-mean", "seq-mean"]
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x`` over positions where ``mask`` is 1, over ``dim`` (all dims if None)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1.
+
+    Args:
+        x: ``[B, T]`` (any shape equal to ``mask``'s).
+        mask: same shape, 1 on valid positions.
+        dim: reduce only this dim; None reduces all.
+    A row (or batch) with no valid position gives 0, not NaN.
+    """
+    mask = mask.to(x.dtype)
+    total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return total / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over the valid positions (Bessel-corrected when ``unbiased``)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(x.dtype).sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to unit variance over the valid positions of the whole batch.
+
+    ``(x - mean) / sqrt(var + eps)`` with the unbiased masked variance, as in TRL/lm-human-preferences.
+    ``shift_mean=True`` gives a zero-mean result; ``shift_mean=False`` keeps the original mean
+    (the data is only rescaled: ``(x - mean) / std + mean``), which is what one wants for rewards.
+
+    Args:
+        x: ``[B, T]``.  mask: ``[B, T]``.
+    Returns:
+        ``[B, T]``, 0 at masked positions.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(x.dtype)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under ``logits``: ``[..., V]`` and ``[...]`` -> ``[...]`` (computed in float32)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution ``softmax(logits)``: ``[..., V]`` -> ``[...]``."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+               estimator: Literal["k1", "k2", "k3"] = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the log-probs of tokens sampled from pi.
+
+    With ``log_ratio = logprobs - ref_logprobs`` (log pi(a|s) - log pi_ref(a|s)):
+    - ``k1 = log_ratio`` (unbiased, can be negative per token),
+    - ``k2 = log_ratio**2 / 2`` (biased, low variance, >= 0),
+    - ``k3 = exp(-log_ratio) - 1 + log_ratio`` (unbiased, >= 0).
+
+    Args:
+        logprobs, ref_logprobs: ``[B, T]``.
+    Returns:
+        ``[B, T]`` (not masked: multiply by the mask before summing).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kl estimator: expected 'k1', 'k2' or 'k3', got {estimator!r}")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last valid token of each row: ``[B, T]`` -> ``[B]`` (0 for an empty row)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (positions * mask.long()).argmax(-1)
+
+
+def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                  kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: ``-kl_coef * kl_t`` on every response token, plus the sequence score on
+    its last valid token.
+
+    The last valid token is the stop token itself when the response has one (it is part of the
+    response and its log-prob is trained), else the last generated token. Putting the score one
+    token early or on the first padding token is a known off-by-one in other trainers.
+
+    Args:
+        scores: ``[B]`` sequence scores.  kl: ``[B, T]`` per-token KL.  mask: ``[B, T]``.
+    Returns:
+        ``[B, T]`` rewards, 0 at masked positions.
+    """
+    rewards = -kl_coef * kl * mask.to(kl.dtype)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
+    return rewards
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the valid tokens of each row.
+
+    ``delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)``, ``A_t = delta_t + gamma * lam * A_{t+1}``
+    (GAE paper eq. 16), with ``V = 0`` and ``A = 0`` after the last valid token (the episode ends).
+    Masked positions are skipped: ``t+1`` means the next *valid* token, so any mask works.
+
+    Args:
+        rewards, values, mask: ``[B, T]``.
+    Returns:
+        ``(advantages, returns)``, each ``[B, T]``, with ``returns = advantages + values`` (the
+        lambda-return target of the value function); 0 at masked positions.
+    """
+    B, T = rewards.shape
+    valid = mask.bool()
+    advantages = torch.zeros_like(rewards)
+    next_value = rewards.new_zeros(B)
+    next_adv = rewards.new_zeros(B)
+    # Reverse-time recursion; the loop over T is short (response tokens) and vectorised over B.
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(valid[:, t], adv_t, 0.0)
+        next_value = torch.where(valid[:, t], values[:, t], next_value)
+        next_adv = torch.where(valid[:, t], adv_t, next_adv)
+    returns = (advantages + values) * valid.to(values.dtype)
+    return advantages, returns
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor,
+                   aggregation: Aggregation = "token-mean",
+                   normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce a ``[B, T]`` per-token loss to a scalar.
+
+    - ``token-mean``: sum over valid tokens / number of valid tokens.
+    - ``seq-mean``: each sequence's token mean, averaged over sequences.
+    ``normalizer`` replaces the denominator (valid tokens, or sequences): pass the count of the
+    whole minibatch so that gradient accumulation over micro-batches gives the same gradient as
+    one pass over the minibatch.
+    """
+    mask = mask.to(per_token.dtype)
+    if aggregation == "token-mean":
+        total = (per_token * mask).sum()
+        denom = mask.sum().clamp(min=1) if normalizer is None else normalizer
+    elif aggregation == "seq-mean":
+        total = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+        denom = per_token.shape[0] if normalizer is None else normalizer
+    else:
+        raise ValueError(f"aggregation: expected 'token-mean' or 'seq-mean', got {aggregation!r}")
+    return total / denom
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_range: float, aggregation: Aggregation = "token-mean",
+                normalizer: float | torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate loss (PPO paper eq. 7, negated for minimisation).
+
+    ``ratio = exp(logprobs - old_logprobs)``;
+    ``loss_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))``.
+
+    Args:
+        logprobs: ``[B, T]`` log pi_theta(a_t|s_t), with grad.
+        old_logprobs: ``[B, T]`` log-probs at rollout time.
+        advantages: ``[B, T]``.  mask: ``[B, T]``.
+        clip_range: eps.
+        aggregation, normalizer: see :func:`aggregate_loss`.
+    Returns:
+        ``(loss, stats)``; stats (detached, token means over valid tokens): ``clipfrac`` (share of
+        tokens where the clipped term is taken), ``approx_kl`` (k3 estimate of KL(old || new):
+        ``(ratio - 1) - log ratio``), ``ratio``.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = aggregate_loss(per_token, mask, aggregation, normalizer)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip_range: float | None,
+               aggregation: Aggregation = "token-mean",
+               normalizer: float | torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: ``0.5 * max((V - R)^2, (V_clip - R)^2)`` with
+    ``V_clip = V_old + clip(V - V_old, -c, c)`` (as in OpenAI baselines ppo2); ``clip_range=None``
+    gives the plain ``0.5 * (V - R)^2``.
+
+    Args:
+        values: ``[B, T]`` current values, with grad.  old_values: ``[B, T]`` at rollout time.
+        returns: ``[B, T]`` targets.  mask: ``[B, T]``.
+    Returns:
+        ``(loss, stats)``; stats: ``vf_clipfrac`` (share of tokens where the clipped term is taken).
+    """
+    unclipped = (values - returns).square()
+    if clip_range is None:
+        per_token = unclipped
+        clipfrac = torch.zeros((), device=values.device)
+    else:
+        v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+        clipped = (v_clipped - returns).square()
+        per_token = torch.maximum(unclipped, clipped)
+        with torch.no_grad():
+            clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    loss = 0.5 * aggregate_loss(per_token, mask, aggregation, normalizer)
+    return loss, {"vf_clipfrac": clipfrac}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+                       ) -> torch.Tensor:
+    """``1 - Var(R - V) / Var(R)`` over valid tokens: 1 is a perfect critic, 0 a constant one."""
+    var_returns = masked_var(returns, mask)
+    return 1 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient of Ziegler et al. 2019 (lm-human-preferences AdaptiveKLController).
+
+    ``e = clip(KL / target - 1, -0.2, 0.2)``; ``coef *= 1 + e * n_steps / horizon``, where KL is
+    the mean summed KL per sequence of the last batch and ``n_steps`` the number of sequences in it.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Move the coefficient toward the target after a batch with mean KL ``current_kl``."""
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+class FixedKLController:
+    """A constant KL coefficient, with the same interface as :class:`AdaptiveKLController`."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op."""
+
+
+class RunningMoments:
+    """Running mean and standard deviation of scalars (parallel-variance update, Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a 1-D batch of values into the running statistics."""
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        b_mean, b_var = x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = b_mean - self.mean
+        m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var, self.count = m2 / total, total
+
+    @property
+    def std(self) -> float:
+        """Running standard deviation (population)."""
+        return self.var**0.5

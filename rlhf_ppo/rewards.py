@@ -1,0 +1,244 @@
+"""Reward sources (reward models and Python functions), their weighted sum, and score processing.
+
+A reward function has the signature ``fn(prompts: list[str], responses: list[str], **kwargs)
+-> list[float]``. It receives the prompt texts (chat prompts as rendered by the policy's chat
+template), the response texts (special tokens and stop strings removed), the ``kwargs`` from its
+config entry, every other dataset column as a list, and ``stopped`` (list[bool]: the response
+emitted a stop token).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import numbers
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import builtin
+from .config import ModelConfig, RewardConfig, RewardSource
+from .models import backbone_hidden, load_sequence_classifier
+from .ops import RunningMoments
+from .rollout import Rollout
+
+
+class RewardError(RuntimeError):
+    """A reward source failed or returned something other than one number per response."""
+
+
+# --------------------------------------------------------------------------- built-in rewards
+
+def keyword_share(prompts: list[str], responses: list[str], words: list[str] | None = None,
+                  **kwargs) -> list[float]:
+    """Share of the words of each response that are in ``words`` (default: positive words such as
+    "good", "great", "happy"); 0 for an empty response. The reward of the built-in tiny task."""
+    targets = set(words if words is not None else builtin.POSITIVE_WORDS)
+    scores = []
+    for text in responses:
+        tokens = re.findall(r"[\w']+|[^\w\s]", text.lower())
+        scores.append(sum(t in targets for t in tokens) / len(tokens) if tokens else 0.0)
+    return scores
+
+
+def response_length(prompts: list[str], responses: list[str], **kwargs) -> list[float]:
+    """Number of whitespace-separated words in each response."""
+    return [float(len(r.split())) for r in responses]
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_function(spec: str, key: str = "reward.sources[].function") -> Callable:
+    """Import ``package.module:function`` or ``path/to/file.py:function``."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise RewardError(f"{key}: expected 'package.module:function' or "
+                          f"'path/to/file.py:function', got {spec!r}")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise RewardError(f"{key}: file {target!r} not found")
+        mod_name = f"rlhf_ppo_reward_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise RewardError(f"{key}: importing {target!r} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise RewardError(f"{key}: cannot import module {target!r}: {e}") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RewardError(f"{key}: {target!r} has no function {name!r}")
+    return fn
+
+
+def _check_scores(values, n: int, where: str) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().flatten().tolist()
+    try:
+        values = list(values)
+    except TypeError:
+        raise RewardError(f"{where}: returned {type(values).__name__}; expected a list of "
+                          f"{n} numbers") from None
+    if len(values) != n:
+        raise RewardError(f"{where}: returned {len(values)} scores for {n} responses; expected "
+                          "one number per response")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise RewardError(f"{where}: score {i} is {type(v).__name__} {v!r}; expected a number")
+        if not math.isfinite(float(v)):
+            raise RewardError(f"{where}: score {i} is {v!r}; expected a finite number")
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+class FunctionReward:
+    """A Python reward function with its config ``kwargs``."""
+
+    def __init__(self, source: RewardSource, key: str):
+        self.fn, self.kwargs, self.key = load_function(source.function, f"{key}.function"), \
+            dict(source.kwargs), key
+        self.name = source.function
+
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
+        columns: dict[str, list] = {}
+        for p in rollout.prompts:
+            for k, v in p.extra.items():
+                columns.setdefault(k, []).append(v)
+        kwargs = {**columns, "stopped": rollout.stopped.tolist(), **self.kwargs}
+        prompts = [p.text for p in rollout.prompts]
+        try:
+            out = self.fn(prompts, list(rollout.response_texts), **kwargs)
+        except Exception as e:
+            raise RewardError(f"{self.key} ({self.name}) raised {type(e).__name__}: {e}") from e
+        return _check_scores(out, len(prompts), f"{self.key} ({self.name})")
+
+
+class ModelReward:
+    """An ``AutoModelForSequenceClassification`` scored at the last valid token of each sequence.
+
+    When its tokenizer equals the policy's, it reads the rollout's token ids (stop token
+    included). Otherwise the prompt and response texts are re-tokenized with its own tokenizer,
+    through its chat template when it has one.
+    """
+
+    def __init__(self, source: RewardSource, key: str, model_cfg: ModelConfig, policy_tokenizer,
+                 batch_size: int):
+        from transformers import AutoTokenizer
+
+        from .models import _load
+
+        self.key, self.name, self.batch_size = key, source.model, batch_size
+        self.model = load_sequence_classifier(source.model, model_cfg, f"{key}.model")
+        path = builtin.resolve_model(source.model)
+        self.tokenizer = _load(AutoTokenizer.from_pretrained, path, f"{key}.model",
+                               trust_remote_code=model_cfg.trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.tokenizer.padding_side = "right"
+        self.pad_id = policy_tokenizer.pad_token_id
+        self.same_tokenizer = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _texts(self, rollout: Rollout) -> list[str]:
+        texts = []
+        for prompt, response in zip(rollout.prompts, rollout.response_texts):
+            if self.tokenizer.chat_template is not None:
+                messages = list(prompt.messages or [{"role": "user", "content": prompt.text}])
+                messages.append({"role": "assistant", "content": response})
+                texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
+            else:
+                texts.append(prompt.text + response)
+        return texts
+
+    def _inputs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.same_tokenizer:
+            return rollout.input_ids, rollout.attention_mask
+        add_special = self.tokenizer.chat_template is None
+        enc = self.tokenizer(self._texts(rollout), padding=True, return_tensors="pt",
+                             add_special_tokens=add_special, truncation=True,
+                             max_length=min(self.tokenizer.model_max_length, 1 << 20))
+        return enc["input_ids"], enc["attention_mask"]
+
+    @torch.no_grad()
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
+        input_ids, attention_mask = self._inputs(rollout)
+        scores = []
+        for s in range(0, input_ids.shape[0], self.batch_size):
+            ids = input_ids[s:s + self.batch_size].to(self.device)
+            mask = attention_mask[s:s + self.batch_size].to(self.device)
+            scores.append(score_sequences(self.model, ids, mask).float().cpu())
+        out = torch.cat(scores)
+        if not torch.isfinite(out).all():
+            raise RewardError(f"{self.key} ({self.name}): the reward model returned a non-finite "
+                              "score")
+        return out
+
+
+def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model score ``(B,)`` read at the last position where ``attention_mask`` is 1.
+
+    Decoder reward models (a ``score`` head) are applied per position and read at that index, not
+    at "the last non-pad token id": with pad == EOS that would skip a response's final EOS.
+    Other models (e.g. encoder classifiers) use their own pooling.
+    """
+    if hasattr(model, "score"):
+        hidden = backbone_hidden(model, input_ids, attention_mask)  # (B, L, H)
+        last = (torch.arange(input_ids.shape[1], device=input_ids.device)
+                * attention_mask.long()).argmax(-1)
+        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return model.score(h_last).squeeze(-1)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+
+
+class RewardSum:
+    """All configured sources, their weighted sum, and the score post-processing."""
+
+    def __init__(self, cfg: RewardConfig, model_cfg: ModelConfig, policy_tokenizer):
+        self.cfg = cfg
+        self.sources = []
+        for i, src in enumerate(cfg.sources):
+            key = f"reward.sources[{i}]"
+            if src.function is not None:
+                self.sources.append((src.weight, FunctionReward(src, key)))
+            else:
+                self.sources.append((src.weight, ModelReward(src, key, model_cfg,
+                                                             policy_tokenizer, cfg.batch_size)))
+        self.moments = RunningMoments()
+
+    def models(self) -> list[torch.nn.Module]:
+        """The reward models (to move to the device)."""
+        return [s.model for _, s in self.sources if isinstance(s, ModelReward)]
+
+    def __call__(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scores ``(B,)`` for the rollout and per-source raw means for the metrics."""
+        total = torch.zeros(len(rollout.prompts))
+        metrics = {}
+        for i, (weight, source) in enumerate(self.sources):
+            raw = source(rollout)
+            metrics[f"reward/source{i}_mean"] = raw.mean().item()
+            total += weight * raw
+        return total, metrics
+
+    def process(self, raw: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
+        """Missing-stop penalty, then running normalisation, then clipping."""
+        scores = raw.clone()
+        if self.cfg.missing_stop_penalty is not None:
+            scores[~stopped] -= self.cfg.missing_stop_penalty
+        if self.cfg.normalize:
+            self.moments.update(scores)
+            scores = (scores - self.moments.mean) / max(self.moments.std, 1e-8)
+        if self.cfg.clip is not None:
+            scores = scores.clamp(-self.cfg.clip, self.cfg.clip)
+        return scores

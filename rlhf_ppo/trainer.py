@@ -1,0 +1,350 @@
+"""The PPO loop under accelerate. ``PPOTrainer.step`` reads as the algorithm's numbered steps;
+the math lives in ``ops.py``.
+
+Shape legend: ``B`` rollouts per process, ``P`` prompt length, ``R`` response length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .config import Config, save_config
+from .data import PromptSampler, load_prompts
+from .models import ActorCritic, build_actor_critic, load_tokenizer, reference_logprobs, \
+    save_actor_critic
+from .rewards import RewardSum
+from .rollout import Rollout, generate, off_policy_settings
+
+logger = logging.getLogger(__name__)
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor, prompt_length: int):
+    """Drop prompt columns that are padding in every row and response columns past the longest
+    response, so a micro-batch costs only what its longest sequence needs.
+    Returns ``(input_ids, attention_mask, response_mask, prompt_length)``."""
+    p0 = int(attention_mask[:, :prompt_length].any(0).long().argmax())
+    r = max(int(response_mask.sum(-1).max()), 1)
+    end = prompt_length + r
+    return (input_ids[:, p0:end], attention_mask[:, p0:end], response_mask[:, :r],
+            prompt_length - p0)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the base learning rate after ``step`` optimizer steps."""
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+    return f
+
+
+class PPOTrainer:
+    """Aligns ``cfg.model`` to ``cfg.reward`` with PPO. ``PPOTrainer(cfg).train()`` runs it all."""
+
+    def __init__(self, cfg: Config, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        self.accelerator = accelerator or Accelerator(
+            log_with=list(cfg.report_to) or None, project_dir=cfg.output_dir)
+        acc = self.accelerator
+        set_seed(cfg.seed, device_specific=True)  # each process samples different responses
+        for setting in off_policy_settings(cfg.generation):
+            logger.warning(
+                "generation.%s reshapes the sampling distribution: responses are no longer "
+                "samples of the policy whose log-probs PPO uses (off-policy), a known cause of "
+                "negative or exploding KL. Use pure sampling unless you mean it.", setting)
+
+        self.tokenizer = load_tokenizer(cfg.model)
+        prompts = load_prompts(cfg.data, self.tokenizer)
+        self.sampler = PromptSampler(prompts, cfg.ppo.batch_size, cfg.seed, cfg.data.shuffle,
+                                     acc.process_index, acc.num_processes)
+        model, self.ref = build_actor_critic(cfg.model)
+        self.rewards = RewardSum(cfg.reward, cfg.model, self.tokenizer)
+
+        o = cfg.optim
+        groups = [{"params": model.policy_parameters(), "lr": o.lr},
+                  {"params": model.critic_parameters(), "lr": o.critic_lr or o.lr}]
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.adam_betas),
+                                           eps=o.adam_eps, weight_decay=o.weight_decay)
+        total_steps = cfg.iterations * cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches
+        # Not passed to accelerate.prepare: its wrapper steps num_processes times per call.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(o.scheduler, o.warmup_steps, total_steps))
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self.ref.to(acc.device)
+        for m in self.rewards.models():
+            m.to(acc.device)
+        p = cfg.ppo
+        self.kl_ctl = (ops.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
+                       if p.adaptive_kl else ops.FixedKLController(p.kl_coef))
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        self.output_dir = Path(cfg.output_dir)
+        self.iteration = 0
+        self.history: list[dict] = []
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+            (self.output_dir / "metrics.jsonl").write_text("")
+        if cfg.report_to:
+            acc.init_trackers("rlhf_ppo", config=_flat(cfg.to_dict()))
+
+    @property
+    def unwrapped(self) -> ActorCritic:
+        """The ActorCritic without accelerate/DDP wrappers."""
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> list[dict]:
+        """Run ``cfg.iterations`` PPO iterations; save at the end. Returns the metrics history."""
+        from tqdm.auto import tqdm
+
+        acc = self.accelerator
+        bar = tqdm(total=self.cfg.iterations, initial=self.iteration, desc="ppo",
+                   disable=not acc.is_main_process, dynamic_ncols=True)
+        while self.iteration < self.cfg.iterations:
+            metrics = self.step()
+            self.history.append(metrics)
+            self.log(metrics)
+            bar.update(1)
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
+                             ("score_mean", "kl", "kl_coef", "entropy", "clipfrac")})
+            if self.cfg.save_every and self.iteration % self.cfg.save_every == 0 \
+                    and self.iteration < self.cfg.iterations:
+                self.save(self.output_dir / f"checkpoint-{self.iteration}")
+        bar.close()
+        self.save(self.output_dir / "final")
+        if self.cfg.report_to:
+            acc.end_training()
+        return self.history
+
+    def step(self) -> dict[str, float]:
+        """One PPO iteration (number ``self.iteration + 1``): roll out, score, shape rewards,
+        GAE, update. Returns its metrics."""
+        cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
+        self.iteration += 1
+        t0 = time.perf_counter()
+
+        # step 1. generate the trajectories
+        rollout = generate(self.unwrapped.policy, self.sampler.next_batch(), self.tokenizer,
+                           cfg.generation, acc.device)
+        t1 = time.perf_counter()
+
+        # step 2. log-probs and values under the rollout policy, and reference log-probs
+        entropy = self.evaluate_rollout(rollout)
+        # step 3. scores from the reward sources
+        raw_scores, reward_metrics = self.rewards(rollout)
+        rollout.scores = self.rewards.process(raw_scores, rollout.stopped)
+        t2 = time.perf_counter()
+
+        # step 4. per-token rewards: -beta * KL_t, plus the score on the last valid token
+        mask = rollout.response_mask.float()
+        kl = ops.kl_penalty(rollout.logprobs, rollout.ref_logprobs, p.kl_estimator) * mask
+        kl_coef = self.kl_ctl.value
+        rollout.rewards = ops.shape_rewards(rollout.scores, kl, mask, kl_coef)
+        kl_per_seq = kl.sum(-1)  # (B,)
+        mean_kl = acc.reduce(kl_per_seq.mean().to(acc.device), "mean").item()
+        self.kl_ctl.update(mean_kl, n_steps=len(rollout.prompts) * acc.num_processes)
+
+        # step 5. advantages and returns (GAE), advantages whitened over valid tokens
+        advantages, rollout.returns = ops.compute_gae(rollout.rewards, rollout.values, mask,
+                                                      p.gamma, p.lam)
+        rollout.advantages = (ops.masked_whiten(advantages, mask) if p.whiten_advantages
+                              else advantages)
+
+        # step 6. PPO epochs over shuffled minibatches
+        update_metrics = self.update(rollout)
+        t3 = time.perf_counter()
+
+        # step 7. metrics
+        n_tokens = mask.sum().item()
+        lengths = mask.sum(-1)
+        return {
+            "iteration": self.iteration,
+            "score_mean": raw_scores.mean().item(),
+            "score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+            "score_processed_mean": rollout.scores.mean().item(),
+            "kl": mean_kl,
+            "kl_coef": kl_coef,
+            "entropy": ops.masked_mean(entropy, mask).item(),
+            **update_metrics,
+            "explained_variance": ops.explained_variance(rollout.values, rollout.returns,
+                                                         mask).item(),
+            "value_mean": ops.masked_mean(rollout.values, mask).item(),
+            "return_mean": ops.masked_mean(rollout.returns, mask).item(),
+            "reward_kl_penalty": (-kl_coef * kl_per_seq).mean().item(),
+            "response_length": lengths.mean().item(),
+            "stop_rate": rollout.stopped.float().mean().item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            **reward_metrics,
+            "time/rollout": t1 - t0,
+            "time/score": t2 - t1,
+            "time/update": t3 - t2,
+            "time/iteration": t3 - t0,
+            "tokens_per_second": n_tokens / max(t1 - t0, 1e-9),
+        }
+
+    # ------------------------------------------------------------------ the phases
+
+    @torch.no_grad()
+    def evaluate_rollout(self, rollout: Rollout) -> torch.Tensor:
+        """Fill ``rollout.logprobs``, ``.values`` and ``.ref_logprobs`` in inference batches;
+        return the policy's per-token entropy ``(B, R)`` for the metrics."""
+        model, device = self.unwrapped, self.accelerator.device
+        temperature = self.cfg.generation.temperature
+        model.eval()
+        out = {"lp": [], "ent": [], "v": [], "ref": []}
+        bs = self.cfg.ppo.inference_batch_size
+        R = rollout.response_mask.shape[1]
+        for s in range(0, len(rollout.prompts), bs):
+            ids, am, rm, P = trim_padding(rollout.input_ids[s:s + bs],
+                                          rollout.attention_mask[s:s + bs],
+                                          rollout.response_mask[s:s + bs], rollout.prompt_length)
+            ids, am = ids.to(device), am.to(device)
+            lp, ent, v = model(ids, am, P, temperature, with_entropy=True)
+            ref = reference_logprobs(self.ref, ids, am, P, temperature)
+            pad = R - rm.shape[1]  # back to the rollout's full response width
+            for k, x in zip(("lp", "ent", "v", "ref"), (lp, ent, v, ref)):
+                out[k].append(torch.nn.functional.pad(x.float().cpu(), (0, pad)))
+        model.train()
+        mask = rollout.response_mask.float()
+        rollout.logprobs = torch.cat(out["lp"]) * mask
+        rollout.values = torch.cat(out["v"]) * mask
+        rollout.ref_logprobs = torch.cat(out["ref"]) * mask
+        return torch.cat(out["ent"]) * mask
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """``ppo_epochs`` passes of shuffled minibatches; gradient accumulation over
+        micro-batches with losses normalised by the minibatch's token (or sequence) count, so the
+        gradient does not depend on the micro-batch size."""
+        cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
+        B = len(rollout.prompts)
+        mini = B // p.num_minibatches
+        critic_only = self.iteration <= p.critic_warmup
+        shared = self.unwrapped.critic is None
+        params = [q for g in self.optimizer.param_groups for q in g["params"]]
+        stats: dict[str, list[torch.Tensor]] = {k: [] for k in (
+            "policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "grad_norm",
+            "entropy_loss")}
+        steps, early_stop = 0, False
+        for _epoch in range(p.ppo_epochs):
+            order = torch.randperm(B, generator=self.shuffle_gen)
+            for mb_idx in order.split(mini):
+                mb = {k: v for k, v in rollout.select(mb_idx).items()}
+                mb_mask = mb["response_mask"]
+                mb_tokens = mb_mask.sum().clamp(min=1).float()
+                normalizer = mb_tokens if p.loss_aggregation == "token-mean" else float(len(mb_idx))
+                mb_stats = {k: torch.zeros((), device=acc.device) for k in stats if k != "grad_norm"}
+                micro_rows = torch.arange(len(mb_idx)).split(p.micro_batch_size)
+                for k, rows in enumerate(micro_rows):
+                    sync = k == len(micro_rows) - 1
+                    with nullcontext() if sync else acc.no_sync(self.model):
+                        s = self._micro_step(mb, rows, rollout.prompt_length, normalizer,
+                                             mb_tokens, critic_only, shared)
+                    for name, value in s.items():
+                        mb_stats[name] += value
+                if p.target_kl is not None:
+                    approx_kl = acc.reduce(mb_stats["approx_kl"], "mean").item()
+                    if approx_kl > p.target_kl:  # never take the step that overshoots
+                        self.optimizer.zero_grad(set_to_none=True)
+                        early_stop = True
+                        break
+                grad_norm = (acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                             if cfg.optim.max_grad_norm else torch.zeros(()))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                steps += 1
+                for name, value in mb_stats.items():
+                    stats[name].append(value.detach())
+                stats["grad_norm"].append(torch.as_tensor(grad_norm, dtype=torch.float32,
+                                                          device=acc.device))
+            if early_stop:
+                break
+        out = {k: torch.stack(v).mean().item() if v else float("nan") for k, v in stats.items()}
+        out["ppo_steps"] = steps
+        out["early_stopped"] = float(early_stop)
+        return out
+
+    def _micro_step(self, mb: dict[str, torch.Tensor], rows: torch.Tensor, prompt_length: int,
+                    normalizer, mb_tokens: torch.Tensor, critic_only: bool, shared: bool
+                    ) -> dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch. Returns its loss terms (normalised, so they
+        sum to the minibatch's) and its token-weighted share of the minibatch's token means."""
+        p, acc = self.cfg.ppo, self.accelerator
+        ids, am, mask, P = trim_padding(mb["input_ids"][rows], mb["attention_mask"][rows],
+                                        mb["response_mask"][rows], prompt_length)
+        r = mask.shape[1]
+        dev = acc.device
+        ids, am, mask = ids.to(dev), am.to(dev), mask.to(dev).float()
+        old_lp, old_v = mb["logprobs"][rows, :r].to(dev), mb["values"][rows, :r].to(dev)
+        adv, ret = mb["advantages"][rows, :r].to(dev), mb["returns"][rows, :r].to(dev)
+        normalizer = torch.as_tensor(normalizer, device=dev)
+        logprobs, entropy, values = self.model(
+            ids, am, P, self.cfg.generation.temperature, with_entropy=p.entropy_coef > 0,
+            detach_backbone=critic_only and shared)
+        pg_loss, pg_stats = ops.policy_loss(logprobs, old_lp, adv, mask, p.clip_range,
+                                            p.loss_aggregation, normalizer)
+        vf_loss, vf_stats = ops.value_loss(values, old_v, ret, mask, p.clip_range_value,
+                                           p.loss_aggregation, normalizer)
+        ent_loss = ops.aggregate_loss(entropy, mask, p.loss_aggregation, normalizer)
+        loss = p.vf_coef * vf_loss
+        if not critic_only:
+            loss = loss + pg_loss - p.entropy_coef * ent_loss
+        acc.backward(loss)
+        weight = mask.sum() / mb_tokens.to(dev)  # stats are token means over the minibatch
+        return {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                "entropy_loss": ent_loss.detach(),
+                "clipfrac": pg_stats["clipfrac"] * weight,
+                "approx_kl": pg_stats["approx_kl"] * weight,
+                "vf_clipfrac": vf_stats["vf_clipfrac"] * weight}
+
+    # ------------------------------------------------------------------ output
+
+    def log(self, metrics: dict[str, float]) -> None:
+        """Append to ``metrics.jsonl`` (main process) and send to the trackers."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if self.cfg.report_to:
+            acc.log({k: v for k, v in metrics.items() if k != "iteration"}, step=self.iteration)
+
+    def save(self, folder: Path) -> None:
+        """``save_pretrained`` the policy + tokenizer (and value head / critic) into ``folder``."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_actor_critic(self.unwrapped, self.tokenizer, folder)
+            save_config(self.cfg, Path(folder) / "rlhf_ppo_config.yaml")
+            logger.info("saved the policy to %s", folder)
+        acc.wait_for_everyone()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out

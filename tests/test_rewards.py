@@ -1,0 +1,533 @@
+"""Reward sources: built-in functions, function loading, FunctionReward/ModelReward, the weighted
+sum and score post-processing."""
+
+import math
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_ppo import builtin
+from rlhf_ppo.config import ModelConfig, RewardConfig, RewardSource
+from rlhf_ppo.data import Prompt, left_pad
+from rlhf_ppo.models import ModelLoadError, load_tokenizer
+from rlhf_ppo.rewards import (FunctionReward, ModelReward, RewardError, RewardSum, keyword_share,
+                              load_function, response_length, score_sequences)
+from rlhf_ppo.rollout import Rollout
+
+EOS = builtin.VOCAB_WORDS.index("<eos>")  # 3
+PAD = builtin.VOCAB_WORDS.index("<pad>")  # 0
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_policy_dir):
+    return load_tokenizer(ModelConfig(name_or_path=tiny_policy_dir))
+
+
+@pytest.fixture(scope="module")
+def model_cfg(tiny_policy_dir):
+    return ModelConfig(name_or_path=tiny_policy_dir)
+
+
+def make_rollout(tok, prompt_texts, response_words, stopped, response_texts=None, extras=None,
+                 fill_after_stop=None):
+    """A hand-built Rollout: prompts left-padded, responses (+ EOS when stopped) right-padded.
+
+    ``fill_after_stop``: token id written into the padded response slots (default: pad id), the
+    mask stays 0 there.
+    """
+    extras = extras or [{} for _ in prompt_texts]
+    prompts = [Prompt(t, tok(t)["input_ids"], extra=e) for t, e in zip(prompt_texts, extras)]
+    p_ids, p_mask = left_pad([p.input_ids for p in prompts], tok.pad_token_id)
+    resp = [tok(w)["input_ids"] + ([tok.eos_token_id] if s else [])
+            for w, s in zip(response_words, stopped)]
+    R = max(len(r) for r in resp)
+    fill = tok.pad_token_id if fill_after_stop is None else fill_after_stop
+    r_ids = torch.full((len(resp), R), fill, dtype=torch.long)
+    r_mask = torch.zeros((len(resp), R), dtype=torch.long)
+    for i, r in enumerate(resp):
+        r_ids[i, :len(r)] = torch.tensor(r)
+        r_mask[i, :len(r)] = 1
+    return Rollout(
+        input_ids=torch.cat([p_ids, r_ids], 1), attention_mask=torch.cat([p_mask, r_mask], 1),
+        prompt_length=p_ids.shape[1], response_mask=r_mask,
+        stopped=torch.tensor(stopped, dtype=torch.bool), prompts=prompts,
+        response_texts=list(response_texts if response_texts is not None else response_words))
+
+
+def unpadded_rows(rollout):
+    """Each row's real tokens: its prompt tokens then its valid response tokens (EOS included)."""
+    return [rollout.input_ids[i][rollout.attention_mask[i].bool()]
+            for i in range(rollout.input_ids.shape[0])]
+
+
+@torch.no_grad()
+def manual_score(model, ids: torch.Tensor) -> float:
+    """Score of one unpadded sequence: backbone, then the score head on the last position."""
+    hidden = model.base_model(input_ids=ids[None]).last_hidden_state  # (1, L, H)
+    return model.score(hidden[0, -1]).item()
+
+
+# --------------------------------------------------------------------------- built-in functions
+
+def test_keyword_share_hand_values():
+    out = keyword_share([""] * 6, ["good movie great", "", "bad day", "GOOD!", "Nice,  fun",
+                                   "   "])
+    # good, great positive of 3 -> 2/3; empty -> 0; none -> 0; "good" "!" -> 1/2;
+    # "nice" "," "fun" -> 2/3; whitespace only -> no tokens -> 0
+    assert out == pytest.approx([2 / 3, 0.0, 0.0, 0.5, 2 / 3, 0.0])
+
+
+def test_keyword_share_custom_words():
+    out = keyword_share(["x", "y"], ["the movie was bad", "good great"], words=["bad", "movie"])
+    # 2 of 4 words ("movie", "bad"); the default positive words no longer count -> 0
+    assert out == pytest.approx([0.5, 0.0])
+
+
+def test_response_length():
+    assert response_length(["a"] * 3, ["good movie great", "", " the  day "]) == [3.0, 0.0, 2.0]
+
+
+# --------------------------------------------------------------------------- load_function
+
+def test_load_function_from_module():
+    assert load_function("rlhf_ppo.rewards:keyword_share") is keyword_share
+
+
+def test_load_function_from_file(tmp_path):
+    f = tmp_path / "my_reward.py"
+    f.write_text("def double_len(prompts, responses, **kw):\n"
+                 "    return [2.0 * len(r) for r in responses]\n")
+    fn = load_function(f"{f}:double_len")
+    assert fn([], ["ab", "abcd"]) == [4.0, 8.0]
+
+
+def test_load_function_missing_file(tmp_path):
+    missing = tmp_path / "nope.py"
+    with pytest.raises(RewardError, match="not found") as e:
+        load_function(f"{missing}:fn", key="reward.sources[2].function")
+    assert "reward.sources[2].function" in str(e.value) and "nope.py" in str(e.value)
+
+
+def test_load_function_missing_function(tmp_path):
+    with pytest.raises(RewardError, match="no function 'nope'") as e:
+        load_function("rlhf_ppo.rewards:nope")
+    assert "rlhf_ppo.rewards" in str(e.value)
+    f = tmp_path / "r.py"
+    f.write_text("not_callable = 3\n")
+    with pytest.raises(RewardError, match="no function 'not_callable'"):
+        load_function(f"{f}:not_callable")
+    with pytest.raises(RewardError, match="no function 'other'"):
+        load_function(f"{f}:other")
+
+
+@pytest.mark.parametrize("spec", ["keyword_share", "rlhf_ppo.rewards:", ":keyword_share", ""])
+def test_load_function_bad_spec(spec):
+    with pytest.raises(RewardError, match="expected 'package.module:function'") as e:
+        load_function(spec, key="reward.sources[0].function")
+    assert "reward.sources[0].function" in str(e.value)
+
+
+def test_load_function_module_not_found():
+    with pytest.raises(RewardError, match="cannot import module 'no_such_module_xyz'"):
+        load_function("no_such_module_xyz:fn")
+
+
+def test_load_function_file_that_fails_to_import(tmp_path):
+    f = tmp_path / "broken.py"
+    f.write_text("raise RuntimeError('boom at import')\n")
+    with pytest.raises(RewardError, match="boom at import") as e:
+        load_function(f"{f}:fn", key="reward.sources[0].function")
+    assert "reward.sources[0].function" in str(e.value) and "broken.py" in str(e.value)
+    g = tmp_path / "syntax.py"
+    g.write_text("def fn(:\n")
+    with pytest.raises(RewardError, match="SyntaxError"):
+        load_function(f"{g}:fn")
+
+
+@pytest.mark.parametrize("kind,body,err", [
+    ("runtime", "raise RuntimeError('boom at import')\n", "boom at import"),
+    ("syntax", "def fn(:\n", "SyntaxError"),
+], ids=["raises-at-import", "syntax-error"])
+def test_load_function_module_that_fails_to_import(tmp_path, monkeypatch, kind, body, err):
+    # A dotted module that raises while importing must fail like a file path does: with a
+    # RewardError naming the config key, not a raw exception from inside the module.
+    name = f"rlhf_ppo_test_broken_{kind}"
+    (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(RewardError, match=err) as e:
+        load_function(f"{name}:fn", key="reward.sources[0].function")
+    assert "reward.sources[0].function" in str(e.value)
+
+
+# --------------------------------------------------------------------------- FunctionReward
+
+REWARD_MODULE = textwrap.dedent("""
+    import math
+
+    import numpy as np
+    import torch
+
+
+    def capture(prompts, responses, sink, scale=1.0, **kwargs):
+        sink.append({"prompts": prompts, "responses": responses, "scale": scale, **kwargs})
+        return [scale * len(r.split()) for r in responses]
+
+
+    def boom(prompts, responses, **kwargs):
+        raise ValueError("kaboom")
+
+
+    def too_few(prompts, responses, **kwargs):
+        return [1.0]
+
+
+    def with_string(prompts, responses, **kwargs):
+        return [1.0, "2", 3.0]
+
+
+    def with_none(prompts, responses, **kwargs):
+        return [1.0, None, 3.0]
+
+
+    def with_bool(prompts, responses, **kwargs):
+        return [1.0, True, 3.0]
+
+
+    def with_nan(prompts, responses, **kwargs):
+        return [1.0, 2.0, math.nan]
+
+
+    def with_inf(prompts, responses, **kwargs):
+        return [1.0, -math.inf, 3.0]
+
+
+    def scalar(prompts, responses, **kwargs):
+        return 1.0
+
+
+    def as_tensor(prompts, responses, **kwargs):
+        return torch.tensor([[0.5], [1.5], [-2.0]], dtype=torch.float64)
+
+
+    def as_numpy(prompts, responses, **kwargs):
+        return np.array([0.25, 1.0, -3.0], dtype=np.float32)
+
+
+    def as_numpy_int(prompts, responses, **kwargs):
+        return np.array([1, 2, 3])
+""")
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("fn") / "reward_fns.py"
+    f.write_text(REWARD_MODULE)
+    return str(f)
+
+
+@pytest.fixture(scope="module")
+def fn_rollout(tok):
+    return make_rollout(
+        tok, ["the movie was", "i think the book is", "today"],
+        ["good great", "bad", "very nice fun day"], [True, True, False],
+        response_texts=["good great", "bad", "very nice fun day"],
+        extras=[{"label": 1, "tag": "x"}, {"label": 0, "tag": "y"}, {"label": 1, "tag": "z"}])
+
+
+def function_sum(tok, model_cfg, *sources, **cfg):
+    return RewardSum(RewardConfig(sources=list(sources), **cfg), model_cfg, tok)
+
+
+def test_rollout_helper(fn_rollout):
+    # P = 5 ("i think the book is"); R = 4 ("very nice fun day", not stopped: no EOS)
+    # row 0: 2 pads, the=17 movie=20 was=31 | good=9 great=10 <eos>, 1 pad
+    assert fn_rollout.prompt_length == 5
+    assert fn_rollout.response_mask.sum(-1).tolist() == [3, 2, 4]
+    assert fn_rollout.input_ids[0].tolist() == [PAD, PAD, 17, 20, 31, 9, 10, EOS, PAD]
+
+
+def test_function_receives_prompts_columns_kwargs_and_stopped(tok, model_cfg, reward_file,
+                                                             fn_rollout):
+    sink = []
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{reward_file}:capture",
+                                                   kwargs={"sink": sink, "scale": 2.0}))
+    total, metrics = rs(fn_rollout)
+    # scale 2 * word counts (2, 1, 4)
+    assert total.tolist() == [4.0, 2.0, 8.0]
+    assert metrics == {"reward/source0_mean": pytest.approx(14.0 / 3)}
+    assert len(sink) == 1
+    got = sink[0]
+    assert got["prompts"] == ["the movie was", "i think the book is", "today"]
+    assert got["responses"] == ["good great", "bad", "very nice fun day"]
+    assert got["scale"] == 2.0
+    assert got["label"] == [1, 0, 1]
+    assert got["tag"] == ["x", "y", "z"]
+    assert got["stopped"] == [True, True, False]
+    assert set(got) == {"prompts", "responses", "scale", "label", "tag", "stopped"}
+
+
+def test_function_that_raises_names_source(tok, model_cfg, reward_file, fn_rollout):
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{reward_file}:boom"))
+    with pytest.raises(RewardError, match=r"reward\.sources\[0\]") as e:
+        rs(fn_rollout)
+    assert "kaboom" in str(e.value) and "ValueError" in str(e.value)
+
+
+def test_second_source_error_names_its_index(tok, model_cfg, reward_file, fn_rollout):
+    rs = function_sum(tok, model_cfg, RewardSource(function="rlhf_ppo.rewards:keyword_share"),
+                      RewardSource(function=f"{reward_file}:boom"))
+    with pytest.raises(RewardError, match=r"reward\.sources\[1\]") as e:
+        rs(fn_rollout)
+    assert "reward.sources[0]" not in str(e.value)
+
+
+def test_bad_function_spec_names_config_key(tok, model_cfg):
+    with pytest.raises(RewardError, match=r"reward\.sources\[0\]\.function"):
+        function_sum(tok, model_cfg, RewardSource(function="rlhf_ppo.rewards:nope"))
+
+
+@pytest.mark.parametrize("fn,match", [
+    ("too_few", "returned 1 scores for 3 responses"),
+    ("with_string", "score 1 is str"),
+    ("with_none", "score 1 is NoneType"),
+    ("with_bool", "score 1 is bool"),
+    ("with_nan", "score 2 is nan; expected a finite number"),
+    ("with_inf", "score 1 is -inf; expected a finite number"),
+    ("scalar", "returned float"),
+])
+def test_function_bad_return_values(tok, model_cfg, reward_file, fn_rollout, fn, match):
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{reward_file}:{fn}"))
+    with pytest.raises(RewardError, match=match) as e:
+        rs(fn_rollout)
+    assert "reward.sources[0]" in str(e.value) and fn in str(e.value)
+
+
+@pytest.mark.parametrize("fn,expected", [("as_tensor", [0.5, 1.5, -2.0]),
+                                         ("as_numpy", [0.25, 1.0, -3.0]),
+                                         ("as_numpy_int", [1.0, 2.0, 3.0])])
+def test_function_tensor_and_array_returns(tok, model_cfg, reward_file, fn_rollout, fn, expected):
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{reward_file}:{fn}"))
+    total, _ = rs(fn_rollout)
+    assert total.dtype == torch.float32
+    assert total.tolist() == expected
+
+
+# --------------------------------------------------------------------------- RewardSum
+
+def test_weighted_sum_of_two_sources(tok, model_cfg):
+    rollout = make_rollout(tok, ["the day", "the day", "the day"],
+                           ["good movie great", "bad day", ""], [True, True, True])
+    rs = function_sum(tok, model_cfg,
+                      RewardSource(function="rlhf_ppo.rewards:keyword_share", weight=2.0),
+                      RewardSource(function="rlhf_ppo.rewards:response_length", weight=-0.5))
+    total, metrics = rs(rollout)
+    # keyword_share: 2/3, 0, 0; response_length: 3, 2, 0
+    # 2 * 2/3 - 0.5 * 3 = -1/6 ; 2 * 0 - 0.5 * 2 = -1 ; 0
+    assert total.tolist() == pytest.approx([-1 / 6, -1.0, 0.0], abs=1e-6)
+    assert metrics["reward/source0_mean"] == pytest.approx(2 / 9)   # (2/3 + 0 + 0) / 3
+    assert metrics["reward/source1_mean"] == pytest.approx(5 / 3)   # (3 + 2 + 0) / 3
+
+
+def test_process_missing_stop_penalty_only_where_not_stopped(tok, model_cfg):
+    rs = function_sum(tok, model_cfg, RewardSource(function="rlhf_ppo.rewards:keyword_share"),
+                      missing_stop_penalty=0.75)
+    raw = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = rs.process(raw, torch.tensor([True, False, True, False]))
+    assert out.tolist() == [1.0, 1.25, 3.0, 3.25]
+    assert raw.tolist() == [1.0, 2.0, 3.0, 4.0]  # input untouched
+
+
+def test_process_defaults_are_identity(tok, model_cfg):
+    rs = function_sum(tok, model_cfg, RewardSource(function="rlhf_ppo.rewards:keyword_share"))
+    out = rs.process(torch.tensor([1.0, -7.0]), torch.tensor([False, False]))
+    assert out.tolist() == [1.0, -7.0]
+
+
+def test_process_penalty_normalize_clip(tok, model_cfg):
+    rs = function_sum(tok, model_cfg, RewardSource(function="rlhf_ppo.rewards:keyword_share"),
+                      missing_stop_penalty=1.0, normalize=True, clip=0.5)
+    out = rs.process(torch.tensor([1.0, 2.0, 3.0, 4.0]),
+                     torch.tensor([True, False, True, False]))
+    # penalty -> [1, 1, 3, 3]; mean 2, population std 1 -> [-1, -1, 1, 1]; clip 0.5
+    assert out.tolist() == pytest.approx([-0.5, -0.5, 0.5, 0.5])
+
+
+def test_process_running_normalisation(tok, model_cfg):
+    rs = function_sum(tok, model_cfg, RewardSource(function="rlhf_ppo.rewards:keyword_share"),
+                      normalize=True)
+    first = rs.process(torch.tensor([1.0, 1.0, 3.0, 3.0]), torch.ones(4, dtype=torch.bool))
+    assert first.tolist() == pytest.approx([-1.0, -1.0, 1.0, 1.0])  # mean 2, std 1
+    second = rs.process(torch.tensor([5.0, 5.0, 5.0, 5.0]), torch.ones(4, dtype=torch.bool))
+    # running stats over all 8 values [1, 1, 3, 3, 5, 5, 5, 5]: mean 28/8 = 3.5,
+    # var = 120/8 - 3.5^2 = 2.75 -> (5 - 3.5) / sqrt(2.75)
+    assert second.tolist() == pytest.approx([1.5 / math.sqrt(2.75)] * 4, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- ModelReward
+
+@pytest.fixture(scope="module")
+def word_rm(tok, model_cfg, tiny_reward_dir):
+    rs = RewardSum(RewardConfig(sources=[RewardSource(model=tiny_reward_dir, weight=1.0)]),
+                   model_cfg, tok)
+    return rs
+
+
+@pytest.fixture(scope="module")
+def ref_word_model(tiny_reward_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir).eval()
+
+
+def model_rollout(tok, fill_after_stop=None):
+    return make_rollout(
+        tok, ["the movie was", "i think the book is", "today"],
+        ["good great", "bad", "very nice fun day"], [True, True, False],
+        fill_after_stop=fill_after_stop)
+
+
+def test_model_reward_same_tokenizer(tok, word_rm, ref_word_model):
+    (weight, source), = word_rm.sources
+    assert isinstance(source, ModelReward)
+    assert source.same_tokenizer is True
+    assert word_rm.models() == [source.model]
+    rollout = model_rollout(tok)
+    total, metrics = word_rm(rollout)
+    rows = unpadded_rows(rollout)
+    # prompt tokens + response tokens, EOS included for stopped rows
+    assert rows[0].tolist() == [17, 20, 31, 9, 10, EOS]   # the movie was | good great <eos>
+    assert rows[1].tolist() == [38, 72, 17, 24, 32, 51, EOS]  # i=38 think=72 the book is | bad=51 <eos>
+    expected = [manual_score(ref_word_model, r) for r in rows]
+    assert total.tolist() == pytest.approx(expected, abs=1e-5)
+    # also equals HF's own forward on the unpadded sequence (reads the last token)
+    hf = [ref_word_model(input_ids=r[None]).logits[0, 0].item() for r in rows]
+    assert total.tolist() == pytest.approx(hf, abs=1e-5)
+    assert metrics["reward/source0_mean"] == pytest.approx(sum(expected) / 3, abs=1e-5)
+    # the rows really score differently (the comparison is not vacuous)
+    assert len({round(x, 4) for x in expected}) == 3
+
+
+@pytest.mark.parametrize("fill", [EOS, builtin.VOCAB_WORDS.index("bad")], ids=["eos", "word"])
+def test_model_reward_reads_last_mask_position(tok, word_rm, ref_word_model, fill):
+    # The slots after each stop hold `fill` ids with attention mask 0. fill=EOS simulates
+    # pad == EOS; fill=a word id checks that the score is read at the last attention-mask
+    # position (the first EOS), not at the last non-pad token id. Either way the scores must
+    # equal the unpadded single-sequence computation.
+    rollout = model_rollout(tok, fill_after_stop=fill)
+    assert rollout.input_ids[1, -3:].tolist() == [EOS, fill, fill]
+    assert rollout.attention_mask[1, -3:].tolist() == [1, 0, 0]
+    total, _ = word_rm(rollout)
+    expected = [manual_score(ref_word_model, r) for r in unpadded_rows(rollout)]
+    assert total.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_model_reward_batch_size_chunks(tok, model_cfg, tiny_reward_dir, ref_word_model):
+    rs = RewardSum(RewardConfig(sources=[RewardSource(model=tiny_reward_dir, weight=-2.0)],
+                                batch_size=2), model_cfg, tok)
+    rollout = model_rollout(tok)
+    total, _ = rs(rollout)
+    expected = [-2.0 * manual_score(ref_word_model, r) for r in unpadded_rows(rollout)]
+    assert total.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def char_rm(tok, model_cfg, char_reward_dir):
+    return RewardSum(RewardConfig(sources=[RewardSource(model=char_reward_dir)]), model_cfg, tok)
+
+
+def test_model_reward_other_tokenizer_retokenizes_text(tok, char_rm, char_reward_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    (_, source), = char_rm.sources
+    assert source.same_tokenizer is False
+    assert source.tokenizer.chat_template is None
+    rollout = make_rollout(tok, ["the movie was", "i think the book is", "today"],
+                           ["good great", "bad", "very nice fun day"], [True, True, False],
+                           response_texts=[" good great!", " bad.", " very nice fun day"])
+    total, _ = char_rm(rollout)
+    # no chat template: prompt.text + response text, one token per character
+    texts = ["the movie was good great!", "i think the book is bad.", "today very nice fun day"]
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 .,!?:'")
+    char_ids = [[4 + chars.index(c) for c in t] for t in texts]  # 4 special tokens come first
+    ref = AutoModelForSequenceClassification.from_pretrained(char_reward_dir).eval()
+    expected = [manual_score(ref, torch.tensor(ids)) for ids in char_ids]
+    assert total.tolist() == pytest.approx(expected, abs=1e-5)
+    assert len({round(x, 4) for x in expected}) == 3
+
+
+def test_model_reward_other_tokenizer_with_chat_template(tmp_path, tok, model_cfg):
+    # A reward model whose word vocabulary is ordered differently (so not the policy's tokenizer)
+    # but which has a chat template: prompt messages + the response as an assistant turn.
+    from transformers import AutoModelForSequenceClassification
+
+    words = builtin.SPECIAL_TOKENS + list(reversed(builtin.VOCAB_WORDS[4:]))
+    rm_tok = builtin.build_word_tokenizer(words)
+    folder = builtin.build_tiny_model(tmp_path / "rm", seed=3, task="reward", tokenizer=rm_tok)
+    rs = RewardSum(RewardConfig(sources=[RewardSource(model=str(folder))]), model_cfg, tok)
+    (_, source), = rs.sources
+    assert source.same_tokenizer is False
+    msgs = [{"role": "user", "content": "the movie was"}]
+    rollout = make_rollout(tok, ["the day", "today"], ["good", "bad bad"], [True, False],
+                           response_texts=["good", "bad bad"])
+    rollout.prompts[0].messages = msgs
+    total, _ = rs(rollout)
+    # template "<role> : <content> " per message (no generation prompt)
+    texts = ["user : the movie was assistant : good ", "user : today assistant : bad bad "]
+    ref = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    expected = [manual_score(ref, torch.tensor([words.index(w) for w in t.split()]))
+                for t in texts]
+    assert total.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_score_sequences_padding_side_invariant(ref_word_model):
+    seqs = [[17, 20, 31, 9, 10, EOS], [38, 72, EOS], [23, 14, 12, 15, 9, 11, 16, EOS], [9]]
+    L = max(len(s) for s in seqs)
+    left_ids, left_mask = left_pad(seqs, PAD)
+    right_ids = torch.full((len(seqs), L), PAD, dtype=torch.long)
+    right_mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        right_ids[i, :len(s)] = torch.tensor(s)
+        right_mask[i, :len(s)] = 1
+    with torch.no_grad():
+        left = score_sequences(ref_word_model, left_ids, left_mask)
+        right = score_sequences(ref_word_model, right_ids, right_mask)
+    alone = [manual_score(ref_word_model, torch.tensor(s)) for s in seqs]
+    assert left.shape == (4,)
+    assert left.tolist() == pytest.approx(right.tolist(), abs=1e-5)
+    assert left.tolist() == pytest.approx(alone, abs=1e-5)
+    assert right.tolist() == pytest.approx(alone, abs=1e-5)
+
+
+def test_reward_model_with_two_labels_rejected(tmp_path, tok, model_cfg):
+    from transformers import LlamaForSequenceClassification
+
+    wtok = builtin.build_word_tokenizer()
+    config = builtin.tiny_llama_config(len(wtok), num_labels=2)
+    assert config.num_labels == 2
+    folder = tmp_path / "rm2"
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    wtok.save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="num_labels=2") as e:
+        RewardSum(RewardConfig(sources=[RewardSource(model=str(folder))]), model_cfg, tok)
+    assert "reward.sources[0].model" in str(e.value)
+
+
+def test_reward_model_missing_folder(tmp_path, tok, model_cfg):
+    missing = str(tmp_path / "no_rm")
+    with pytest.raises(ModelLoadError, match=r"reward\.sources\[0\]\.model") as e:
+        RewardSum(RewardConfig(sources=[RewardSource(model=missing)]), model_cfg, tok)
+    assert "no_rm" in str(e.value)
+
+
+def test_function_reward_class_directly(reward_file, fn_rollout):
+    sink = []
+    fr = FunctionReward(RewardSource(function=f"{reward_file}:capture", kwargs={"sink": sink}),
+                        "reward.sources[4]")
+    assert fr(fn_rollout).tolist() == [2.0, 1.0, 4.0]  # word counts, scale 1
+    fr_bad = FunctionReward(RewardSource(function=f"{reward_file}:too_few"), "reward.sources[4]")
+    with pytest.raises(RewardError, match=r"reward\.sources\[4\]"):
+        fr_bad(fn_rollout)

@@ -1,0 +1,154 @@
+"""The PPO loop end to end on the tiny model: learning, invariances, options, CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_ppo import Config, PPOTrainer, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+REQUIRED_KEYS = {"iteration", "score_mean", "score_std", "kl", "kl_coef", "entropy",
+                 "policy_loss", "value_loss", "clipfrac", "approx_kl", "explained_variance",
+                 "response_length", "time/rollout", "time/score", "time/update",
+                 "tokens_per_second"}
+
+
+def tiny_config(tmp_path, *overrides) -> Config:
+    return load_config(TINY, [f"output_dir={tmp_path}", *overrides])
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
+
+
+def test_learning_raises_score_and_large_kl_coef_stays_near_reference(tmp_path):
+    low = PPOTrainer(tiny_config(tmp_path / "low", "iterations=20")).train()
+    first = sum(m["score_mean"] for m in low[:3]) / 3
+    last = sum(m["score_mean"] for m in low[-3:]) / 3
+    assert last > first + 0.25, (first, last)  # starts near 0.1 (8 positive words of 81)
+    assert all(torch.isfinite(torch.tensor(m["kl"])) for m in low)
+    high = PPOTrainer(tiny_config(tmp_path / "high", "iterations=20", "ppo.kl_coef=2.0")).train()
+    high_kl = sum(m["kl"] for m in high[-3:]) / 3
+    low_kl = sum(m["kl"] for m in low[-3:]) / 3
+    assert high_kl < 1.0 and high_kl < low_kl / 4, (high_kl, low_kl)
+    # metrics file: one line per iteration with every documented key
+    lines = (tmp_path / "low" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 20
+    assert REQUIRED_KEYS <= set(json.loads(lines[-1]))
+    # the final policy loads with plain transformers
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "low" / "final") is not None
+    assert (tmp_path / "low" / "final" / "value_head.safetensors").is_file()
+
+
+def _one_iteration(tmp_path, micro: int, aggregation: str):
+    cfg = tiny_config(tmp_path, "iterations=1", "ppo.batch_size=8", "ppo.num_minibatches=2",
+                      f"ppo.micro_batch_size={micro}", "ppo.ppo_epochs=2",
+                      f"ppo.loss_aggregation={aggregation}")
+    trainer = PPOTrainer(cfg)
+    metrics = trainer.step()
+    return weights(trainer), metrics
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean"])
+def test_micro_batch_size_does_not_change_the_update(tmp_path, aggregation):
+    w4, m4 = _one_iteration(tmp_path / "a", 4, aggregation)
+    w1, m1 = _one_iteration(tmp_path / "b", 1, aggregation)
+    for k in w4:
+        torch.testing.assert_close(w1[k], w4[k], atol=1e-5, rtol=1e-4, msg=k)
+    for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl"):
+        assert m1[k] == pytest.approx(m4[k], rel=1e-4, abs=1e-6), k
+
+
+def test_critic_warmup_trains_only_the_value_head(tmp_path):
+    trainer = PPOTrainer(tiny_config(tmp_path, "iterations=3", "ppo.critic_warmup=2"))
+    before = weights(trainer)
+    trainer.step()  # iteration 1: warmup
+    after = weights(trainer)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"value_head.weight", "value_head.bias"}
+    trainer.step()  # iteration 2: warmup
+    trainer.step()  # iteration 3: past the warmup, the policy trains too
+    assert not torch.equal(weights(trainer)["policy.model.norm.weight"],
+                           after["policy.model.norm.weight"])
+    assert trainer.iteration == 3
+
+
+def test_target_kl_stops_before_the_overshooting_step(tmp_path):
+    trainer = PPOTrainer(tiny_config(tmp_path, "iterations=1", "ppo.target_kl=1e-12"))
+    before = weights(trainer)
+    m = trainer.step()
+    # First minibatch: ratio == 1, approx_kl == 0 -> one step; the second sees KL > 0 and stops.
+    assert m["ppo_steps"] == 1 and m["early_stopped"] == 1.0
+    assert not torch.equal(before["policy.lm_head.weight"], weights(trainer)["policy.lm_head.weight"])
+
+
+def test_first_minibatch_ratio_is_one(tmp_path):
+    """Rollout log-probs equal the training forward's before any step (dropout off, same
+    temperature, same padding conventions), so the first minibatch clips nothing."""
+    cfg = tiny_config(tmp_path, "iterations=1", "ppo.ppo_epochs=1", "ppo.num_minibatches=1",
+                      "ppo.micro_batch_size=32", "generation.temperature=0.7")
+    m = PPOTrainer(cfg).step()
+    assert m["clipfrac"] == 0.0 and abs(m["approx_kl"]) < 1e-6
+
+
+def test_adaptive_kl_moves_the_coefficient(tmp_path):
+    hist = PPOTrainer(tiny_config(tmp_path, "iterations=4", "ppo.adaptive_kl=true",
+                                  "ppo.kl_target=0.01", "ppo.kl_horizon=100")).train()
+    # KL above target -> e = +0.2 -> coef *= 1 + 0.2 * 32 / 100 each iteration once KL > 0.01
+    coefs = [m["kl_coef"] for m in hist]
+    assert coefs[0] == 0.02 and coefs[-1] > coefs[0]
+    for m, nxt in zip(hist, hist[1:]):
+        error = max(min(m["kl"] / 0.01 - 1, 0.2), -0.2)
+        assert nxt["kl_coef"] == pytest.approx(m["kl_coef"] * (1 + error * 32 / 100))
+
+
+def test_separate_critic_runs_and_saves(tmp_path, tiny_reward_dir):
+    cfg = tiny_config(tmp_path, "iterations=2", "model.critic=separate",
+                      f"model.critic_name_or_path={tiny_reward_dir}",
+                      f"reward.sources=[{{model: {tiny_reward_dir}}}]")
+    hist = PPOTrainer(cfg).train()
+    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(m["value_loss"])) for m in hist)
+    assert (tmp_path / "final" / "critic" / "config.json").is_file()
+
+
+def test_python_api_and_off_policy_warning(tmp_path, caplog):
+    cfg = Config(output_dir=str(tmp_path), iterations=2, save_every=1)
+    cfg.ppo.batch_size, cfg.ppo.micro_batch_size = 8, 4
+    cfg.generation.top_k = 10
+    with caplog.at_level("WARNING"):
+        hist = PPOTrainer(cfg).train()
+    assert [m["iteration"] for m in hist] == [1, 2]
+    assert "top_k=10" in caplog.text and "off-policy" in caplog.text
+    assert (tmp_path / "checkpoint-1" / "config.json").is_file()
+    assert (tmp_path / "final" / "tokenizer_config.json").is_file()
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "rlhf_ppo", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli_trains_with_overrides(tmp_path):
+    out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}", "iterations=2",
+               "ppo.batch_size=8", "ppo.micro_batch_size=4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("override,key", [
+    ("ppo.clip_rnge=0.1", "ppo.clip_rnge"),
+    ("optim.lr=-1", "optim.lr"),
+    ("ppo.batch_size=31", "ppo.batch_size"),
+    ("ppo.ppo_epochs=two", "ppo.ppo_epochs"),
+])
+def test_cli_config_errors_stop_before_loading(tmp_path, override, key):
+    out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}", override)
+    assert out.returncode == 2 and key in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "metrics.jsonl").exists()
