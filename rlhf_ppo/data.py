@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -144,7 +145,12 @@ class PromptSampler:
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
-        return order[self.rank::self.world_size] or order[:1]
+        # Every process gets the same number of prompts per pass (the remainder is skipped this
+        # pass; the next permutation differs), so processes stay in step.
+        usable = (n // self.world_size) * self.world_size
+        if usable == 0:
+            return order[:1]
+        return order[:usable][self.rank::self.world_size]
 
     def next_batch(self) -> list[Prompt]:
         """The next ``batch_size`` prompts (wrapping into a new pass when one runs out)."""

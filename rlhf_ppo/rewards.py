@@ -15,8 +15,8 @@ import math
 import numbers
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -73,8 +73,9 @@ def load_function(spec: str, key: str = "reward.sources[].function") -> Callable
     else:
         try:
             module = importlib.import_module(target)
-        except ImportError as e:
-            raise RewardError(f"{key}: cannot import module {target!r}: {e}") from e
+        except Exception as e:  # ImportError, or whatever the module raises while importing
+            raise RewardError(f"{key}: cannot import module {target!r}: "
+                              f"{type(e).__name__}: {e}") from e
     fn = getattr(module, name, None)
     if not callable(fn):
         raise RewardError(f"{key}: {target!r} has no function {name!r}")
@@ -126,8 +127,9 @@ class ModelReward:
     """An ``AutoModelForSequenceClassification`` scored at the last valid token of each sequence.
 
     When its tokenizer equals the policy's, it reads the rollout's token ids (stop token
-    included). Otherwise the prompt and response texts are re-tokenized with its own tokenizer,
-    through its chat template when it has one.
+    included). Otherwise the text is re-tokenized with its own tokenizer: through its chat template
+    when it has one (the prompt's messages, or the prompt text as a user turn, then the response
+    as the assistant turn), else the prompt and response tokens decoded together.
     """
 
     def __init__(self, source: RewardSource, key: str, model_cfg: ModelConfig, policy_tokenizer,
@@ -144,7 +146,7 @@ class ModelReward:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "right"
-        self.pad_id = policy_tokenizer.pad_token_id
+        self.policy_tokenizer = policy_tokenizer
         self.same_tokenizer = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
 
     @property
@@ -152,14 +154,16 @@ class ModelReward:
         return next(self.model.parameters()).device
 
     def _texts(self, rollout: Rollout) -> list[str]:
+        if self.tokenizer.chat_template is None:
+            # Decode prompt and response together: decoding them apart loses the space between
+            # them for many tokenizers (SentencePiece, word-level).
+            return [self.policy_tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                    for ids, mask in zip(rollout.input_ids, rollout.attention_mask)]
         texts = []
         for prompt, response in zip(rollout.prompts, rollout.response_texts):
-            if self.tokenizer.chat_template is not None:
-                messages = list(prompt.messages or [{"role": "user", "content": prompt.text}])
-                messages.append({"role": "assistant", "content": response})
-                texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
-            else:
-                texts.append(prompt.text + response)
+            messages = list(prompt.messages or [{"role": "user", "content": prompt.text}])
+            messages.append({"role": "assistant", "content": response})
+            texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
         return texts
 
     def _inputs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:

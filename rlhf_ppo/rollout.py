@@ -94,8 +94,26 @@ def hf_generation_config(cfg: GenerationConfig, tokenizer, stop_ids: list[int]):
         pad_token_id=tokenizer.pad_token_id, use_cache=True, num_beams=1,
         typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, no_repeat_ngram_size=0,
         bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
-        stop_strings=cfg.stop_strings or None, forced_eos_token_id=None, forced_bos_token_id=None,
+        forced_eos_token_id=None, forced_bos_token_id=None,
     )
+
+
+class StopOnStrings:
+    """A ``generate`` stopping criterion: a row is done once the decoded tail of its response
+    contains a stop string. (transformers' own ``stop_strings`` needs a tokenizer whose vocabulary
+    it can map to strings, which fails for some tokenizers; decoding works for every tokenizer.)"""
+
+    def __init__(self, stop_strings: list[str], tokenizer, prompt_length: int):
+        self.stop_strings, self.tokenizer, self.prompt_length = stop_strings, tokenizer, prompt_length
+        # Every token decodes to at least one character or to nothing, so this many trailing
+        # tokens always cover a stop string that the last token completed.
+        self.window = max(len(s) for s in stop_strings) + 2
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        tail = input_ids[:, max(self.prompt_length, input_ids.shape[1] - self.window):]
+        texts = self.tokenizer.batch_decode(tail.tolist(), skip_special_tokens=False)
+        return torch.tensor([any(s in t for s in self.stop_strings) for t in texts],
+                            device=input_ids.device)
 
 
 def stop_token_ids(cfg: GenerationConfig, tokenizer) -> list[int]:
@@ -177,7 +195,12 @@ def generate(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig,
     for start in range(0, len(prompts), chunk):
         ids = prompt_ids[start:start + chunk].to(device)
         mask = prompt_mask[start:start + chunk].to(device)
-        kwargs = {"tokenizer": tokenizer} if cfg.stop_strings else {}
+        kwargs = {}
+        if cfg.stop_strings:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [StopOnStrings(cfg.stop_strings, tokenizer, P)])
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
                              **kwargs)
         responses.append(out[:, P:].cpu())

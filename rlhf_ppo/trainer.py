@@ -18,8 +18,13 @@ import torch
 from . import ops
 from .config import Config, save_config
 from .data import PromptSampler, load_prompts
-from .models import ActorCritic, build_actor_critic, load_tokenizer, reference_logprobs, \
-    save_actor_critic
+from .models import (
+    ActorCritic,
+    build_actor_critic,
+    load_tokenizer,
+    reference_logprobs,
+    save_actor_critic,
+)
 from .rewards import RewardSum
 from .rollout import Rollout, generate, off_policy_settings
 

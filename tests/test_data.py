@@ -107,7 +107,7 @@ def test_chat_messages_rendered_with_template(tmp_path, tok):
     # CHAT_TEMPLATE: "<role> : <content> " per message, then "assistant :" as generation prompt
     assert prompts[0].text == "user : the movie was assistant :"
     assert prompts[1].text == "user : the movie assistant : good user : and the book assistant :"
-    for p, msgs in zip(prompts, [single, multi]):
+    for p, msgs in zip(prompts, [single, multi], strict=True):
         assert p.text == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         assert p.messages == msgs
         assert p.input_ids == tok(p.text, add_special_tokens=False)["input_ids"]
@@ -309,13 +309,19 @@ def test_sampler_two_ranks_disjoint_and_cover(n):
     prompts = make_prompts(n)
     r0 = PromptSampler(prompts, batch_size=1, seed=3, rank=0, world_size=2)
     r1 = PromptSampler(prompts, batch_size=1, seed=3, rank=1, world_size=2)
-    a = sum(take(r0, (n + 1) // 2), [])  # rank 0 gets ceil(n/2) per pass
-    b = sum(take(r1, n // 2), [])        # rank 1 gets floor(n/2)
+    # each rank gets floor(n/2) per pass; with n odd the pass's last prompt is skipped, so the
+    # ranks stay in step
+    a = sum(take(r0, n // 2), [])
+    b = sum(take(r1, n // 2), [])
     assert len(set(a)) == len(a) and len(set(b)) == len(b)
     assert not set(a) & set(b)
-    assert sorted(a + b) == list(range(n))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(3)).tolist()
-    assert a == perm[0::2] and b == perm[1::2]
+    usable = perm[: 2 * (n // 2)]
+    assert sorted(a + b) == sorted(usable)
+    assert a == usable[0::2] and b == usable[1::2]
+    assert r0.epoch == r1.epoch == 0
+    take(r0, 1), take(r1, 1)
+    assert r0.epoch == r1.epoch == 1  # both wrap at the same step
 
 
 def test_sampler_no_shuffle_keeps_order():

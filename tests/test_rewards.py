@@ -5,7 +5,6 @@ import math
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,8 +12,16 @@ from rlhf_ppo import builtin
 from rlhf_ppo.config import ModelConfig, RewardConfig, RewardSource
 from rlhf_ppo.data import Prompt, left_pad
 from rlhf_ppo.models import ModelLoadError, load_tokenizer
-from rlhf_ppo.rewards import (FunctionReward, ModelReward, RewardError, RewardSum, keyword_share,
-                              load_function, response_length, score_sequences)
+from rlhf_ppo.rewards import (
+    FunctionReward,
+    ModelReward,
+    RewardError,
+    RewardSum,
+    keyword_share,
+    load_function,
+    response_length,
+    score_sequences,
+)
 from rlhf_ppo.rollout import Rollout
 
 EOS = builtin.VOCAB_WORDS.index("<eos>")  # 3
@@ -39,10 +46,11 @@ def make_rollout(tok, prompt_texts, response_words, stopped, response_texts=None
     mask stays 0 there.
     """
     extras = extras or [{} for _ in prompt_texts]
-    prompts = [Prompt(t, tok(t)["input_ids"], extra=e) for t, e in zip(prompt_texts, extras)]
+    prompts = [Prompt(t, tok(t)["input_ids"], extra=e)
+               for t, e in zip(prompt_texts, extras, strict=True)]
     p_ids, p_mask = left_pad([p.input_ids for p in prompts], tok.pad_token_id)
     resp = [tok(w)["input_ids"] + ([tok.eos_token_id] if s else [])
-            for w, s in zip(response_words, stopped)]
+            for w, s in zip(response_words, stopped, strict=True)]
     R = max(len(r) for r in resp)
     fill = tok.pad_token_id if fill_after_stop is None else fill_after_stop
     r_ids = torch.full((len(resp), R), fill, dtype=torch.long)
@@ -400,7 +408,8 @@ def test_model_reward_same_tokenizer(tok, word_rm, ref_word_model):
     rows = unpadded_rows(rollout)
     # prompt tokens + response tokens, EOS included for stopped rows
     assert rows[0].tolist() == [17, 20, 31, 9, 10, EOS]   # the movie was | good great <eos>
-    assert rows[1].tolist() == [38, 72, 17, 24, 32, 51, EOS]  # i=38 think=72 the book is | bad=51 <eos>
+    # i=38 think=72 the=17 book=24 is=32 | bad=51 <eos>
+    assert rows[1].tolist() == [38, 72, 17, 24, 32, 51, EOS]
     expected = [manual_score(ref_word_model, r) for r in rows]
     assert total.tolist() == pytest.approx(expected, abs=1e-5)
     # also equals HF's own forward on the unpadded sequence (reads the last token)
@@ -449,8 +458,9 @@ def test_model_reward_other_tokenizer_retokenizes_text(tok, char_rm, char_reward
                            ["good great", "bad", "very nice fun day"], [True, True, False],
                            response_texts=[" good great!", " bad.", " very nice fun day"])
     total, _ = char_rm(rollout)
-    # no chat template: prompt.text + response text, one token per character
-    texts = ["the movie was good great!", "i think the book is bad.", "today very nice fun day"]
+    # no chat template: prompt and response tokens decoded together by the policy tokenizer
+    # (special tokens dropped), then one token per character
+    texts = ["the movie was good great", "i think the book is bad", "today very nice fun day"]
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789 .,!?:'")
     char_ids = [[4 + chars.index(c) for c in t] for t in texts]  # 4 special tokens come first
     ref = AutoModelForSequenceClassification.from_pretrained(char_reward_dir).eval()

@@ -152,3 +152,29 @@ def test_cli_config_errors_stop_before_loading(tmp_path, override, key):
     out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}", override)
     assert out.returncode == 2 and key in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_tensorboard_tracker_and_stop_strings(tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = tiny_config(tmp_path, "iterations=1", "report_to=[tensorboard]", "ppo.batch_size=8",
+                      "ppo.micro_batch_size=4", "generation.stop_strings=[great]")
+    trainer = PPOTrainer(cfg)
+    trainer.train()
+    assert list(tmp_path.rglob("events.out.tfevents*"))
+    # stop strings end responses at the completing token, and the text is cut before them
+    from rlhf_ppo.rollout import generate
+
+    rollout = generate(trainer.unwrapped.policy, trainer.sampler.next_batch() * 4,
+                       trainer.tokenizer, cfg.generation)
+    great = trainer.tokenizer.convert_tokens_to_ids("great")
+    for ids, n, text in zip(rollout.response_ids, rollout.response_mask.sum(-1),
+                            rollout.response_texts):
+        assert great not in ids[: n - 1].tolist() and "great" not in text
+    assert any(ids[n - 1] == great for ids, n in zip(rollout.response_ids,
+                                                      rollout.response_mask.sum(-1)))
+
+
+def test_cli_help_lists_every_key():
+    out = _cli("train", "--help")
+    assert out.returncode == 0 and "ppo.kl_estimator" in out.stdout
+    assert "reward.sources[].function" in out.stdout

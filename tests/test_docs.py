@@ -1,0 +1,31 @@
+"""The README documents every config field (its table is generated from the dataclasses)."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("config_reference",
+                                                  ROOT / "scripts" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_config_table_is_current():
+    ref = _script()
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split(ref.BEGIN, 1)[1].split(ref.END, 1)[0].strip()
+    assert section == ref.table(), "run: python scripts/config_reference.py --write"
+
+
+def test_readme_starts_with_the_two_commands():
+    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.strip()]
+    blocks = [ln for ln in lines[:12] if ln.startswith(("python", "pip"))]
+    assert len(blocks) == 2
+    assert "rlhf-ppo train --config configs/tiny.yaml" in blocks[0]
+    assert "pytest" in blocks[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert blocks[1] in ci  # CI runs exactly the README's test command
