@@ -105,6 +105,9 @@ def load_prompts(cfg: DataConfig, tokenizer) -> list[Prompt]:
     for i, row in enumerate(ds):
         text, messages = render_prompt(row[cfg.prompt_column], tokenizer, i, cfg.prompt_column)
         ids = _encode(text, messages, tokenizer)
+        if not ids:
+            raise DataError(f"data.prompt_column {cfg.prompt_column!r}: row {i} tokenizes to no "
+                            "tokens; a prompt needs at least one")
         if len(ids) > cfg.max_prompt_length:
             if not cfg.truncate_long_prompts:
                 dropped += 1

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .config import Config, save_config
+from .config import Config, config_from_dict, save_config
 from .data import PromptSampler, load_prompts
 from .models import (
     ActorCritic,
@@ -64,6 +64,7 @@ class PPOTrainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        config_from_dict(cfg.to_dict())  # re-check types and values changed after construction
         self.cfg = cfg
         self.accelerator = accelerator or Accelerator(
             log_with=list(cfg.report_to) or None, project_dir=cfg.output_dir)

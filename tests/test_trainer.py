@@ -178,3 +178,33 @@ def test_cli_help_lists_every_key():
     out = _cli("train", "--help")
     assert out.returncode == 0 and "ppo.kl_estimator" in out.stdout
     assert "reward.sources[].function" in out.stdout
+
+
+def test_lr_schedule_values():
+    from rlhf_ppo.trainer import lr_lambda
+
+    # warmup 2 of 10 steps: (step+1)/2 during warmup, then linear decay over the remaining 8
+    f = lr_lambda("linear", 2, 10)
+    assert [f(s) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 1 - 4 / 8, 0.0]
+    g = lr_lambda("cosine", 0, 10)
+    assert g(0) == 1.0 and g(5) == pytest.approx(0.5) and g(10) == pytest.approx(0.0)
+    assert lr_lambda("constant", 0, 10)(7) == 1.0
+
+
+def test_separate_reference_checkpoint(tmp_path):
+    from rlhf_ppo import builtin
+
+    other = builtin.build_tiny_model(tmp_path / "other", seed=5)
+    cfg = tiny_config(tmp_path / "run", "iterations=1", f"model.ref_name_or_path={other}",
+                      "ppo.batch_size=8", "ppo.micro_batch_size=4")
+    m = PPOTrainer(cfg).step()
+    assert abs(m["kl"]) > 0.1  # a different random model: far from the policy at iteration 1
+
+
+def test_config_changed_after_construction_is_checked(tmp_path):
+    from rlhf_ppo import ConfigError
+
+    cfg = Config(output_dir=str(tmp_path))
+    cfg.ppo.clip_range = -1.0
+    with pytest.raises(ConfigError, match="ppo.clip_range"):
+        PPOTrainer(cfg)
