@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             history = PPOTrainer(cfg).train()
+        except ConfigError as e:
+            print(f"rlhf-ppo: config error: {e}", file=sys.stderr)
+            return 2
         except (DataError, ModelLoadError, RewardError) as e:
             print(f"rlhf-ppo: {type(e).__name__}: {e}", file=sys.stderr)
             return 1

@@ -48,8 +48,10 @@ def load_rows(cfg: DataConfig):
                 raise DataError(f"data.path: file {path!r} not found")
             ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files={cfg.split: path},
                                        split=cfg.split)
-        elif Path(path).is_dir():
-            ds = datasets.load_dataset(path, split=cfg.split)
+        elif Path(path).is_dir() and (Path(path) / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(path)[cfg.split]  # a DatasetDict from save_to_disk
+        elif Path(path).is_dir() and (Path(path) / "state.json").is_file():
+            ds = datasets.load_from_disk(path)  # a Dataset from save_to_disk
         else:
             ds = datasets.load_dataset(path, split=cfg.split)
     except DataError:

@@ -113,7 +113,8 @@ class FunctionReward:
         columns: dict[str, list] = {}
         for p in rollout.prompts:
             for k, v in p.extra.items():
-                columns.setdefault(k, []).append(v)
+                if k not in ("prompts", "responses"):  # the positional arguments win
+                    columns.setdefault(k, []).append(v)
         kwargs = {**columns, "stopped": rollout.stopped.tolist(), **self.kwargs}
         prompts = [p.text for p in rollout.prompts]
         try:

@@ -57,6 +57,25 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
+def check_lengths(cfg: Config, model_config, longest_prompt: int, vocab_size: int) -> None:
+    """Fail early (instead of deep inside torch) when prompt + response exceed the model's
+    context, or a stop token id is outside the vocabulary."""
+    from .config import ConfigError
+
+    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    need = longest_prompt + cfg.generation.max_new_tokens
+    if context is not None and need > context:
+        raise ConfigError(
+            f"data.max_prompt_length / generation.max_new_tokens: the longest prompt "
+            f"({longest_prompt} tokens) plus generation.max_new_tokens="
+            f"{cfg.generation.max_new_tokens} is {need} tokens, more than the model's context of "
+            f"{context} (max_position_embeddings); lower one of them")
+    bad = [i for i in cfg.generation.stop_token_ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ConfigError(f"generation.stop_token_ids: {bad} outside the vocabulary "
+                          f"[0, {vocab_size})")
+
+
 class PPOTrainer:
     """Aligns ``cfg.model`` to ``cfg.reward`` with PPO. ``PPOTrainer(cfg).train()`` runs it all."""
 
@@ -81,6 +100,8 @@ class PPOTrainer:
         self.sampler = PromptSampler(prompts, cfg.ppo.batch_size, cfg.seed, cfg.data.shuffle,
                                      acc.process_index, acc.num_processes)
         model, self.ref = build_actor_critic(cfg.model)
+        check_lengths(cfg, model.policy.config, max(len(x.input_ids) for x in prompts),
+                      len(self.tokenizer))
         self.rewards = RewardSum(cfg.reward, cfg.model, self.tokenizer)
 
         o = cfg.optim

@@ -208,3 +208,14 @@ def test_config_changed_after_construction_is_checked(tmp_path):
     cfg.ppo.clip_range = -1.0
     with pytest.raises(ConfigError, match="ppo.clip_range"):
         PPOTrainer(cfg)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("generation.max_new_tokens=255", "generation.max_new_tokens"),  # 6 + 255 > context 256
+    ("generation.stop_token_ids=[100000]", "generation.stop_token_ids"),
+])
+def test_length_and_stop_id_errors(tmp_path, override, key):
+    from rlhf_ppo import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        PPOTrainer(tiny_config(tmp_path, override))
