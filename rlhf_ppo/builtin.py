@@ -99,14 +99,15 @@ def build_tiny_model(folder: str | Path, seed: int = 0, task: str = "causal-lm",
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     overrides.update(config_overrides)
     config = tiny_llama_config(len(tokenizer), **overrides)
-    torch.manual_seed(seed)
-    if task == "reward":
-        config.num_labels = 1
-        model = LlamaForSequenceClassification(config)
-    elif task == "causal-lm":
-        model = LlamaForCausalLM(config)
-    else:
+    if task not in ("causal-lm", "reward"):
         raise ValueError(f"task: expected 'causal-lm' or 'reward', got {task!r}")
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(seed)
+        if task == "reward":
+            config.num_labels = 1
+            model = LlamaForSequenceClassification(config)
+        else:
+            model = LlamaForCausalLM(config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -48,6 +48,8 @@ class ModelConfig:
     """separate critic's initial weights (e.g. the reward model); default: the policy's"""
     disable_dropout: bool = True
     """turn dropout off in every model, so rollout and update see the same function"""
+    shard_frozen_models: bool = False
+    """under ZeRO-3 / FSDP, shard the reference and reward models too (default: a full copy per process)"""
 
 
 @dataclass

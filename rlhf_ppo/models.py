@@ -276,17 +276,28 @@ def build_actor_critic(cfg: ModelConfig) -> tuple[ActorCritic, nn.Module]:
     return ac, ref
 
 
-def save_actor_critic(ac: ActorCritic, tokenizer, folder: str | Path) -> None:
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def save_actor_critic(ac: ActorCritic, tokenizer, folder: str | Path,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """``save_pretrained`` the policy and tokenizer into ``folder``, the value head beside them
-    (``value_head.safetensors``) or the separate critic in ``folder/critic``."""
+    (``value_head.safetensors``) or the separate critic in ``folder/critic``.
+
+    ``state_dict``: the full ActorCritic state (gathered from shards under ZeRO-3 / FSDP);
+    default: the module's own.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    ac.policy.save_pretrained(folder)
+    state = ac.state_dict() if state_dict is None else state_dict
+    ac.policy.save_pretrained(folder, state_dict=_sub_state(state, "policy."))
     tokenizer.save_pretrained(folder)
     if ac.value_head is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ac.value_head.state_dict().items()},
+        head = _sub_state(state, "value_head.")
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()},
                   folder / VALUE_HEAD_FILE)
     else:
-        ac.critic.save_pretrained(folder / "critic")
+        ac.critic.save_pretrained(folder / "critic", state_dict=_sub_state(state, "critic."))
         tokenizer.save_pretrained(folder / "critic")

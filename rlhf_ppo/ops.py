@@ -66,7 +66,19 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     Returns:
         ``[B, T]``, 0 at masked positions.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    return whiten(x, mask, masked_mean(x, mask), masked_var(x, mask), shift_mean, eps)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, mean: float | torch.Tensor,
+           var: float | torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """:func:`masked_whiten` with given statistics (e.g. reduced over several processes).
+
+    Args:
+        x, mask: ``[B, T]``.  mean, var: scalars.
+    Returns:
+        ``(x - mean) / sqrt(var + eps)`` (plus ``mean`` when ``shift_mean=False``), 0 where masked.
+    """
+    var = torch.as_tensor(var, dtype=x.dtype, device=x.device)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

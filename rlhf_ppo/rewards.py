@@ -222,9 +222,9 @@ class RewardSum:
                                                              policy_tokenizer, cfg.batch_size)))
         self.moments = RunningMoments()
 
-    def models(self) -> list[torch.nn.Module]:
-        """The reward models (to move to the device)."""
-        return [s.model for _, s in self.sources if isinstance(s, ModelReward)]
+    def model_sources(self) -> list[ModelReward]:
+        """The reward-model sources (their ``.model`` is placed on the device by the trainer)."""
+        return [s for _, s in self.sources if isinstance(s, ModelReward)]
 
     def __call__(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         """Scores ``(B,)`` for the rollout and per-source raw means for the metrics."""
@@ -236,13 +236,29 @@ class RewardSum:
             total += weight * raw
         return total, metrics
 
-    def process(self, raw: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
-        """Missing-stop penalty, then running normalisation, then clipping."""
+    def penalize(self, raw: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
+        """Scores with the missing-stop penalty subtracted where ``stopped`` is False."""
         scores = raw.clone()
         if self.cfg.missing_stop_penalty is not None:
             scores[~stopped] -= self.cfg.missing_stop_penalty
+        return scores
+
+    def update_moments(self, raw: torch.Tensor, stopped: torch.Tensor) -> None:
+        """Fold a batch (normally every process's) into the running normalisation statistics."""
         if self.cfg.normalize:
-            self.moments.update(scores)
+            self.moments.update(self.penalize(raw, stopped))
+
+    def process(self, raw: torch.Tensor, stopped: torch.Tensor,
+                update_moments: bool = True) -> torch.Tensor:
+        """Missing-stop penalty, then running normalisation, then clipping.
+
+        ``update_moments``: fold this batch into the running statistics first (single process;
+        the trainer calls :meth:`update_moments` with the scores of all processes instead).
+        """
+        if update_moments:
+            self.update_moments(raw, stopped)
+        scores = self.penalize(raw, stopped)
+        if self.cfg.normalize:
             scores = (scores - self.moments.mean) / max(self.moments.std, 1e-8)
         if self.cfg.clip is not None:
             scores = scores.clamp(-self.cfg.clip, self.cfg.clip)

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,6 +17,8 @@ import torch
 from . import ops
 from .config import Config, config_from_dict, save_config
 from .data import PromptSampler, load_prompts
+from .distributed import full_state_dict, generation_model, is_deepspeed, make_accelerator, \
+    prepare_frozen
 from .models import (
     ActorCritic,
     build_actor_critic,
@@ -80,15 +81,12 @@ class PPOTrainer:
     """Aligns ``cfg.model`` to ``cfg.reward`` with PPO. ``PPOTrainer(cfg).train()`` runs it all."""
 
     def __init__(self, cfg: Config, accelerator=None):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         config_from_dict(cfg.to_dict())  # re-check types and values changed after construction
         self.cfg = cfg
-        self.accelerator = accelerator or Accelerator(
-            log_with=list(cfg.report_to) or None, project_dir=cfg.output_dir)
+        self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
-        set_seed(cfg.seed, device_specific=True)  # each process samples different responses
         for setting in off_policy_settings(cfg.generation):
             logger.warning(
                 "generation.%s reshapes the sampling distribution: responses are no longer "
@@ -114,9 +112,10 @@ class PPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(o.scheduler, o.warmup_steps, total_steps))
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
-        self.ref.to(acc.device)
-        for m in self.rewards.models():
-            m.to(acc.device)
+        shard = cfg.model.shard_frozen_models
+        self.ref = prepare_frozen(acc, self.ref, shard)
+        for source in self.rewards.model_sources():
+            source.model = prepare_frozen(acc, source.model, shard)
         p = cfg.ppo
         self.kl_ctl = (ops.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
                        if p.adaptive_kl else ops.FixedKLController(p.kl_coef))
@@ -130,6 +129,9 @@ class PPOTrainer:
             (self.output_dir / "metrics.jsonl").write_text("")
         if cfg.report_to:
             acc.init_trackers("rlhf_ppo", config=_flat(cfg.to_dict()))
+        # Seeded last, so loading (which may draw random numbers) does not shift the rollouts;
+        # device_specific: each process samples different responses.
+        set_seed(cfg.seed, device_specific=True)
 
     @property
     def unwrapped(self) -> ActorCritic:
@@ -161,23 +163,32 @@ class PPOTrainer:
             acc.end_training()
         return self.history
 
-    def step(self) -> dict[str, float]:
+    def step(self, rollout: Rollout | None = None) -> dict[str, float]:
         """One PPO iteration (number ``self.iteration + 1``): roll out, score, shape rewards,
-        GAE, update. Returns its metrics."""
+        GAE, update. Returns its metrics (reduced over all processes).
+
+        ``rollout``: use these responses instead of generating (tests, offline data).
+        """
         cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
         self.iteration += 1
         t0 = time.perf_counter()
 
-        # step 1. generate the trajectories
-        rollout = generate(self.unwrapped.policy, self.sampler.next_batch(), self.tokenizer,
-                           cfg.generation, acc.device)
+        # step 1. generate the trajectories (each process its own prompts)
+        if rollout is None:
+            with generation_model(acc, self.model) as policy:
+                rollout = generate(policy, self.sampler.next_batch(), self.tokenizer,
+                                   cfg.generation, acc.device)
         t1 = time.perf_counter()
 
         # step 2. log-probs and values under the rollout policy, and reference log-probs
         entropy = self.evaluate_rollout(rollout)
         # step 3. scores from the reward sources
         raw_scores, reward_metrics = self.rewards(rollout)
-        rollout.scores = self.rewards.process(raw_scores, rollout.stopped)
+        all_raw = acc.gather(raw_scores.to(acc.device)).cpu()  # (B * processes,)
+        all_stopped = acc.gather(rollout.stopped.to(acc.device)).cpu()
+        # Normalisation statistics come from every process's scores, so processes agree.
+        self.rewards.update_moments(all_raw, all_stopped)
+        rollout.scores = self.rewards.process(raw_scores, rollout.stopped, update_moments=False)
         t2 = time.perf_counter()
 
         # step 4. per-token rewards: -beta * KL_t, plus the score on the last valid token
@@ -186,46 +197,68 @@ class PPOTrainer:
         kl_coef = self.kl_ctl.value
         rollout.rewards = ops.shape_rewards(rollout.scores, kl, mask, kl_coef)
         kl_per_seq = kl.sum(-1)  # (B,)
-        mean_kl = acc.reduce(kl_per_seq.mean().to(acc.device), "mean").item()
+        mean_kl = self.global_mean(kl_per_seq)
         self.kl_ctl.update(mean_kl, n_steps=len(rollout.prompts) * acc.num_processes)
 
-        # step 5. advantages and returns (GAE), advantages whitened over valid tokens
+        # step 5. advantages and returns (GAE, per sequence: local), advantages whitened over the
+        # valid tokens of all processes (a global statistic: the result must not depend on how
+        # the batch is split)
         advantages, rollout.returns = ops.compute_gae(rollout.rewards, rollout.values, mask,
                                                       p.gamma, p.lam)
-        rollout.advantages = (ops.masked_whiten(advantages, mask) if p.whiten_advantages
-                              else advantages)
+        if p.whiten_advantages:
+            mean, var = self.global_moments(advantages, mask)
+            advantages = ops.whiten(advantages, mask, mean, var)
+        rollout.advantages = advantages
 
         # step 6. PPO epochs over shuffled minibatches
         update_metrics = self.update(rollout)
         t3 = time.perf_counter()
 
-        # step 7. metrics
-        n_tokens = mask.sum().item()
-        lengths = mask.sum(-1)
+        # step 7. metrics, as means over the whole (all-process) batch
+        ret_mean, ret_var = self.global_moments(rollout.returns, mask)
+        _, err_var = self.global_moments(rollout.returns - rollout.values, mask)
+        all_lengths = acc.gather(mask.sum(-1).to(acc.device)).cpu()
+        n_tokens = all_lengths.sum().item()
         return {
             "iteration": self.iteration,
-            "score_mean": raw_scores.mean().item(),
-            "score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
-            "score_processed_mean": rollout.scores.mean().item(),
+            "score_mean": all_raw.mean().item(),
+            "score_std": all_raw.std().item() if len(all_raw) > 1 else 0.0,
+            "score_processed_mean": self.global_mean(rollout.scores),
             "kl": mean_kl,
             "kl_coef": kl_coef,
-            "entropy": ops.masked_mean(entropy, mask).item(),
+            "entropy": self.global_moments(entropy, mask)[0],
             **update_metrics,
-            "explained_variance": ops.explained_variance(rollout.values, rollout.returns,
-                                                         mask).item(),
-            "value_mean": ops.masked_mean(rollout.values, mask).item(),
-            "return_mean": ops.masked_mean(rollout.returns, mask).item(),
-            "reward_kl_penalty": (-kl_coef * kl_per_seq).mean().item(),
-            "response_length": lengths.mean().item(),
-            "stop_rate": rollout.stopped.float().mean().item(),
+            "explained_variance": 1.0 - err_var / max(ret_var, 1e-8),
+            "value_mean": self.global_moments(rollout.values, mask)[0],
+            "return_mean": ret_mean,
+            "reward_kl_penalty": -kl_coef * mean_kl,
+            "response_length": all_lengths.mean().item(),
+            "stop_rate": all_stopped.float().mean().item(),
             "lr": self.scheduler.get_last_lr()[0],
-            **reward_metrics,
+            **{k: self.global_mean(torch.tensor(v)) for k, v in reward_metrics.items()},
             "time/rollout": t1 - t0,
             "time/score": t2 - t1,
             "time/update": t3 - t2,
             "time/iteration": t3 - t0,
             "tokens_per_second": n_tokens / max(t1 - t0, 1e-9),
         }
+
+    # ------------------------------------------------------------------ cross-process statistics
+
+    def global_mean(self, x: torch.Tensor) -> float:
+        """Mean of ``x`` over every element of every process (equal-sized per process)."""
+        t = torch.stack([x.float().sum(), torch.tensor(float(x.numel()))]).to(self.accelerator.device)
+        total, count = self.accelerator.reduce(t, "sum").tolist()
+        return total / max(count, 1.0)
+
+    def global_moments(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+        """Mean and unbiased variance of ``x`` over the valid tokens of every process."""
+        m = mask.float()
+        t = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double()
+        total, total_sq, n = self.accelerator.reduce(t.to(self.accelerator.device), "sum").tolist()
+        mean = total / max(n, 1.0)
+        var = (total_sq - n * mean * mean) / max(n - 1.0, 1.0)
+        return mean, max(var, 0.0)
 
     # ------------------------------------------------------------------ the phases
 
@@ -275,36 +308,50 @@ class PPOTrainer:
             for mb_idx in order.split(mini):
                 mb = {k: v for k, v in rollout.select(mb_idx).items()}
                 mb_mask = mb["response_mask"]
-                mb_tokens = mb_mask.sum().clamp(min=1).float()
-                normalizer = mb_tokens if p.loss_aggregation == "token-mean" else float(len(mb_idx))
+                # Denominators are global counts / processes: the engine averages gradients over
+                # processes, so each process's loss must be its share of the global token mean.
+                counts = torch.tensor([float(mb_mask.sum()), float(len(mb_idx))], device=acc.device)
+                g_tokens, g_seqs = (acc.reduce(counts, "sum") / acc.num_processes).tolist()
+                mb_tokens = torch.tensor(max(g_tokens, 1e-8))
+                normalizer = mb_tokens if p.loss_aggregation == "token-mean" else g_seqs
                 mb_stats = {k: torch.zeros((), device=acc.device) for k in stats if k != "grad_norm"}
-                micro_rows = torch.arange(len(mb_idx)).split(p.micro_batch_size)
-                for k, rows in enumerate(micro_rows):
-                    sync = k == len(micro_rows) - 1
-                    with nullcontext() if sync else acc.no_sync(self.model):
+                # accelerate counts micro-batches and syncs gradients (DDP no_sync, DeepSpeed
+                # accumulation boundary) only on the last one of each minibatch.
+                for rows in torch.arange(len(mb_idx)).split(p.micro_batch_size):
+                    with acc.accumulate(self.model):
                         s = self._micro_step(mb, rows, rollout.prompt_length, normalizer,
                                              mb_tokens, critic_only, shared)
                     for name, value in s.items():
                         mb_stats[name] += value
                 if p.target_kl is not None:
-                    approx_kl = acc.reduce(mb_stats["approx_kl"], "mean").item()
-                    if approx_kl > p.target_kl:  # never take the step that overshoots
+                    approx_kl = acc.reduce(mb_stats["approx_kl"].clone(), "mean").item()
+                    # Never take the step that overshoots (DeepSpeed has stepped already in
+                    # backward: there the update ends after it).
+                    if approx_kl > p.target_kl:
                         self.optimizer.zero_grad(set_to_none=True)
                         early_stop = True
                         break
                 grad_norm = (acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                             if cfg.optim.max_grad_norm else torch.zeros(()))
+                             if cfg.optim.max_grad_norm else None)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 steps += 1
                 for name, value in mb_stats.items():
                     stats[name].append(value.detach())
-                stats["grad_norm"].append(torch.as_tensor(grad_norm, dtype=torch.float32,
-                                                          device=acc.device))
+                stats["grad_norm"].append(torch.as_tensor(
+                    float("nan") if grad_norm is None else grad_norm, dtype=torch.float32,
+                    device=acc.device))
             if early_stop:
                 break
-        out = {k: torch.stack(v).mean().item() if v else float("nan") for k, v in stats.items()}
+        # Each process holds its share of each minibatch mean; the mean over processes is the
+        # global value (one reduction for all of them, after the loop: no syncs inside it).
+        keys = [k for k in stats if stats[k]]
+        out = {k: float("nan") for k in stats}
+        if keys:
+            local = torch.stack([torch.stack(stats[k]).mean() for k in keys])
+            reduced = acc.reduce(local, "mean").tolist()
+            out.update(dict(zip(keys, reduced)))
         out["ppo_steps"] = steps
         out["early_stopped"] = float(early_stop)
         return out
@@ -334,7 +381,9 @@ class PPOTrainer:
         loss = p.vf_coef * vf_loss
         if not critic_only:
             loss = loss + pg_loss - p.entropy_coef * ent_loss
-        acc.backward(loss)
+        # accelerate (and DeepSpeed) divide by the accumulation steps; our normaliser already
+        # makes the micro-batch losses sum to the minibatch loss, so undo that division.
+        acc.backward(loss * acc.gradient_accumulation_steps)
         weight = mask.sum() / mb_tokens.to(dev)  # stats are token means over the minibatch
         return {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
                 "entropy_loss": ent_loss.detach(),
@@ -354,11 +403,13 @@ class PPOTrainer:
             acc.log({k: v for k, v in metrics.items() if k != "iteration"}, step=self.iteration)
 
     def save(self, folder: Path) -> None:
-        """``save_pretrained`` the policy + tokenizer (and value head / critic) into ``folder``."""
+        """``save_pretrained`` the policy + tokenizer (and value head / critic) into ``folder``.
+        Every process takes part (sharded weights are gathered); the main process writes."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        state = full_state_dict(acc, self.model)
         if acc.is_main_process:
-            save_actor_critic(self.unwrapped, self.tokenizer, folder)
+            save_actor_critic(self.unwrapped, self.tokenizer, folder, state)
             save_config(self.cfg, Path(folder) / "rlhf_ppo_config.yaml")
             logger.info("saved the policy to %s", folder)
         acc.wait_for_everyone()

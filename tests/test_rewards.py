@@ -402,7 +402,7 @@ def test_model_reward_same_tokenizer(tok, word_rm, ref_word_model):
     (weight, source), = word_rm.sources
     assert isinstance(source, ModelReward)
     assert source.same_tokenizer is True
-    assert word_rm.models() == [source.model]
+    assert word_rm.model_sources() == [source]
     rollout = model_rollout(tok)
     total, metrics = word_rm(rollout)
     rows = unpadded_rows(rollout)

@@ -1,0 +1,135 @@
+"""What the engines behind accelerate (DDP, DeepSpeed ZeRO, FSDP) need from a PPO loop.
+
+No home-made distribution: accelerate builds the engine from the launch config (`accelerate
+launch --config_file configs/accelerate/...`); this module only fills in what PPO decides (batch
+sizes, gradient accumulation and clipping for DeepSpeed), gathers sharded weights for generation
+and saving, and prepares the frozen models for inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from .config import Config
+
+logger = logging.getLogger(__name__)
+
+
+def gradient_accumulation_steps(cfg: Config) -> int:
+    """Micro-batches per minibatch (the optimizer step happens after the last)."""
+    mini = cfg.ppo.batch_size // cfg.ppo.num_minibatches
+    return max(1, mini // cfg.ppo.micro_batch_size)
+
+
+def make_accelerator(cfg: Config):
+    """An ``Accelerator`` for the launch environment, with PPO's accumulation settings."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Critic warmup with a shared backbone leaves the policy's parameters without gradients.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.ppo.critic_warmup > 0)
+    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps(cfg),
+                      log_with=list(cfg.report_to) or None, project_dir=cfg.output_dir,
+                      kwargs_handlers=[ddp])
+    if is_deepspeed(acc):
+        configure_deepspeed(acc, cfg)
+    return acc
+
+
+def is_deepspeed(acc) -> bool:
+    """True under a DeepSpeed launch config."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(acc) -> int:
+    """The DeepSpeed ZeRO stage (0 without DeepSpeed)."""
+    if not is_deepspeed(acc):
+        return 0
+    return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+               .get("stage", 0))
+
+
+def is_fsdp(acc) -> bool:
+    """True under an FSDP launch config."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def configure_deepspeed(acc, cfg: Config) -> None:
+    """Write PPO's micro-batch size, accumulation steps and gradient clipping into the DeepSpeed
+    config (the PPO config is the source of truth; a different explicit value is overridden)."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    gas = gradient_accumulation_steps(cfg)
+    micro = min(cfg.ppo.micro_batch_size, cfg.ppo.batch_size // cfg.ppo.num_minibatches)
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * acc.num_processes,
+        "gradient_clipping": cfg.optim.max_grad_norm or 0.0,
+    }
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            logger.warning("DeepSpeed config %s=%s replaced by %s from the PPO config", key,
+                           ds[key], value)
+        ds[key] = value
+    acc.state.deepspeed_plugin.gradient_accumulation_steps = gas
+
+
+@contextmanager
+def generation_model(acc, model: nn.Module) -> Iterator[nn.Module]:
+    """The policy with full weights for ``generate``.
+
+    ZeRO-3 and FSDP shard parameters; generation runs many small forwards outside the training
+    module's own forward, so the weights are gathered once for the whole rollout here.
+    """
+    unwrapped = acc.unwrap_model(model)
+    if zero_stage(acc) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield unwrapped.policy
+    elif is_fsdp(acc) and hasattr(model, "unshard"):  # FSDP2: the root module holds the rest
+        model.unshard()
+        try:
+            yield unwrapped.policy
+        finally:
+            model.reshard()
+    elif is_fsdp(acc):  # FSDP1
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, writeback=False, recurse=True):
+            yield unwrapped.policy
+    else:
+        yield unwrapped.policy
+
+
+def prepare_frozen(acc, model: nn.Module, shard: bool) -> nn.Module:
+    """Put a frozen inference model (reference, reward) on the device: replicated on every
+    process (default), or, with ``shard`` under ZeRO-3 / FSDP, sharded by an inference-only
+    engine (no optimizer state, no gradient sync)."""
+    if not shard or not (zero_stage(acc) == 3 or is_fsdp(acc)):
+        return model.to(acc.device)
+    if zero_stage(acc) == 3:
+        import deepspeed
+
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        config = {"train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+                  "zero_optimization": {"stage": 3}, "bf16": ds.get("bf16", {"enabled": False}),
+                  "fp16": ds.get("fp16", {"enabled": False})}
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine.module
+    return acc.prepare_model(model, evaluation_mode=True)
+
+
+def full_state_dict(acc, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (gathered) state dict of the prepared model; call on every process."""
+    return acc.get_state_dict(model)
