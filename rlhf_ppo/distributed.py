@@ -9,8 +9,8 @@ and saving, and prepares the frozen models for inference.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn as nn

@@ -17,8 +17,7 @@ import torch
 from . import ops
 from .config import Config, config_from_dict, save_config
 from .data import PromptSampler, load_prompts
-from .distributed import full_state_dict, generation_model, is_deepspeed, make_accelerator, \
-    prepare_frozen
+from .distributed import full_state_dict, generation_model, make_accelerator, prepare_frozen
 from .models import (
     ActorCritic,
     build_actor_critic,
