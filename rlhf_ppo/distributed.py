@@ -9,6 +9,7 @@ and saving, and prepares the frozen models for inference.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,7 +34,10 @@ def make_accelerator(cfg: Config):
 
     # Critic warmup with a shared backbone leaves the policy's parameters without gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.ppo.critic_warmup > 0)
-    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps(cfg),
+    # accelerate sets up multi-process CPU (gloo) only when asked for the CPU; a multi-process
+    # launch (torchrun, accelerate launch) on a machine without CUDA means exactly that.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps(cfg), cpu=cpu,
                       log_with=list(cfg.report_to) or None, project_dir=cfg.output_dir,
                       kwargs_handlers=[ddp])
     if is_deepspeed(acc):

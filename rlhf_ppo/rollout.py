@@ -6,6 +6,7 @@ Shape legend: ``B`` rollouts, ``P`` prompt length (left-padded), ``R`` response 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -59,6 +60,18 @@ class Rollout:
     def response_ids(self) -> torch.Tensor:
         """(B, R) response tokens."""
         return self.input_ids[:, self.prompt_length:]
+
+    def subset(self, rows: list[int]) -> Rollout:
+        """A new rollout of the given rows (e.g. one process's share of a batch)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value[rows]
+            elif isinstance(value, list):
+                value = [value[i] for i in rows]
+            out[f.name] = value
+        return Rollout(**out)
 
     def select(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
         """The tensors the update needs, for the rows in ``index`` (a minibatch)."""

@@ -1,0 +1,69 @@
+"""Multi-process training on CPU (torchrun + gloo): splitting the batch over processes must not
+change the update, and a 2-process run must train, save once and log once."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(WORKER), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+# Adaptive KL, score normalisation and whitening all use cross-process statistics, so they are on.
+# adam_eps 1e-4: Adam's first step is lr * g / (|g| + eps), which turns float noise in near-zero
+# gradients into ±lr updates at eps 1e-8; a larger eps keeps the comparison about the gradients.
+COMMON = ["iterations=1", "ppo.num_minibatches=1", "ppo.ppo_epochs=2", "ppo.micro_batch_size=2",
+          "generation.stop_token_ids=[4,5,6,7,8]",  # punctuation stops: lengths vary by row
+          "generation.max_new_tokens=12", "ppo.adaptive_kl=true", "ppo.kl_target=0.5",
+          "ppo.kl_horizon=100", "reward.normalize=true", "optim.adam_eps=1e-4"]
+
+
+def test_two_processes_reproduce_one_process_with_twice_the_batch(tmp_path):
+    b = 4
+    torchrun(1, "step", str(tmp_path / "one"), f"output_dir={tmp_path / 'run1'}",
+             f"ppo.batch_size={2 * b}", *COMMON)
+    torchrun(2, "step", str(tmp_path / "two"), f"output_dir={tmp_path / 'run2'}",
+             f"ppo.batch_size={b}", *COMMON)
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for key in ("score_mean", "score_std", "kl", "entropy", "policy_loss", "value_loss",
+                "clipfrac", "approx_kl", "grad_norm", "explained_variance", "response_length",
+                "value_mean", "return_mean"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+    w1 = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
+    w2 = torch.load(tmp_path / "two" / "weights.pt", weights_only=True)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert m1["ppo_steps"] == m2["ppo_steps"] == 2
+    initial = torch.load(tmp_path / "one" / "initial.pt", weights_only=True)
+    assert not torch.equal(initial["policy.lm_head.weight"], w1["policy.lm_head.weight"])
+
+
+def test_two_process_run_trains_saves_once_and_logs_once(tmp_path):
+    out = tmp_path / "run"
+    torchrun(2, "train", "", f"output_dir={out}", "iterations=3", "save_every=2",
+             "ppo.batch_size=8", "ppo.micro_batch_size=4")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [1, 2, 3]  # one writer
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "config.yaml", "final",
+                                                      "metrics.jsonl"]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
+    shutil.rmtree(out)
