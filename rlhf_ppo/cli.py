@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import ConfigError, iter_fields, load_config
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         except (DataError, ModelLoadError, RewardError) as e:
             print(f"rlhf-ppo: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
-        if history:
+        if history and int(os.environ.get("RANK", "0")) == 0:
             first, last = history[0], history[-1]
             print(f"done: {len(history)} iterations, score_mean {first['score_mean']:.3f} -> "
                   f"{last['score_mean']:.3f}, kl {last['kl']:.3f}; policy saved to "

@@ -36,7 +36,14 @@ def make_accelerator(cfg: Config):
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.ppo.critic_warmup > 0)
     # accelerate sets up multi-process CPU (gloo) only when asked for the CPU; a multi-process
     # launch (torchrun, accelerate launch) on a machine without CUDA means exactly that.
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if multi_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # accelerate cannot drive DeepSpeed without CUDA: its process count would stay 1 while
+        # DeepSpeed sees them all, so every process would train on the same prompts.
+        raise RuntimeError("DeepSpeed launch without CUDA: accelerate supports DeepSpeed on GPUs "
+                           "only. On CPUs, launch plain data parallel (torchrun, or an accelerate "
+                           "config without distributed_type: DEEPSPEED).")
+    cpu = multi_cpu
     acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps(cfg), cpu=cpu,
                       log_with=list(cfg.report_to) or None, project_dir=cfg.output_dir,
                       kwargs_handlers=[ddp])
@@ -100,15 +107,23 @@ def generation_model(acc, model: nn.Module) -> Iterator[nn.Module]:
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             yield unwrapped.policy
-    elif is_fsdp(acc) and hasattr(model, "unshard"):  # FSDP2: the root module holds the rest
-        model.unshard()
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(model, FSDPModule):  # FSDP2: unshard every sharded module for the rollout
+        # generate() calls the inner modules directly; without the root's lazy init first, each
+        # layer would initialise as its own root and the next training forward would fail.
+        model._get_fsdp_state()._lazy_init()
+        sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for m in sharded:
+            m.unshard()
         try:
             yield unwrapped.policy
         finally:
-            model.reshard()
-    elif is_fsdp(acc):  # FSDP1
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
+            for m in sharded:
+                m.reshard()
+    elif isinstance(model, FSDP):  # FSDP1
         with FSDP.summon_full_params(model, writeback=False, recurse=True):
             yield unwrapped.policy
     else:
@@ -136,4 +151,11 @@ def prepare_frozen(acc, model: nn.Module, shard: bool) -> nn.Module:
 
 def full_state_dict(acc, model: nn.Module) -> dict[str, torch.Tensor]:
     """The full (gathered) state dict of the prepared model; call on every process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
     return acc.get_state_dict(model)

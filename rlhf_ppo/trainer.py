@@ -332,6 +332,8 @@ class PPOTrainer:
                         break
                 grad_norm = (acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
                              if cfg.optim.max_grad_norm else None)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                    grad_norm = grad_norm.full_tensor()
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -23,6 +23,8 @@ def main() -> None:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     trainer = PPOTrainer(cfg)
     acc = trainer.accelerator
+    if acc.is_main_process:
+        print(f"engine: {acc.distributed_type} processes={acc.num_processes}", flush=True)
     if mode == "train":
         trainer.train()
         return

@@ -67,3 +67,29 @@ def test_two_process_run_trains_saves_once_and_logs_once(tmp_path):
 
     assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
     shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_cpu_reproduces_one_process(tmp_path):
+    """FSDP2 (gloo, forced onto a CPU run by scripts/check_fsdp_cpu.py): generation through the
+    unsharded policy, sharded update, gathered save. Opt-in: its processes can abort at exit."""
+    b = 4
+    torchrun(1, "step", str(tmp_path / "one"), f"output_dir={tmp_path / 'run1'}",
+             f"ppo.batch_size={2 * b}", *COMMON)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_fsdp_cpu.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(tmp_path / "fsdp"), f"output_dir={tmp_path / 'run2'}",
+           f"ppo.batch_size={b}", *COMMON]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert "engine: DistributedType.FSDP FSDPActorCritic" in out.stdout, out.stderr[-3000:]
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    for key in ("score_mean", "kl", "entropy", "policy_loss", "value_loss", "clipfrac",
+                "approx_kl", "grad_norm"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").state_dict()
+    w1 = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
+    for k, v in saved.items():
+        torch.testing.assert_close(v, w1["policy." + k], atol=1e-5, rtol=1e-4, msg=k)

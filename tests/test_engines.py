@@ -1,0 +1,63 @@
+"""What can be checked of the DeepSpeed / FSDP paths without GPUs: the shipped accelerate
+configs load, PPO's batch settings land in the DeepSpeed config, and a DeepSpeed launch on CPU
+stops with a clear message instead of silently training every process on the same prompts."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from rlhf_ppo import load_config
+from rlhf_ppo.distributed import configure_deepspeed, gradient_accumulation_steps, make_accelerator
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+EXPECTED = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED",
+            "deepspeed_zero3": "DEEPSPEED", "fsdp": "FSDP", "two_machines": "MULTI_GPU"}
+
+
+def test_every_documented_engine_has_a_config():
+    assert sorted(p.stem for p in CONFIGS) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert str(cfg.distributed_type).split(".")[-1] == EXPECTED[path.stem]
+    if path.stem.startswith("deepspeed"):
+        assert cfg.deepspeed_config["zero_stage"] == int(path.stem[-1])
+    if path.stem == "fsdp":
+        assert cfg.fsdp_config["fsdp_version"] == 2
+    if path.stem == "two_machines":
+        assert cfg.num_machines == 2 and cfg.num_processes == 16
+
+
+def _fake_deepspeed_accelerator(ds_config: dict, processes: int):
+    plugin = SimpleNamespace(deepspeed_config=ds_config, gradient_accumulation_steps=1)
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=processes)
+
+
+def test_deepspeed_config_takes_ppo_batch_settings(caplog):
+    cfg = load_config(None, ["ppo.batch_size=32", "ppo.num_minibatches=2",
+                             "ppo.micro_batch_size=4", "optim.max_grad_norm=0.5"])
+    assert gradient_accumulation_steps(cfg) == 4  # minibatch 16 / micro-batch 4
+    acc = _fake_deepspeed_accelerator({"train_micro_batch_size_per_gpu": "auto",
+                                       "gradient_accumulation_steps": 7}, processes=8)
+    configure_deepspeed(acc, cfg)
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    assert ds == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4,
+                  "train_batch_size": 4 * 4 * 8, "gradient_clipping": 0.5}
+    assert "gradient_accumulation_steps=7 replaced by 4" in caplog.text
+
+
+def test_deepspeed_launch_without_cuda_is_refused(monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RuntimeError, match="DeepSpeed.*GPUs only"):
+        make_accelerator(load_config(None, []))
