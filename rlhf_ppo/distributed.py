@@ -146,7 +146,21 @@ def prepare_frozen(acc, model: nn.Module, shard: bool) -> nn.Module:
         engine, *_ = deepspeed.initialize(model=model, config=config)
         engine.eval()
         return engine.module
-    return acc.prepare_model(model, evaluation_mode=True)
+    if getattr(acc, "is_fsdp2", False):
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        # accelerate's prepare_model(evaluation_mode=True) only places FSDP models; shard here
+        # with the launch config's FSDP2 settings (wrapping units, resharding, mixed precision).
+        model = fsdp2_prepare_model(acc, model.to(acc.device))
+        model._get_fsdp_state()._lazy_init()  # as the root, before any inner module runs
+        return model
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    acc.state.fsdp_plugin.set_auto_wrap_policy(model)
+    plugin = acc.state.fsdp_plugin
+    return FSDP(model.to(acc.device), auto_wrap_policy=plugin.auto_wrap_policy,
+                sharding_strategy=plugin.sharding_strategy, mixed_precision=plugin.mixed_precision_policy,
+                device_id=acc.device if acc.device.type != "cpu" else None)
 
 
 def full_state_dict(acc, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -203,6 +203,11 @@ class ActorCritic(nn.Module):
             nn.init.zeros_(self.value_head.bias)
             self.value_head.float()
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        # FSDP's transformer-based auto wrap reads this to find the layer classes to shard.
+        return no_split_modules(self.policy, self.critic)
+
     def policy_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the policy loss."""
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -232,7 +237,8 @@ class ActorCritic(nn.Module):
                                            h_resp, tokens, temperature, with_entropy)
         if self.critic is None:
             h_v = h_resp.detach() if detach_backbone else h_resp
-            values = self.value_head(h_v.float()).squeeze(-1)
+            # The head is float32 unless an engine cast the whole module (DeepSpeed bf16).
+            values = self.value_head(h_v.to(self.value_head.weight.dtype)).float().squeeze(-1)
         else:
             c_hidden = backbone_hidden(self.critic, input_ids, attention_mask)
             values = self.critic.score(c_hidden[:, prompt_length - 1:-1]).float().squeeze(-1)
@@ -250,7 +256,31 @@ def reference_logprobs(ref: nn.Module, input_ids: torch.Tensor, attention_mask: 
     return lp
 
 
-def build_actor_critic(cfg: ModelConfig) -> tuple[ActorCritic, nn.Module]:
+def no_split_modules(*models: nn.Module | None) -> list[str]:
+    """The transformer layer class names of the given transformers models (FSDP wrapping units)."""
+    names: list[str] = []
+    for m in models:
+        for name in getattr(m, "_no_split_modules", None) or []:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+class ReferenceModel(nn.Module):
+    """A frozen causal LM whose ``forward`` returns response log-probs (see
+    :func:`reference_logprobs`): one root module, so an engine can shard it for inference."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = freeze(lm)
+        self._no_split_modules = no_split_modules(lm)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                temperature: float = 1.0) -> torch.Tensor:
+        return reference_logprobs(self.lm, input_ids, attention_mask, prompt_length, temperature)
+
+
+def build_actor_critic(cfg: ModelConfig) -> tuple[ActorCritic, ReferenceModel]:
     """Load the policy (with its value head when present) and the reference; return both."""
     policy = load_causal_lm(cfg.name_or_path, cfg, "model.name_or_path", cfg.gguf_file)
     if cfg.ref_name_or_path is None:
@@ -260,7 +290,7 @@ def build_actor_critic(cfg: ModelConfig) -> tuple[ActorCritic, nn.Module]:
         if ref.get_output_embeddings().weight.shape[0] != policy.get_output_embeddings().weight.shape[0]:
             raise ModelLoadError("model.ref_name_or_path: the reference's vocabulary size differs "
                                  "from the policy's; expected the same tokenizer")
-    freeze(ref)
+    ref = ReferenceModel(ref).eval()
     critic = None
     if cfg.critic == "separate":
         critic = load_sequence_classifier(cfg.critic_name_or_path or cfg.name_or_path, cfg,

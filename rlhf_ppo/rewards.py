@@ -141,6 +141,7 @@ class ModelReward:
 
         self.key, self.name, self.batch_size = key, source.model, batch_size
         self.model = load_sequence_classifier(source.model, model_cfg, f"{key}.model")
+        self.scorer = SequenceScorer(self.model)
         path = builtin.resolve_model(source.model)
         self.tokenizer = _load(AutoTokenizer.from_pretrained, path, f"{key}.model",
                                trust_remote_code=model_cfg.trust_remote_code)
@@ -152,7 +153,7 @@ class ModelReward:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self.scorer.parameters()).device
 
     def _texts(self, rollout: Rollout) -> list[str]:
         if self.tokenizer.chat_template is None:
@@ -183,7 +184,7 @@ class ModelReward:
         for s in range(0, input_ids.shape[0], self.batch_size):
             ids = input_ids[s:s + self.batch_size].to(self.device)
             mask = attention_mask[s:s + self.batch_size].to(self.device)
-            scores.append(score_sequences(self.model, ids, mask).float().cpu())
+            scores.append(self.scorer(ids, mask).float().cpu())
         out = torch.cat(scores)
         if not torch.isfinite(out).all():
             raise RewardError(f"{self.key} ({self.name}): the reward model returned a non-finite "
@@ -207,6 +208,20 @@ def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
 
 
+class SequenceScorer(torch.nn.Module):
+    """A frozen reward model whose ``forward`` is :func:`score_sequences`: one root module, so an
+    engine can shard it for inference."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return score_sequences(self.model, input_ids, attention_mask)
+
+
 class RewardSum:
     """All configured sources, their weighted sum, and the score post-processing."""
 
@@ -223,7 +238,7 @@ class RewardSum:
         self.moments = RunningMoments()
 
     def model_sources(self) -> list[ModelReward]:
-        """The reward-model sources (their ``.model`` is placed on the device by the trainer)."""
+        """The reward-model sources (their ``.scorer`` is placed on the device by the trainer)."""
         return [s for _, s in self.sources if isinstance(s, ModelReward)]
 
     def __call__(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:

@@ -22,7 +22,6 @@ from .models import (
     ActorCritic,
     build_actor_critic,
     load_tokenizer,
-    reference_logprobs,
     save_actor_critic,
 )
 from .rewards import RewardSum
@@ -114,7 +113,7 @@ class PPOTrainer:
         shard = cfg.model.shard_frozen_models
         self.ref = prepare_frozen(acc, self.ref, shard)
         for source in self.rewards.model_sources():
-            source.model = prepare_frozen(acc, source.model, shard)
+            source.scorer = prepare_frozen(acc, source.scorer, shard)
         p = cfg.ppo
         self.kl_ctl = (ops.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
                        if p.adaptive_kl else ops.FixedKLController(p.kl_coef))
@@ -277,7 +276,8 @@ class PPOTrainer:
                                           rollout.response_mask[s:s + bs], rollout.prompt_length)
             ids, am = ids.to(device), am.to(device)
             lp, ent, v = model(ids, am, P, temperature, with_entropy=True)
-            ref = reference_logprobs(self.ref, ids, am, P, temperature)
+            with torch.no_grad():
+                ref = self.ref(ids, am, P, temperature)
             pad = R - rm.shape[1]  # back to the rollout's full response width
             for k, x in zip(("lp", "ent", "v", "ref"), (lp, ent, v, ref)):
                 out[k].append(torch.nn.functional.pad(x.float().cpu(), (0, pad)))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from rlhf_ppo import PPOTrainer, load_config
@@ -28,13 +28,13 @@ def main() -> None:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     acc = Accelerator(cpu=True, gradient_accumulation_steps=gradient_accumulation_steps(cfg))
     plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["LlamaDecoderLayer"], reshard_after_forward=True,
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
         state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
-    acc.state.distributed_type = DistributedType.FSDP  # what a GPU launch would have set
+    # What a GPU launch would have set (PartialState too: AcceleratorState copies it back).
+    PartialState().distributed_type = DistributedType.FSDP
+    acc.state.distributed_type = DistributedType.FSDP
     acc.state.fsdp_plugin = plugin
     trainer = PPOTrainer(cfg, accelerator=acc)
-    acc.state.distributed_type = DistributedType.FSDP  # prepare() resets it on a CPU run
     world, rank, b = acc.num_processes, acc.process_index, cfg.ppo.batch_size
     prompts = trainer.sampler.prompts[: b * world]
     torch.manual_seed(1234)
@@ -44,7 +44,8 @@ def main() -> None:
     trainer.save(Path(out) / "final")
     if acc.is_main_process:
         (Path(out) / "metrics.json").write_text(json.dumps(metrics))
-        print("engine:", acc.distributed_type, type(trainer.model).__name__, flush=True)
+        print("engine:", acc.distributed_type, type(trainer.model).__name__,
+              type(trainer.ref).__name__, flush=True)
     acc.wait_for_everyone()
 
 

@@ -70,18 +70,25 @@ def test_two_process_run_trains_saves_once_and_logs_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_on_cpu_reproduces_one_process(tmp_path):
+@pytest.mark.parametrize("frozen", [[], ["model.shard_frozen_models=true",
+                                         "reward.sources=[{model: 'builtin:tiny-reward'}]"]],
+                         ids=["replicated", "sharded-ref-and-reward"])
+def test_fsdp2_on_cpu_reproduces_one_process(tmp_path, frozen):
     """FSDP2 (gloo, forced onto a CPU run by scripts/check_fsdp_cpu.py): generation through the
-    unsharded policy, sharded update, gathered save. Opt-in: its processes can abort at exit."""
+    unsharded policy, sharded update, gathered save; optionally sharded reference and reward
+    models. Opt-in: FSDP2 processes on gloo can abort at exit (judged by their outputs)."""
     b = 4
+    common = [*COMMON, *frozen]
     torchrun(1, "step", str(tmp_path / "one"), f"output_dir={tmp_path / 'run1'}",
-             f"ppo.batch_size={2 * b}", *COMMON)
+             f"ppo.batch_size={2 * b}", *common)
     script = Path(__file__).resolve().parents[1] / "scripts" / "check_fsdp_cpu.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(script), str(tmp_path / "fsdp"), f"output_dir={tmp_path / 'run2'}",
-           f"ppo.batch_size={b}", *COMMON]
+           f"ppo.batch_size={b}", *common]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert "engine: DistributedType.FSDP FSDPActorCritic" in out.stdout, out.stderr[-3000:]
+    ref_type = "FSDPReferenceModel" if frozen else "ReferenceModel"
+    assert f"engine: DistributedType.FSDP FSDPActorCritic {ref_type}" in out.stdout, \
+        out.stderr[-3000:]
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
     for key in ("score_mean", "kl", "entropy", "policy_loss", "value_loss", "clipfrac",
