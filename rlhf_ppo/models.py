@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -68,6 +69,27 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(module, attr, 0.0)
 
 
+@contextmanager
+def zero3_partitioned_loading(enabled: bool):
+    """Under a DeepSpeed ZeRO-3 launch, transformers loads every model partitioned over the
+    processes (``zero.Init``). That suits trained and sharded models; a model meant to be
+    replicated on each process is loaded with it disabled (``enabled=False``)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    if not enabled:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = None  # transformers' own switch for zero.Init
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 has partitioned the model's parameters."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def load_causal_lm(name: str, cfg: ModelConfig, key: str, gguf_file: str | None = None):
     """An ``AutoModelForCausalLM`` from a hub id, local folder, GGUF file or ``builtin:``."""
     from transformers import AutoModelForCausalLM
@@ -121,6 +143,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def vocab_rows(lm_head: nn.Module) -> int:
+    """Output size of an LM head (read from the module: ZeRO-3 empties partitioned weights)."""
+    return getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
+
+
 def _postprocess_logits(logits: torch.Tensor, config) -> torch.Tensor:
     # Architectures that transform logits after lm_head inside their forward (Gemma 2/3
     # soft-capping, Granite scaling, Cohere scale); we apply the same on our chunks.
@@ -157,7 +184,7 @@ def token_logprobs(lm_head: nn.Module, config, hidden: torch.Tensor, tokens: tor
     Returns ``(logprobs, entropy)``, each ``[B, R]`` float32 (entropy 0 if not requested).
     """
     B, R, H = hidden.shape
-    V = lm_head.weight.shape[0]
+    V = vocab_rows(lm_head)
     rows = max(1, chunk_elements // V)
     flat_h, flat_t = hidden.reshape(B * R, H), tokens.reshape(B * R)
     out_lp, out_ent = [], []
@@ -283,11 +310,16 @@ class ReferenceModel(nn.Module):
 def build_actor_critic(cfg: ModelConfig) -> tuple[ActorCritic, ReferenceModel]:
     """Load the policy (with its value head when present) and the reference; return both."""
     policy = load_causal_lm(cfg.name_or_path, cfg, "model.name_or_path", cfg.gguf_file)
-    if cfg.ref_name_or_path is None:
+    if cfg.ref_name_or_path is None and not is_partitioned(policy):
         ref = copy.deepcopy(policy)
-    else:
-        ref = load_causal_lm(cfg.ref_name_or_path, cfg, "model.ref_name_or_path", cfg.ref_gguf_file)
-        if ref.get_output_embeddings().weight.shape[0] != policy.get_output_embeddings().weight.shape[0]:
+    else:  # a separate checkpoint, or ZeRO-3 (a copy of partitioned weights is empty): load
+        with zero3_partitioned_loading(cfg.shard_frozen_models):
+            if cfg.ref_name_or_path is None:
+                ref = load_causal_lm(cfg.name_or_path, cfg, "model.name_or_path", cfg.gguf_file)
+            else:
+                ref = load_causal_lm(cfg.ref_name_or_path, cfg, "model.ref_name_or_path",
+                                     cfg.ref_gguf_file)
+        if vocab_rows(ref.get_output_embeddings()) != vocab_rows(policy.get_output_embeddings()):
             raise ModelLoadError("model.ref_name_or_path: the reference's vocabulary size differs "
                                  "from the policy's; expected the same tokenizer")
     ref = ReferenceModel(ref).eval()

@@ -22,7 +22,7 @@ import torch
 
 from . import builtin
 from .config import ModelConfig, RewardConfig, RewardSource
-from .models import backbone_hidden, load_sequence_classifier
+from .models import backbone_hidden, load_sequence_classifier, zero3_partitioned_loading
 from .ops import RunningMoments
 from .rollout import Rollout
 
@@ -140,7 +140,8 @@ class ModelReward:
         from .models import _load
 
         self.key, self.name, self.batch_size = key, source.model, batch_size
-        self.model = load_sequence_classifier(source.model, model_cfg, f"{key}.model")
+        with zero3_partitioned_loading(model_cfg.shard_frozen_models):
+            self.model = load_sequence_classifier(source.model, model_cfg, f"{key}.model")
         self.scorer = SequenceScorer(self.model)
         path = builtin.resolve_model(source.model)
         self.tokenizer = _load(AutoTokenizer.from_pretrained, path, f"{key}.model",

@@ -85,6 +85,9 @@ class PPOTrainer:
         self.cfg = cfg
         self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
+        if acc.is_main_process:
+            logger.info("%d process(es), %s, device %s", acc.num_processes,
+                        acc.distributed_type, acc.device)
         for setting in off_policy_settings(cfg.generation):
             logger.warning(
                 "generation.%s reshapes the sampling distribution: responses are no longer "

@@ -100,3 +100,38 @@ def test_fsdp2_on_cpu_reproduces_one_process(tmp_path, frozen):
     w1 = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
     for k, v in saved.items():
         torch.testing.assert_close(v, w1["policy." + k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,frozen", [
+    (2, []),
+    (3, []),
+    (3, ["model.shard_frozen_models=true", "reward.sources=[{model: 'builtin:tiny-reward'}]"]),
+], ids=["zero2", "zero3", "zero3-sharded-ref-and-reward"])
+def test_deepspeed_on_cpu_reproduces_one_process(tmp_path, stage, frozen):
+    """DeepSpeed ZeRO (DeepSpeed's CPU accelerator, gloo; scripts/check_deepspeed_cpu.py forces
+    accelerate's plugin onto a CPU run): generation with gathered ZeRO-3 weights, the engine's
+    accumulation and clipping, the gathered save. Opt-in; needs `pip install deepspeed`."""
+    pytest.importorskip("deepspeed")
+    b = 4
+    common = [*COMMON, *frozen]
+    torchrun(1, "step", str(tmp_path / "one"), f"output_dir={tmp_path / 'run1'}",
+             f"ppo.batch_size={2 * b}", *common)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_deepspeed_cpu.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(tmp_path / "ds"), str(stage), f"output_dir={tmp_path / 'run2'}",
+           f"ppo.batch_size={b}", *common]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert "engine: DistributedType.DEEPSPEED DeepSpeedEngine" in out.stdout, out.stderr[-3000:]
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "ds" / "metrics.json").read_text())
+    for key in ("score_mean", "kl", "entropy", "policy_loss", "value_loss", "clipfrac",
+                "approx_kl", "grad_norm", "ppo_steps"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ds" / "final").state_dict()
+    w1 = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
+    for k, v in saved.items():
+        torch.testing.assert_close(v, w1["policy." + k], atol=1e-5, rtol=1e-4, msg=k)
