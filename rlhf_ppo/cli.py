@@ -39,17 +39,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf-ppo: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "train":
+        from .checkpoint import CheckpointError
         from .data import DataError
         from .models import ModelLoadError
         from .rewards import RewardError
-        from .trainer import PPOTrainer
+        from .trainer import NonFiniteError, PPOTrainer, TrainingInterrupted
 
         try:
             history = PPOTrainer(cfg).train()
         except ConfigError as e:
             print(f"rlhf-ppo: config error: {e}", file=sys.stderr)
             return 2
-        except (DataError, ModelLoadError, RewardError) as e:
+        except TrainingInterrupted as e:
+            again = " ".join(["rlhf-ppo train"] + (["--config", args.config] if args.config else [])
+                             + [o for o in args.overrides if not o.startswith("resume_from=")]
+                             + ["resume_from=latest"])
+            print(f"rlhf-ppo: {e}. Resume with:\n  {again}", file=sys.stderr)
+            return 128 + e.signum
+        except (DataError, ModelLoadError, RewardError, NonFiniteError, CheckpointError) as e:
             print(f"rlhf-ppo: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         if history and int(os.environ.get("RANK", "0")) == 0:

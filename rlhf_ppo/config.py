@@ -191,7 +191,15 @@ class Config:
     iterations: int = 100
     """PPO iterations (rollout + update)"""
     save_every: int = 0
-    """save the policy every N iterations (0: only at the end)"""
+    """write a checkpoint every N iterations (0: only at the end)"""
+    keep_last: int = 2
+    """checkpoints to keep; older ones are deleted after a new one is complete (0: keep all)"""
+    resume_from: str | None = None
+    """`latest` (the newest complete checkpoint in output_dir) or a checkpoint folder"""
+    overwrite: bool = False
+    """start afresh in an output_dir that holds another run (its metrics and checkpoints are deleted)"""
+    on_nonfinite: Literal["error", "skip"] = "error"
+    """a NaN/inf score, log-prob, loss or gradient: stop with an error, or skip the iteration's update"""
     report_to: list[Literal["tensorboard"]] = field(default_factory=list)
     """extra trackers through accelerate (`tensorboard`)"""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -227,6 +235,9 @@ def validate(cfg: Config) -> None:
     p, g, o, r, d = cfg.ppo, cfg.generation, cfg.optim, cfg.reward, cfg.data
     _check(cfg.iterations >= 1, "iterations", "an integer >= 1", cfg.iterations)
     _check(cfg.save_every >= 0, "save_every", "an integer >= 0", cfg.save_every)
+    _check(cfg.keep_last >= 0, "keep_last", "an integer >= 0", cfg.keep_last)
+    _check(cfg.resume_from is None or cfg.resume_from != "", "resume_from",
+           "'latest', a checkpoint folder, or null", cfg.resume_from)
     for key in ("batch_size", "num_minibatches", "micro_batch_size", "inference_batch_size",
                 "ppo_epochs"):
         _check(getattr(p, key) >= 1, f"ppo.{key}", "an integer >= 1", getattr(p, key))

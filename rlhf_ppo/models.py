@@ -34,7 +34,7 @@ class ModelLoadError(RuntimeError):
 def _load(loader, name: str, key: str, **kwargs):
     try:
         return loader(name, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # missing, unreadable or corrupt: all reported with the path and key
         raise ModelLoadError(
             f"{key}: could not load {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "Expected a local folder with config.json and weights, a hub id (needs network), "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import numbers
 import re
 import sys
@@ -96,8 +95,7 @@ def _check_scores(values, n: int, where: str) -> torch.Tensor:
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise RewardError(f"{where}: score {i} is {type(v).__name__} {v!r}; expected a number")
-        if not math.isfinite(float(v)):
-            raise RewardError(f"{where}: score {i} is {v!r}; expected a finite number")
+    # NaN / inf are numbers: the trainer's `on_nonfinite` policy decides what happens to them.
     return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
@@ -186,11 +184,7 @@ class ModelReward:
             ids = input_ids[s:s + self.batch_size].to(self.device)
             mask = attention_mask[s:s + self.batch_size].to(self.device)
             scores.append(self.scorer(ids, mask).float().cpu())
-        out = torch.cat(scores)
-        if not torch.isfinite(out).all():
-            raise RewardError(f"{self.key} ({self.name}): the reward model returned a non-finite "
-                              "score")
-        return out
+        return torch.cat(scores)  # non-finite scores are the trainer's `on_nonfinite` business
 
 
 def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -237,6 +231,8 @@ class RewardSum:
                 self.sources.append((src.weight, ModelReward(src, key, model_cfg,
                                                              policy_tokenizer, cfg.batch_size)))
         self.moments = RunningMoments()
+        self.nonfinite_sources: list[str] = []
+        """sources that returned NaN / inf in the last call"""
 
     def model_sources(self) -> list[ModelReward]:
         """The reward-model sources (their ``.scorer`` is placed on the device by the trainer)."""
@@ -246,8 +242,11 @@ class RewardSum:
         """Scores ``(B,)`` for the rollout and per-source raw means for the metrics."""
         total = torch.zeros(len(rollout.prompts))
         metrics = {}
+        self.nonfinite_sources = []
         for i, (weight, source) in enumerate(self.sources):
             raw = source(rollout)
+            if not torch.isfinite(raw).all():
+                self.nonfinite_sources.append(f"reward.sources[{i}] ({source.name})")
             metrics[f"reward/source{i}_mean"] = raw.mean().item()
             total += weight * raw
         return total, metrics

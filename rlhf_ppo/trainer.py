@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import signal
 import time
 from pathlib import Path
 
 import torch
 
+from . import checkpoint as ckpt
 from . import ops
-from .config import Config, config_from_dict, save_config
+from .config import Config, ConfigError, config_from_dict, save_config
 from .data import PromptSampler, load_prompts
 from .distributed import full_state_dict, generation_model, make_accelerator, prepare_frozen
 from .models import (
@@ -56,6 +59,79 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite value appeared; the message names the iteration and the stage."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT: a checkpoint was written; ``signum`` and ``checkpoint`` say which/where."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path):
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after iteration "
+                         f"{iteration}; checkpoint written to {checkpoint}")
+
+
+# Keys that may differ between a run and its resumption (they do not change the trajectory).
+RESUMABLE_KEYS = {"iterations", "resume_from", "overwrite", "save_every", "keep_last",
+                  "report_to", "output_dir", "on_nonfinite"}
+RUN_FILES = ("config.yaml", "metrics.jsonl", "final")
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        if key in RESUMABLE_KEYS:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, key + ".")
+        elif va != vb:
+            out.append(f"{key} (saved {va!r}, now {vb!r})")
+    return out
+
+
+def prepare_output_dir(cfg: Config) -> Path | None:
+    """Check ``output_dir`` before anything loads; return the checkpoint to resume from, if any.
+
+    A folder holding another run is refused unless ``resume_from`` continues it (with the same
+    settings) or ``overwrite`` clears it: a new run never silently appends to or replaces old
+    metrics and checkpoints.
+    """
+    import yaml
+
+    out = Path(cfg.output_dir)
+    if cfg.resume_from is not None:
+        folder = ckpt.resolve_resume(cfg.resume_from, out)
+        saved_cfg = folder / ckpt.STATE_DIR / "config.yaml"
+        if saved_cfg.is_file() and not cfg.overwrite:
+            diff = _diff(yaml.safe_load(saved_cfg.read_text()), cfg.to_dict())
+            if diff:
+                raise ConfigError(f"resume_from: {folder} was trained with other settings: "
+                                  f"{'; '.join(diff)}. Use the same config (or overwrite=true "
+                                  "to resume anyway)")
+        return folder
+    held = [n for n in RUN_FILES if (out / n).exists()] + [p.name for p in ckpt.list_checkpoints(out)]
+    if held and not cfg.overwrite:
+        raise ConfigError(f"output_dir: {str(out)!r} holds a run ({', '.join(held)}); resume it "
+                          "with resume_from=latest, pick another output_dir, or set overwrite=true "
+                          "to delete it")
+    return None
+
+
+def clear_run(out: Path) -> None:
+    """Delete a previous run's files from ``out`` (``overwrite: true``); other files stay."""
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    for p in list(out.glob("checkpoint-*")) + list(out.glob(".tmp-checkpoint-*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def check_lengths(cfg: Config, model_config, longest_prompt: int, vocab_size: int) -> None:
     """Fail early (instead of deep inside torch) when prompt + response exceed the model's
     context, or a stop token id is outside the vocabulary."""
@@ -82,6 +158,7 @@ class PPOTrainer:
         from accelerate.utils import set_seed
 
         config_from_dict(cfg.to_dict())  # re-check types and values changed after construction
+        resume = prepare_output_dir(cfg)  # before any model loads
         self.cfg = cfg
         self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
@@ -102,6 +179,11 @@ class PPOTrainer:
         check_lengths(cfg, model.policy.config, max(len(x.input_ids) for x in prompts),
                       len(self.tokenizer))
         self.rewards = RewardSum(cfg.reward, cfg.model, self.tokenizer)
+        if resume is not None:
+            if is_deepspeed(acc) or acc.distributed_type.name == "FSDP":
+                raise ckpt.CheckpointError("resume_from: resuming under DeepSpeed or FSDP is not "
+                                           "supported yet (sharded optimizer state)")
+            ckpt.load_weights(model, resume)
 
         o = cfg.optim
         groups = [{"params": model.policy_parameters(), "lr": o.lr},
@@ -123,16 +205,29 @@ class PPOTrainer:
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
         self.output_dir = Path(cfg.output_dir)
         self.iteration = 0
+        self.nonfinite_skips = 0
         self.history: list[dict] = []
+        self._signal: int | None = None
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
-            (self.output_dir / "metrics.jsonl").write_text("")
+            if resume is None and cfg.overwrite:
+                clear_run(self.output_dir)
+        acc.wait_for_everyone()
         if cfg.report_to:
             acc.init_trackers("rlhf_ppo", config=_flat(cfg.to_dict()))
         # Seeded last, so loading (which may draw random numbers) does not shift the rollouts;
         # device_specific: each process samples different responses.
         set_seed(cfg.seed, device_specific=True)
+        if resume is not None:  # after seeding: the saved RNG states replace the fresh ones
+            state = ckpt.load_training_state(self, resume)
+            self.nonfinite_skips = state.get("nonfinite_skips", 0)
+            self.history = ckpt.load_metrics(resume)[: self.iteration]
+            logger.info("resumed from %s at iteration %d", resume, self.iteration)
+        if acc.is_main_process:
+            save_config(cfg, self.output_dir / "config.yaml")
+            with open(self.output_dir / "metrics.jsonl", "w") as f:
+                for m in self.history:
+                    f.write(json.dumps(m) + "\n")
 
     @property
     def unwrapped(self) -> ActorCritic:
@@ -142,27 +237,67 @@ class PPOTrainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> list[dict]:
-        """Run ``cfg.iterations`` PPO iterations; save at the end. Returns the metrics history."""
+        """Run until ``cfg.iterations``; checkpoint every ``save_every`` iterations and at the end,
+        and save the final policy to ``OUTPUT_DIR/final``. Returns the metrics history.
+
+        SIGTERM / SIGINT finish the current iteration, write a checkpoint and raise
+        :class:`TrainingInterrupted` (a second SIGINT interrupts at once).
+        """
         from tqdm.auto import tqdm
 
-        acc = self.accelerator
-        bar = tqdm(total=self.cfg.iterations, initial=self.iteration, desc="ppo",
+        acc, cfg = self.accelerator, self.cfg
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo",
                    disable=not acc.is_main_process, dynamic_ncols=True)
-        while self.iteration < self.cfg.iterations:
-            metrics = self.step()
-            self.history.append(metrics)
-            self.log(metrics)
-            bar.update(1)
-            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
-                             ("score_mean", "kl", "kl_coef", "entropy", "clipfrac")})
-            if self.cfg.save_every and self.iteration % self.cfg.save_every == 0 \
-                    and self.iteration < self.cfg.iterations:
-                self.save(self.output_dir / f"checkpoint-{self.iteration}")
-        bar.close()
+        handlers = self._install_signal_handlers()
+        try:
+            while self.iteration < cfg.iterations:
+                metrics = self.step()
+                self.history.append(metrics)
+                self.log(metrics)
+                bar.update(1)
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
+                                 ("score_mean", "kl", "kl_coef", "entropy", "clipfrac")})
+                signum = self._agreed_signal()
+                if signum:
+                    folder = self.output_dir / f"checkpoint-{self.iteration}"
+                    self.save_checkpoint(folder)
+                    raise TrainingInterrupted(signum, self.iteration, folder)
+                if cfg.save_every and self.iteration % cfg.save_every == 0 \
+                        and self.iteration < cfg.iterations:
+                    self.save_checkpoint(self.output_dir / f"checkpoint-{self.iteration}")
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            bar.close()
+        self.save_checkpoint(self.output_dir / f"checkpoint-{self.iteration}")
         self.save(self.output_dir / "final")
-        if self.cfg.report_to:
+        if cfg.report_to:
             acc.end_training()
         return self.history
+
+    def _install_signal_handlers(self) -> dict:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, frame):
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # second Ctrl-C: stop now
+            self._signal = signum
+            logger.warning("%s received: finishing iteration %d, then writing a checkpoint",
+                           signal.Signals(signum).name, self.iteration + 1)
+
+        return {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _agreed_signal(self) -> int:
+        """The signal any process received (0 if none): all processes stop together."""
+        flag = torch.tensor([float(self._signal or 0)], device=self.accelerator.device)
+        return int(self.accelerator.reduce(flag, "max").item())
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """Write a resumable checkpoint (see :mod:`rlhf_ppo.checkpoint`)."""
+        ckpt.save_checkpoint(self, folder)
 
     def step(self, rollout: Rollout | None = None) -> dict[str, float]:
         """One PPO iteration (number ``self.iteration + 1``): roll out, score, shape rewards,
@@ -187,13 +322,20 @@ class PPOTrainer:
         raw_scores, reward_metrics = self.rewards(rollout)
         all_raw = acc.gather(raw_scores.to(acc.device)).cpu()  # (B * processes,)
         all_stopped = acc.gather(rollout.stopped.to(acc.device)).cpu()
+        # Nothing non-finite may reach the KL controller, the score statistics or the weights.
+        mask = rollout.response_mask.float()
+        for stage, tensors, detail in (
+                ("rollout", (rollout.logprobs, rollout.ref_logprobs, rollout.values),
+                 "policy / reference log-probs or values"),
+                ("score", (raw_scores,), ", ".join(self.rewards.nonfinite_sources) or "scores")):
+            if not self._finite(stage, detail, *tensors):
+                return self._skipped_metrics(stage, all_raw, time.perf_counter() - t0)
         # Normalisation statistics come from every process's scores, so processes agree.
         self.rewards.update_moments(all_raw, all_stopped)
         rollout.scores = self.rewards.process(raw_scores, rollout.stopped, update_moments=False)
         t2 = time.perf_counter()
 
         # step 4. per-token rewards: -beta * KL_t, plus the score on the last valid token
-        mask = rollout.response_mask.float()
         kl = ops.kl_penalty(rollout.logprobs, rollout.ref_logprobs, p.kl_estimator) * mask
         kl_coef = self.kl_ctl.value
         rollout.rewards = ops.shape_rewards(rollout.scores, kl, mask, kl_coef)
@@ -236,6 +378,8 @@ class PPOTrainer:
             "response_length": all_lengths.mean().item(),
             "stop_rate": all_stopped.float().mean().item(),
             "lr": self.scheduler.get_last_lr()[0],
+            "nonfinite_skipped": float(update_metrics.pop("nonfinite_skipped")),
+            "nonfinite_skips": self.nonfinite_skips,
             **{k: self.global_mean(torch.tensor(v)) for k, v in reward_metrics.items()},
             "time/rollout": t1 - t0,
             "time/score": t2 - t1,
@@ -243,6 +387,35 @@ class PPOTrainer:
             "time/iteration": t3 - t0,
             "tokens_per_second": n_tokens / max(t1 - t0, 1e-9),
         }
+
+    # ------------------------------------------------------------------ non-finite values
+
+    def _finite(self, stage: str, detail: str, *tensors: torch.Tensor) -> bool:
+        """True when every value is finite on every process. Otherwise raise
+        :class:`NonFiniteError` (``on_nonfinite: error``) or count a skip and return False."""
+        bad = any(not torch.isfinite(t).all() for t in tensors if t is not None)
+        flag = torch.tensor([float(bad)], device=self.accelerator.device)
+        if not self.accelerator.reduce(flag, "max").item():
+            return True
+        if self.cfg.on_nonfinite == "error":
+            raise NonFiniteError(
+                f"iteration {self.iteration}, stage {stage}: non-finite values (NaN or inf) in "
+                f"{detail}. The weights were not updated with them; set on_nonfinite=skip to skip "
+                "such iterations instead")
+        self.nonfinite_skips += 1
+        logger.warning("iteration %d: non-finite values at stage %s (%s); update skipped",
+                       self.iteration, stage, detail)
+        return False
+
+    def _skipped_metrics(self, stage: str, all_raw: torch.Tensor, seconds: float) -> dict:
+        nan = float("nan")
+        keys = ("score_std", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
+                "explained_variance", "response_length", "time/score", "time/update")
+        return {"iteration": self.iteration, "score_mean": all_raw.mean().item(),
+                **dict.fromkeys(keys, nan), "kl_coef": self.kl_ctl.value, "ppo_steps": 0,
+                "nonfinite_skipped": 1.0, "nonfinite_skips": self.nonfinite_skips,
+                "nonfinite_stage": stage, "time/rollout": seconds, "time/iteration": seconds,
+                "tokens_per_second": nan}
 
     # ------------------------------------------------------------------ cross-process statistics
 
@@ -304,7 +477,7 @@ class PPOTrainer:
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in (
             "policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "grad_norm",
             "entropy_loss")}
-        steps, early_stop = 0, False
+        steps, early_stop, nonfinite = 0, False, False
         for _epoch in range(p.ppo_epochs):
             order = torch.randperm(B, generator=self.shuffle_gen)
             for mb_idx in order.split(mini):
@@ -333,10 +506,16 @@ class PPOTrainer:
                         self.optimizer.zero_grad(set_to_none=True)
                         early_stop = True
                         break
-                grad_norm = (acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                             if cfg.optim.max_grad_norm else None)
+                # The norm is computed (max_norm inf: no clipping) even without clipping: a
+                # non-finite one means a NaN/inf loss or gradient, and that step is never taken.
+                grad_norm = acc.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf"))
                 if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
                     grad_norm = grad_norm.full_tensor()
+                if grad_norm is not None and not self._finite(
+                        "update", "the loss or its gradient", torch.as_tensor(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    nonfinite = True
+                    break
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -346,7 +525,7 @@ class PPOTrainer:
                 stats["grad_norm"].append(torch.as_tensor(
                     float("nan") if grad_norm is None else grad_norm, dtype=torch.float32,
                     device=acc.device))
-            if early_stop:
+            if early_stop or nonfinite:
                 break
         # Each process holds its share of each minibatch mean; the mean over processes is the
         # global value (one reduction for all of them, after the loop: no syncs inside it).
@@ -358,6 +537,7 @@ class PPOTrainer:
             out.update(dict(zip(keys, reduced)))
         out["ppo_steps"] = steps
         out["early_stopped"] = float(early_stop)
+        out["nonfinite_skipped"] = nonfinite
         return out
 
     def _micro_step(self, mb: dict[str, torch.Tensor], rows: torch.Tensor, prompt_length: int,
@@ -402,21 +582,34 @@ class PPOTrainer:
         acc = self.accelerator
         if acc.is_main_process:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+                f.write(json.dumps(_json_safe(metrics)) + "\n")
         if self.cfg.report_to:
-            acc.log({k: v for k, v in metrics.items() if k != "iteration"}, step=self.iteration)
+            acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))
+                     and k != "iteration"}, step=self.iteration)
 
     def save(self, folder: Path) -> None:
         """``save_pretrained`` the policy + tokenizer (and value head / critic) into ``folder``.
         Every process takes part (sharded weights are gathered); the main process writes."""
         acc = self.accelerator
+        folder = Path(folder)
         acc.wait_for_everyone()
         state = full_state_dict(acc, self.model)
         if acc.is_main_process:
-            save_actor_critic(self.unwrapped, self.tokenizer, folder, state)
-            save_config(self.cfg, Path(folder) / "rlhf_ppo_config.yaml")
+            tmp = folder.parent / f".tmp-{folder.name}"  # written whole, then renamed into place
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_actor_critic(self.unwrapped, self.tokenizer, tmp, state)
+            save_config(self.cfg, tmp / "rlhf_ppo_config.yaml")
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
             logger.info("saved the policy to %s", folder)
         acc.wait_for_everyone()
+
+
+def _json_safe(metrics: dict) -> dict:
+    """NaN / inf become null, so every line is strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in metrics.items()}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
