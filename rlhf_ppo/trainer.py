@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from . import ops
 from .config import Config, ConfigError, config_from_dict, save_config
 from .data import PromptSampler, load_prompts
-from .distributed import full_state_dict, generation_model, make_accelerator, prepare_frozen
+from .distributed import full_state_dict, generation_model, is_deepspeed, make_accelerator, prepare_frozen
 from .models import (
     ActorCritic,
     build_actor_critic,

@@ -138,3 +138,18 @@ def test_deepspeed_on_cpu_reproduces_one_process(tmp_path, stage, frozen):
     w1 = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
     for k, v in saved.items():
         torch.testing.assert_close(v, w1["policy." + k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_resume_with_another_process_count(tmp_path):
+    from rlhf_ppo import PPOTrainer, load_config
+
+    out = tmp_path / "run"
+    root = Path(__file__).resolve().parents[1]
+    PPOTrainer(load_config(root / "configs" / "tiny.yaml", [
+        f"output_dir={out}", "iterations=2", "ppo.batch_size=8", "ppo.micro_batch_size=4"])).train()
+    torchrun(2, "train", "", f"output_dir={out}", "iterations=3", "resume_from=latest",
+             "ppo.batch_size=8", "ppo.micro_batch_size=4")
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [1, 2, 3]
+    state = json.loads((out / "checkpoint-3" / "training_state" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["iteration"] == 3
