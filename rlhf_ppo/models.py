@@ -32,13 +32,20 @@ class ModelLoadError(RuntimeError):
 
 
 def _load(loader, name: str, key: str, **kwargs):
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"{key}: folder {name!r} not found")
     try:
         return loader(name, **kwargs)
     except Exception as e:  # missing, unreadable or corrupt: all reported with the path and key
-        raise ModelLoadError(
-            f"{key}: could not load {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "Expected a local folder with config.json and weights, a hub id (needs network), "
-            "or builtin:tiny.") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = f"{key}: could not load {name!r} ({type(e).__name__}: {first})"
+        if "custom code" in str(e):
+            msg += (". The model ships its own Python code, which runs only with "
+                    "model.trust_remote_code=true: set it only if you trust the source")
+        elif isinstance(e, OSError):
+            msg += (". Expected a local folder with config.json and weights, a hub id (needs "
+                    "network), or builtin:tiny")
+        raise ModelLoadError(msg) from e
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -49,7 +56,8 @@ def load_tokenizer(cfg: ModelConfig):
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if cfg.gguf_file and not cfg.tokenizer:
         kwargs["gguf_file"] = cfg.gguf_file
-    tok = _load(AutoTokenizer.from_pretrained, name, "model.tokenizer", **kwargs)
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    tok = _load(AutoTokenizer.from_pretrained, name, key, **kwargs)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelLoadError(f"model.tokenizer: {name!r} has neither a pad nor an EOS token")

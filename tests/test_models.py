@@ -133,3 +133,26 @@ def test_tokenizer_without_pad_token_reuses_eos(tiny_policy_dir, tmp_path):
     tok.save_pretrained(tmp_path)
     again = load_tokenizer(ModelConfig(name_or_path=tiny_policy_dir, tokenizer=str(tmp_path)))
     assert again.pad_token_id == again.eos_token_id and again.padding_side == "left"
+
+
+def test_remote_code_is_not_run_unless_trusted(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", '
+        '"AutoModelForCausalLM": "modeling_evil.EvilModel"}}')
+    code = f"open({str(tmp_path / 'PWNED')!r}, 'w').write('x')\n"
+    (tmp_path / "configuration_evil.py").write_text(code)
+    (tmp_path / "modeling_evil.py").write_text(code)
+    assert ModelConfig().trust_remote_code is False
+    with pytest.raises(ModelLoadError, match="model.name_or_path.*trust_remote_code=true"):
+        build_actor_critic(ModelConfig(name_or_path=str(tmp_path)))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_corrupt_weights_name_the_key_and_path(tiny_policy_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_policy_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match=f"model.name_or_path: could not load '{bad}'"):
+        build_actor_critic(ModelConfig(name_or_path=str(bad)))

@@ -223,3 +223,23 @@ def test_length_and_stop_id_errors(tmp_path, override, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         PPOTrainer(tiny_config(tmp_path, override))
+
+
+@pytest.mark.parametrize("overrides,code,message", [
+    (["model.name_or_path=/nonexistent/model"], 1, "ModelLoadError: model.name_or_path"),
+    (["reward.sources=[{function: 'rlhf_ppo.rewards:no_such_fn'}]"], 1,
+     "RewardError: reward.sources[0].function"),
+    (["data.path=/nonexistent/prompts.jsonl"], 1, "DataError: data.path"),
+    (["resume_from=latest"], 1, "CheckpointError: resume_from=latest"),
+])
+def test_cli_bad_input_gives_a_clear_error(tmp_path, overrides, code, message):
+    out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}", *overrides)
+    assert out.returncode == code and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_refuses_an_output_dir_with_another_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}")
+    assert out.returncode == 2 and "holds a run (metrics.jsonl)" in out.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
