@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -44,6 +45,12 @@ class CheckpointError(RuntimeError):
 def _maybe_abort(folder_name: str, stage: str) -> None:
     if os.environ.get(ABORT_ENV) == f"{folder_name}:{stage}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def json_safe(metrics: dict) -> dict:
+    """Metrics with NaN / inf as null, so every metrics line is strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in metrics.items()}
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -141,7 +148,7 @@ def save_checkpoint(trainer: PPOTrainer, folder: Path) -> None:
         save_config(trainer.cfg, tmp / STATE_DIR / "config.yaml")
         with open(tmp / STATE_DIR / "metrics.jsonl", "w") as f:
             for m in trainer.history:
-                f.write(json.dumps(m) + "\n")
+                f.write(json.dumps(json_safe(m)) + "\n")
         _maybe_abort(folder.name, "state")
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+import os
 import numbers
 import re
 import sys
@@ -70,6 +72,10 @@ def load_function(spec: str, key: str = "reward.sources[].function") -> Callable
         except Exception as e:
             raise RewardError(f"{key}: importing {target!r} failed: {type(e).__name__}: {e}") from e
     else:
+        # Console scripts do not put the working directory on sys.path; `python -m` does. A
+        # user's own `myrewards:fn` next to the config should import either way.
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
         try:
             module = importlib.import_module(target)
         except Exception as e:  # ImportError, or whatever the module raises while importing
@@ -106,6 +112,13 @@ class FunctionReward:
         self.fn, self.kwargs, self.key = load_function(source.function, f"{key}.function"), \
             dict(source.kwargs), key
         self.name = source.function
+        # A function without **kwargs gets only the keyword arguments it names.
+        try:
+            params = inspect.signature(self.fn).parameters.values()
+        except (TypeError, ValueError):
+            params = []
+        self.accepts = (None if not params or any(p.kind is p.VAR_KEYWORD for p in params)
+                        else {p.name for p in params})
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:
         columns: dict[str, list] = {}
@@ -114,6 +127,8 @@ class FunctionReward:
                 if k not in ("prompts", "responses"):  # the positional arguments win
                     columns.setdefault(k, []).append(v)
         kwargs = {**columns, "stopped": rollout.stopped.tolist(), **self.kwargs}
+        if self.accepts is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in self.accepts}
         prompts = [p.text for p in rollout.prompts]
         try:
             out = self.fn(prompts, list(rollout.response_texts), **kwargs)

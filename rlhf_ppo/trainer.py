@@ -227,7 +227,7 @@ class PPOTrainer:
             save_config(cfg, self.output_dir / "config.yaml")
             with open(self.output_dir / "metrics.jsonl", "w") as f:
                 for m in self.history:
-                    f.write(json.dumps(m) + "\n")
+                    f.write(json.dumps(ckpt.json_safe(m)) + "\n")
 
     @property
     def unwrapped(self) -> ActorCritic:
@@ -582,7 +582,7 @@ class PPOTrainer:
         acc = self.accelerator
         if acc.is_main_process:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(_json_safe(metrics)) + "\n")
+                f.write(json.dumps(ckpt.json_safe(metrics)) + "\n")
         if self.cfg.report_to:
             acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))
                      and k != "iteration"}, step=self.iteration)
@@ -604,12 +604,6 @@ class PPOTrainer:
             tmp.rename(folder)
             logger.info("saved the policy to %s", folder)
         acc.wait_for_everyone()
-
-
-def _json_safe(metrics: dict) -> dict:
-    """NaN / inf become null, so every line is strict JSON."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in metrics.items()}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -549,3 +549,27 @@ def test_function_reward_class_directly(reward_file, fn_rollout):
     fr_bad = FunctionReward(RewardSource(function=f"{reward_file}:too_few"), "reward.sources[4]")
     with pytest.raises(RewardError, match=r"reward\.sources\[4\]"):
         fr_bad(fn_rollout)
+
+
+def test_function_without_var_kwargs_gets_only_named_arguments(tok, model_cfg, tmp_path,
+                                                               fn_rollout):
+    (tmp_path / "plain.py").write_text(
+        "def score(prompts, responses):\n    return [float(len(r)) for r in responses]\n"
+        "def with_stopped(prompts, responses, stopped):\n"
+        "    return [float(s) for s in stopped]\n")
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{tmp_path / 'plain.py'}:score"))
+    total, _ = rs(fn_rollout)
+    assert total.tolist() == [float(len(r)) for r in fn_rollout.response_texts]
+    rs = function_sum(tok, model_cfg,
+                      RewardSource(function=f"{tmp_path / 'plain.py'}:with_stopped"))
+    assert rs(fn_rollout)[0].tolist() == [float(s) for s in fn_rollout.stopped.tolist()]
+
+
+def test_module_reward_from_the_working_directory(tok, model_cfg, tmp_path, monkeypatch,
+                                                  fn_rollout):
+    (tmp_path / "my_cwd_rewards.py").write_text(
+        "def const(prompts, responses, **kw):\n    return [2.5] * len(responses)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
+    rs = function_sum(tok, model_cfg, RewardSource(function="my_cwd_rewards:const"))
+    assert rs(fn_rollout)[0].tolist() == [2.5] * len(fn_rollout.response_texts)
