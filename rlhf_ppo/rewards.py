@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import os
 import numbers
+import os
 import re
 import sys
 from collections.abc import Callable

@@ -2,6 +2,7 @@
 change the update, and a 2-process run must train, save once and log once."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(WORKER), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -72,73 +73,47 @@ def test_two_process_run_trains_saves_once_and_logs_once(tmp_path):
     shutil.rmtree(out)
 
 
+FROZEN_SHARDED = ["model.shard_frozen_models=true", "reward.sources=[{model: 'builtin:tiny-reward'}]"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("frozen", [[], ["model.shard_frozen_models=true",
-                                         "reward.sources=[{model: 'builtin:tiny-reward'}]"]],
-                         ids=["replicated", "sharded-ref-and-reward"])
-def test_fsdp2_on_cpu_reproduces_one_process(tmp_path, frozen):
-    """FSDP2 (gloo, forced onto a CPU run by scripts/check_fsdp_cpu.py): generation through the
-    unsharded policy, sharded update, gathered save; optionally sharded reference and reward
-    models. Opt-in: FSDP2 processes on gloo can abort at exit (judged by their outputs)."""
+@pytest.mark.parametrize("engine,frozen,ref_type", [
+    ("fsdp2", [], "ReferenceModel"),
+    ("fsdp2", FROZEN_SHARDED, "FSDPReferenceModel"),
+    ("zero2", [], "ReferenceModel"),
+    ("zero3", [], "ReferenceModel"),
+    ("zero3", FROZEN_SHARDED, "ReferenceModel"),
+], ids=["fsdp2", "fsdp2-sharded-ref-and-reward", "zero2", "zero3", "zero3-sharded-ref-and-reward"])
+def test_sharded_engine_on_cpu_reproduces_one_process(tmp_path, engine, frozen, ref_type):
+    """FSDP2 / DeepSpeed ZeRO on CPU (gloo; the worker forces the engine's plugin, see
+    dist_worker.py): generation through gathered weights, the sharded update, the gathered save,
+    optionally sharded reference and reward models. Opt-in: slow, DeepSpeed must be installed,
+    and FSDP2 processes on gloo can abort at exit (the run is judged by its outputs)."""
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
     b = 4
     common = [*COMMON, *frozen]
     torchrun(1, "step", str(tmp_path / "one"), f"output_dir={tmp_path / 'run1'}",
              f"ppo.batch_size={2 * b}", *common)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "check_fsdp_cpu.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(tmp_path / "fsdp"), f"output_dir={tmp_path / 'run2'}",
-           f"ppo.batch_size={b}", *common]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    ref_type = "FSDPReferenceModel" if frozen else "ReferenceModel"
-    assert f"engine: DistributedType.FSDP FSDPActorCritic {ref_type}" in out.stdout, \
-        out.stderr[-3000:]
-    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    m2 = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
-    for key in ("score_mean", "kl", "entropy", "policy_loss", "value_loss", "clipfrac",
-                "approx_kl", "grad_norm"):
-        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
-    from transformers import AutoModelForCausalLM
-
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").state_dict()
-    w1 = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
-    for k, v in saved.items():
-        torch.testing.assert_close(v, w1["policy." + k], atol=1e-5, rtol=1e-4, msg=k)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage,frozen", [
-    (2, []),
-    (3, []),
-    (3, ["model.shard_frozen_models=true", "reward.sources=[{model: 'builtin:tiny-reward'}]"]),
-], ids=["zero2", "zero3", "zero3-sharded-ref-and-reward"])
-def test_deepspeed_on_cpu_reproduces_one_process(tmp_path, stage, frozen):
-    """DeepSpeed ZeRO (DeepSpeed's CPU accelerator, gloo; scripts/check_deepspeed_cpu.py forces
-    accelerate's plugin onto a CPU run): generation with gathered ZeRO-3 weights, the engine's
-    accumulation and clipping, the gathered save. Opt-in; needs `pip install deepspeed`."""
-    pytest.importorskip("deepspeed")
-    b = 4
-    common = [*COMMON, *frozen]
-    torchrun(1, "step", str(tmp_path / "one"), f"output_dir={tmp_path / 'run1'}",
-             f"ppo.batch_size={2 * b}", *common)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "check_deepspeed_cpu.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(tmp_path / "ds"), str(stage), f"output_dir={tmp_path / 'run2'}",
-           f"ppo.batch_size={b}", *common]
+           str(WORKER), "step", str(tmp_path / "two"), f"--engine={engine}",
+           f"output_dir={tmp_path / 'run2'}", f"ppo.batch_size={b}", *common]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert "engine: DistributedType.DEEPSPEED DeepSpeedEngine" in out.stdout, out.stderr[-3000:]
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    kind = "FSDP" if engine == "fsdp2" else "DEEPSPEED"
+    assert f"engine: DistributedType.{kind} " in out.stdout, out.stderr[-3000:]
+    assert ref_type in out.stdout.split("engine:", 1)[1].split()[2]
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    m2 = json.loads((tmp_path / "ds" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
     for key in ("score_mean", "kl", "entropy", "policy_loss", "value_loss", "clipfrac",
                 "approx_kl", "grad_norm", "ppo_steps"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ds" / "final").state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final").state_dict()
     w1 = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
     for k, v in saved.items():
         torch.testing.assert_close(v, w1["policy." + k], atol=1e-5, rtol=1e-4, msg=k)
-
 
 def test_resume_with_another_process_count(tmp_path):
     from rlhf_ppo import PPOTrainer, load_config
