@@ -155,13 +155,10 @@ class PPOTrainer:
     """Aligns ``cfg.model`` to ``cfg.reward`` with PPO. ``PPOTrainer(cfg).train()`` runs it all."""
 
     def __init__(self, cfg: Config, accelerator=None):
-        from accelerate.utils import set_seed
-
         config_from_dict(cfg.to_dict())  # re-check types and values changed after construction
         resume = prepare_output_dir(cfg)  # before any model loads
         self.cfg = cfg
-        self.accelerator = accelerator or make_accelerator(cfg)
-        acc = self.accelerator
+        self.accelerator = acc = accelerator or make_accelerator(cfg)
         if acc.is_main_process:
             logger.info("%d process(es), %s, device %s", acc.num_processes,
                         acc.distributed_type, acc.device)
@@ -170,7 +167,18 @@ class PPOTrainer:
                 "generation.%s reshapes the sampling distribution: responses are no longer "
                 "samples of the policy whose log-probs PPO uses (off-policy), a known cause of "
                 "negative or exploding KL. Use pure sampling unless you mean it.", setting)
+        model = self._load(resume)
+        self._prepare(model)
+        self.output_dir = Path(cfg.output_dir)
+        self.iteration = 0
+        self.nonfinite_skips = 0
+        self.history: list[dict] = []
+        self._signal: int | None = None
+        self._start(resume)
 
+    def _load(self, resume: Path | None) -> ActorCritic:
+        """Tokenizer, prompts, models and rewards; the checkpoint's weights when resuming."""
+        cfg, acc = self.cfg, self.accelerator
         self.tokenizer = load_tokenizer(cfg.model)
         prompts = load_prompts(cfg.data, self.tokenizer)
         self.sampler = PromptSampler(prompts, cfg.ppo.batch_size, cfg.seed, cfg.data.shuffle,
@@ -184,30 +192,32 @@ class PPOTrainer:
                 raise ckpt.CheckpointError("resume_from: resuming under DeepSpeed or FSDP is not "
                                            "supported yet (sharded optimizer state)")
             ckpt.load_weights(model, resume)
+        return model
 
-        o = cfg.optim
+    def _prepare(self, model: ActorCritic) -> None:
+        """Optimizer, schedule and KL controller; hand the models to the engine."""
+        cfg, acc, o, p = self.cfg, self.accelerator, self.cfg.optim, self.cfg.ppo
         groups = [{"params": model.policy_parameters(), "lr": o.lr},
                   {"params": model.critic_parameters(), "lr": o.critic_lr or o.lr}]
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.adam_betas),
                                            eps=o.adam_eps, weight_decay=o.weight_decay)
-        total_steps = cfg.iterations * cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches
+        total_steps = cfg.iterations * p.ppo_epochs * p.num_minibatches
         # Not passed to accelerate.prepare: its wrapper steps num_processes times per call.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(o.scheduler, o.warmup_steps, total_steps))
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
-        shard = cfg.model.shard_frozen_models
-        self.ref = prepare_frozen(acc, self.ref, shard)
+        self.ref = prepare_frozen(acc, self.ref, cfg.model.shard_frozen_models)
         for source in self.rewards.model_sources():
-            source.scorer = prepare_frozen(acc, source.scorer, shard)
-        p = cfg.ppo
+            source.scorer = prepare_frozen(acc, source.scorer, cfg.model.shard_frozen_models)
         self.kl_ctl = (ops.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
                        if p.adaptive_kl else ops.FixedKLController(p.kl_coef))
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-        self.output_dir = Path(cfg.output_dir)
-        self.iteration = 0
-        self.nonfinite_skips = 0
-        self.history: list[dict] = []
-        self._signal: int | None = None
+
+    def _start(self, resume: Path | None) -> None:
+        """Seed, restore the checkpoint's state when resuming, and (re)write the run's files."""
+        from accelerate.utils import set_seed
+
+        cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if resume is None and cfg.overwrite:
