@@ -174,6 +174,7 @@ class PPOTrainer:
         self.nonfinite_skips = 0
         self.history: list[dict] = []
         self._signal: int | None = None
+        self._save_requested = False
         self._start(resume)
 
     def _load(self, resume: Path | None) -> ActorCritic:
@@ -251,7 +252,8 @@ class PPOTrainer:
         and save the final policy to ``OUTPUT_DIR/final``. Returns the metrics history.
 
         SIGTERM / SIGINT finish the current iteration, write a checkpoint and raise
-        :class:`TrainingInterrupted` (a second SIGINT interrupts at once).
+        :class:`TrainingInterrupted` (a second SIGINT interrupts at once). SIGUSR1 writes a
+        checkpoint after the current iteration and goes on (a checkpoint on demand).
         """
         from tqdm.auto import tqdm
 
@@ -267,14 +269,14 @@ class PPOTrainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
                                  ("score_mean", "kl", "kl_coef", "entropy", "clipfrac")})
-                signum = self._agreed_signal()
+                signum, save_now = self._agreed_requests()
+                folder = self.output_dir / f"checkpoint-{self.iteration}"
                 if signum:
-                    folder = self.output_dir / f"checkpoint-{self.iteration}"
                     self.save_checkpoint(folder)
                     raise TrainingInterrupted(signum, self.iteration, folder)
-                if cfg.save_every and self.iteration % cfg.save_every == 0 \
-                        and self.iteration < cfg.iterations:
-                    self.save_checkpoint(self.output_dir / f"checkpoint-{self.iteration}")
+                periodic = cfg.save_every and self.iteration % cfg.save_every == 0
+                if (periodic or save_now) and self.iteration < cfg.iterations:
+                    self.save_checkpoint(folder)
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
@@ -292,18 +294,29 @@ class PPOTrainer:
             return {}
 
         def on_signal(signum, frame):
+            if signum == getattr(signal, "SIGUSR1", None):
+                self._save_requested = True
+                logger.info("SIGUSR1 received: a checkpoint follows iteration %d",
+                            self.iteration + 1)
+                return
             if self._signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # second Ctrl-C: stop now
             self._signal = signum
             logger.warning("%s received: finishing iteration %d, then writing a checkpoint",
                            signal.Signals(signum).name, self.iteration + 1)
 
-        return {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        signals = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGUSR1]
+                                                     if hasattr(signal, "SIGUSR1") else [])
+        return {s: signal.signal(s, on_signal) for s in signals}
 
-    def _agreed_signal(self) -> int:
-        """The signal any process received (0 if none): all processes stop together."""
-        flag = torch.tensor([float(self._signal or 0)], device=self.accelerator.device)
-        return int(self.accelerator.reduce(flag, "max").item())
+    def _agreed_requests(self) -> tuple[int, bool]:
+        """(stop signal any process received or 0, whether any process asked for a checkpoint):
+        reduced so that all processes stop or save together."""
+        flags = torch.tensor([float(self._signal or 0), float(self._save_requested)],
+                             device=self.accelerator.device)
+        signum, save = self.accelerator.reduce(flags, "max").tolist()
+        self._save_requested = False
+        return int(signum), bool(save)
 
     def save_checkpoint(self, folder: Path) -> None:
         """Write a resumable checkpoint (see :mod:`rlhf_ppo.checkpoint`)."""

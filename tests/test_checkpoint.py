@@ -134,6 +134,32 @@ def test_signal_writes_a_checkpoint_and_exits_nonzero(tmp_path, signum):
     assert [m["iteration"] for m in metrics_lines(tmp_path)] == list(range(1, k + 2))
 
 
+def test_sigusr1_writes_a_checkpoint_and_training_goes_on(tmp_path):
+    proc = _train_process(tmp_path, "iterations=100000")
+
+    def wait_lines(n):
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            m = tmp_path / "metrics.jsonl"
+            if m.is_file() and len(m.read_text().splitlines()) >= n:
+                return len(m.read_text().splitlines())
+            time.sleep(0.1)
+        raise AssertionError("training made no progress")
+
+    wait_lines(1)
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.time() + 120
+    while not list_checkpoints(tmp_path) and time.time() < deadline:
+        time.sleep(0.1)
+    (first,) = list_checkpoints(tmp_path)
+    k = int(first.name.split("-")[1])
+    wait_lines(k + 2)  # still training after the checkpoint
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
 @pytest.mark.parametrize("stage", ["model", "optimizer", "state"])
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, stage):
     reference = tmp_path / "reference"
