@@ -180,11 +180,18 @@ def load_weights(model, folder: Path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from .models import VALUE_HEAD_FILE
+    from .models import VALUE_HEAD_FILE, is_peft
 
-    saved = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.policy.parameters()).dtype)
-    model.policy.load_state_dict(saved.state_dict())
-    del saved
+    if is_peft(model.policy):  # the trained adapter; the base and "reference" stay as loaded
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model.policy, load_file(folder / "adapter_model.safetensors"),
+                                  adapter_name="default")
+    else:
+        saved = AutoModelForCausalLM.from_pretrained(folder,
+                                                     dtype=next(model.policy.parameters()).dtype)
+        model.policy.load_state_dict(saved.state_dict())
+        del saved
     if model.value_head is not None:
         model.value_head.load_state_dict(load_file(folder / VALUE_HEAD_FILE))
     else:

@@ -53,6 +53,25 @@ class ModelConfig:
 
 
 @dataclass
+class PeftConfig:
+    enabled: bool = False
+    """train a LoRA adapter instead of all policy weights; the reference is the same base model
+    with the adapter disabled, so the base weights exist once"""
+    r: int = 16
+    """LoRA rank"""
+    alpha: int = 32
+    """LoRA alpha (scaling alpha / r)"""
+    dropout: float = 0.0
+    """LoRA dropout (kept off in PPO by model.disable_dropout)"""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """module names to adapt, or ["all-linear"]"""
+    adapter_path: str | None = None
+    """start from this adapter (e.g. an SFT LoRA): it stays frozen as the reference and a copy of it trains"""
+    save_merged: bool = False
+    """also save the final policy with the adapter merged (OUTPUT_DIR/final/merged)"""
+
+
+@dataclass
 class RewardSource:
     model: str | None = None
     """reward model (`AutoModelForSequenceClassification`, num_labels 1): hub id or folder"""
@@ -204,6 +223,8 @@ class Config:
     """extra trackers through accelerate (`tensorboard`)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     """policy, reference and critic"""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """LoRA adapters"""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """reward sources and score processing"""
     data: DataConfig = field(default_factory=DataConfig)
@@ -292,6 +313,14 @@ def validate(cfg: Config) -> None:
     _check(d.max_prompt_length >= 1, "data.max_prompt_length", "an integer >= 1",
            d.max_prompt_length)
     _check(d.prompt_column != "", "data.prompt_column", "a column name", d.prompt_column)
+    pe = cfg.peft
+    _check(pe.r >= 1, "peft.r", "an integer >= 1", pe.r)
+    _check(pe.alpha > 0, "peft.alpha", "a number > 0", pe.alpha)
+    _check(0 <= pe.dropout < 1, "peft.dropout", "a number in [0, 1)", pe.dropout)
+    _check(len(pe.target_modules) >= 1, "peft.target_modules", "at least one module name",
+           pe.target_modules)
+    _check(pe.enabled or pe.adapter_path is None, "peft.adapter_path",
+           "null unless peft.enabled is true", pe.adapter_path)
     _check(cfg.model.critic == "separate" or cfg.model.critic_name_or_path is None,
            "model.critic_name_or_path", "null unless model.critic is 'separate'",
            cfg.model.critic_name_or_path)

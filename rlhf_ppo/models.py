@@ -212,9 +212,28 @@ def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                     ) -> torch.Tensor:
     """Last hidden state ``[B, L, H]`` of a ``*ForCausalLM`` / ``*ForSequenceClassification``'s
     backbone, with positions computed from the mask (correct under left padding)."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    out = transformer(model).base_model(
+        input_ids=input_ids, attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state
+
+
+def is_peft(model: nn.Module) -> bool:
+    """True for a PEFT (LoRA) model."""
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+
+
+def save_merged(ac: ActorCritic, tokenizer, folder: str | Path) -> None:
+    """Save the LoRA policy with its trained adapter merged into a copy of the base weights, as
+    a plain model (``AutoModelForCausalLM.from_pretrained(folder)``)."""
+    merged = copy.deepcopy(ac.policy).merge_and_unload(adapter_names=["default"])
+    merged.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def transformer(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (LoRA layers included), or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class ActorCritic(nn.Module):
@@ -230,7 +249,7 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy = policy
         self.critic = critic
-        hidden_size = policy.config.get_text_config().hidden_size
+        hidden_size = transformer(policy).config.get_text_config().hidden_size
         # Zero init: values start at 0, as in lm-human-preferences (value head init_scale=0).
         self.value_head = nn.Linear(hidden_size, 1) if critic is None else None
         if self.value_head is not None:
@@ -268,7 +287,8 @@ class ActorCritic(nn.Module):
         # Position i predicts token i+1, so response tokens P..L-1 are predicted by P-1..L-2.
         h_resp = hidden[:, prompt_length - 1:-1]  # (B, R, H)
         tokens = input_ids[:, prompt_length:]  # (B, R)
-        logprobs, entropy = token_logprobs(self.policy.get_output_embeddings(), self.policy.config,
+        lm = transformer(self.policy)
+        logprobs, entropy = token_logprobs(lm.get_output_embeddings(), lm.config,
                                            h_resp, tokens, temperature, with_entropy)
         if self.critic is None:
             h_v = h_resp.detach() if detach_backbone else h_resp
@@ -285,7 +305,8 @@ def reference_logprobs(ref: nn.Module, input_ids: torch.Tensor, attention_mask: 
     """Log-probs ``[B, R]`` of the response tokens under a frozen causal LM (no grad)."""
     with torch.no_grad():
         hidden = backbone_hidden(ref, input_ids, attention_mask)
-        lp, _ = token_logprobs(ref.get_output_embeddings(), ref.config,
+        lm = transformer(ref)
+        lp, _ = token_logprobs(lm.get_output_embeddings(), lm.config,
                                hidden[:, prompt_length - 1:-1], input_ids[:, prompt_length:],
                                temperature, with_entropy=False)
     return lp
@@ -303,22 +324,80 @@ def no_split_modules(*models: nn.Module | None) -> list[str]:
 
 class ReferenceModel(nn.Module):
     """A frozen causal LM whose ``forward`` returns response log-probs (see
-    :func:`reference_logprobs`): one root module, so an engine can shard it for inference."""
+    :func:`reference_logprobs`): one root module, so an engine can shard it for inference.
 
-    def __init__(self, lm: nn.Module):
+    With LoRA the reference *is* the policy's PEFT model, run with its trained adapter disabled
+    (``adapter=None``: the bare base) or with the frozen ``adapter`` active (an SFT adapter that
+    the policy started from), so the base weights exist once.
+    """
+
+    def __init__(self, lm: nn.Module, shared_peft: bool = False, adapter: str | None = None):
         super().__init__()
-        self.lm = freeze(lm)
-        self._no_split_modules = no_split_modules(lm)
+        self.shared_peft, self.adapter = shared_peft, adapter
+        # A shared PEFT model is the policy's: not registered as a submodule (no second copy in
+        # state dicts or engines), and not frozen (its adapter trains).
+        if shared_peft:
+            self.__dict__["lm"] = lm
+        else:
+            self.lm = freeze(lm)
+        self._no_split_modules = no_split_modules(transformer(lm))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
                 temperature: float = 1.0) -> torch.Tensor:
-        return reference_logprobs(self.lm, input_ids, attention_mask, prompt_length, temperature)
+        with self._reference_weights():
+            return reference_logprobs(self.lm, input_ids, attention_mask, prompt_length,
+                                      temperature)
+
+    @contextmanager
+    def _reference_weights(self):
+        if not self.shared_peft:
+            yield
+        elif self.adapter is None:
+            with self.lm.disable_adapter():
+                yield
+        else:
+            active = self.lm.active_adapter
+            self.lm.set_adapter(self.adapter, inference_mode=True)
+            try:
+                yield
+            finally:  # set_adapter also restores requires_grad of the trained adapter
+                self.lm.set_adapter(active)
 
 
-def build_actor_critic(cfg: ModelConfig) -> tuple[ActorCritic, ReferenceModel]:
-    """Load the policy (with its value head when present) and the reference; return both."""
+def apply_lora(base: nn.Module, peft_cfg) -> tuple[nn.Module, str | None]:
+    """Wrap ``base`` with a trainable LoRA adapter ("default"). With ``peft.adapter_path`` the
+    existing adapter is loaded twice: frozen as "reference" and trainable as "default" (a copy
+    that PPO trains). Returns the PEFT model and the reference adapter's name (None: bare base)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if peft_cfg.adapter_path is None:
+        targets = peft_cfg.target_modules
+        lora = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
+                          target_modules=targets[0] if targets == ["all-linear"] else targets,
+                          task_type="CAUSAL_LM")
+        return get_peft_model(base, lora), None
+    path = peft_cfg.adapter_path
+    try:
+        model = PeftModel.from_pretrained(base, path, adapter_name="reference", is_trainable=False)
+        model.load_adapter(path, adapter_name="default", is_trainable=True)
+    except Exception as e:
+        raise ModelLoadError(f"peft.adapter_path: could not load adapter {path!r} "
+                             f"({type(e).__name__}: {e})") from e
+    model.set_adapter("default")
+    return model, "reference"
+
+
+def build_actor_critic(cfg: ModelConfig, peft_cfg=None) -> tuple[ActorCritic, ReferenceModel]:
+    """Load the policy (with its value head when present) and the reference; return both.
+    ``peft_cfg`` (a ``PeftConfig`` with ``enabled``): LoRA, with the reference on the same base."""
     policy = load_causal_lm(cfg.name_or_path, cfg, "model.name_or_path", cfg.gguf_file)
-    if cfg.ref_name_or_path is None and not is_partitioned(policy):
+    if peft_cfg is not None and peft_cfg.enabled:
+        if cfg.ref_name_or_path is not None:
+            raise ModelLoadError("model.ref_name_or_path: with peft.enabled the reference is the "
+                                 "base model (or peft.adapter_path); expected null")
+        policy, ref_adapter = apply_lora(policy, peft_cfg)
+        ref = ReferenceModel(policy, shared_peft=True, adapter=ref_adapter)
+    elif cfg.ref_name_or_path is None and not is_partitioned(policy):
         ref = copy.deepcopy(policy)
     else:  # a separate checkpoint, or ZeRO-3 (a copy of partitioned weights is empty): load
         with zero3_partitioned_loading(cfg.shard_frozen_models):
@@ -330,7 +409,8 @@ def build_actor_critic(cfg: ModelConfig) -> tuple[ActorCritic, ReferenceModel]:
         if vocab_rows(ref.get_output_embeddings()) != vocab_rows(policy.get_output_embeddings()):
             raise ModelLoadError("model.ref_name_or_path: the reference's vocabulary size differs "
                                  "from the policy's; expected the same tokenizer")
-    ref = ReferenceModel(ref).eval()
+    if not isinstance(ref, ReferenceModel):
+        ref = ReferenceModel(ref).eval()
     critic = None
     if cfg.critic == "separate":
         critic = load_sequence_classifier(cfg.critic_name_or_path or cfg.name_or_path, cfg,
@@ -362,7 +442,11 @@ def save_actor_critic(ac: ActorCritic, tokenizer, folder: str | Path,
 
     folder = Path(folder)
     state = ac.state_dict() if state_dict is None else state_dict
-    ac.policy.save_pretrained(folder, state_dict=_sub_state(state, "policy."))
+    if is_peft(ac.policy):  # the trained adapter only ("reference" is the frozen starting one)
+        ac.policy.save_pretrained(folder, selected_adapters=["default"],
+                                  state_dict=_sub_state(state, "policy."))
+    else:
+        ac.policy.save_pretrained(folder, state_dict=_sub_state(state, "policy."))
     tokenizer.save_pretrained(folder)
     if ac.value_head is not None:
         head = _sub_state(state, "value_head.")

@@ -26,6 +26,7 @@ from .models import (
     build_actor_critic,
     load_tokenizer,
     save_actor_critic,
+    save_merged,
 )
 from .rewards import RewardSum
 from .rollout import Rollout, generate, off_policy_settings
@@ -180,11 +181,19 @@ class PPOTrainer:
     def _load(self, resume: Path | None) -> ActorCritic:
         """Tokenizer, prompts, models and rewards; the checkpoint's weights when resuming."""
         cfg, acc = self.cfg, self.accelerator
+        if cfg.peft.enabled and acc.distributed_type.name == "FSDP":
+            # The reference pass runs the policy's own modules with the adapter off, outside the
+            # FSDP root's forward; not supported yet.
+            raise ConfigError("peft.enabled: LoRA under FSDP is not supported yet; use DDP or "
+                              "DeepSpeed")
         self.tokenizer = load_tokenizer(cfg.model)
         prompts = load_prompts(cfg.data, self.tokenizer)
         self.sampler = PromptSampler(prompts, cfg.ppo.batch_size, cfg.seed, cfg.data.shuffle,
                                      acc.process_index, acc.num_processes)
-        model, self.ref = build_actor_critic(cfg.model)
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)  # fresh weights (LoRA, a new critic head) are the same on every run
+        model, self.ref = build_actor_critic(cfg.model, cfg.peft)
         check_lengths(cfg, model.policy.config, max(len(x.input_ids) for x in prompts),
                       len(self.tokenizer))
         self.rewards = RewardSum(cfg.reward, cfg.model, self.tokenizer)
@@ -621,6 +630,8 @@ class PPOTrainer:
             tmp = folder.parent / f".tmp-{folder.name}"  # written whole, then renamed into place
             shutil.rmtree(tmp, ignore_errors=True)
             save_actor_critic(self.unwrapped, self.tokenizer, tmp, state)
+            if self.cfg.peft.enabled and self.cfg.peft.save_merged:
+                save_merged(self.unwrapped, self.tokenizer, tmp / "merged")
             save_config(self.cfg, tmp / "rlhf_ppo_config.yaml")
             if folder.exists():
                 shutil.rmtree(folder)
