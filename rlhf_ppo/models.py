@@ -31,6 +31,14 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message names the path and the config key."""
 
 
+def resolve(name: str, key: str) -> str:
+    """``builtin.resolve_model`` with its errors reported under the config key."""
+    try:
+        return builtin.resolve_model(name)
+    except ValueError as e:
+        raise ModelLoadError(f"{key}: {e}") from e
+
+
 def _load(loader, name: str, key: str, **kwargs):
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
         raise ModelLoadError(f"{key}: folder {name!r} not found")
@@ -52,7 +60,8 @@ def load_tokenizer(cfg: ModelConfig):
     """The policy tokenizer, left-padding, with a pad token (EOS reused when there is none)."""
     from transformers import AutoTokenizer
 
-    name = builtin.resolve_model(cfg.tokenizer or cfg.name_or_path)
+    name = resolve(cfg.tokenizer or cfg.name_or_path,
+                   "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if cfg.gguf_file and not cfg.tokenizer:
         kwargs["gguf_file"] = cfg.gguf_file
@@ -106,9 +115,13 @@ def load_causal_lm(name: str, cfg: ModelConfig, key: str, gguf_file: str | None 
                   trust_remote_code=cfg.trust_remote_code)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    model = _load(AutoModelForCausalLM.from_pretrained, builtin.resolve_model(name), key, **kwargs)
+    model = _load(AutoModelForCausalLM.from_pretrained, resolve(name, key), key, **kwargs)
     if cfg.disable_dropout:
         disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        # Recompute activations in backward: memory for time. use_reentrant=False works with
+        # frozen inputs (LoRA) and under DDP.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -121,7 +134,7 @@ def load_sequence_classifier(name: str, cfg: ModelConfig, key: str, trainable: b
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    path = builtin.resolve_model(name)
+    path = resolve(name, key)
     kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if trainable:
         kwargs.update(num_labels=1, ignore_mismatched_sizes=True)

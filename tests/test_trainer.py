@@ -243,3 +243,12 @@ def test_cli_refuses_an_output_dir_with_another_run(tmp_path):
     out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}")
     assert out.returncode == 2 and "holds a run (metrics.jsonl)" in out.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
+
+
+def test_mixed_precision_bf16_runs(tmp_path):
+    # its own process: accelerate fixes the precision once per process
+    out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}", "iterations=2",
+               "mixed_precision=bf16", "ppo.batch_size=8", "ppo.micro_batch_size=4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(m["policy_loss"] is not None for m in lines)
