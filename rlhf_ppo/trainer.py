@@ -163,7 +163,7 @@ class PPOTrainer:
         if acc.is_main_process:
             logger.info("%d process(es), %s, device %s", acc.num_processes,
                         acc.distributed_type, acc.device)
-        for setting in off_policy_settings(cfg.generation):
+        for setting in off_policy_settings(cfg.generation) if acc.is_main_process else []:
             logger.warning(
                 "generation.%s reshapes the sampling distribution: responses are no longer "
                 "samples of the policy whose log-probs PPO uses (off-policy), a known cause of "
