@@ -116,6 +116,8 @@ def load_causal_lm(name: str, cfg: ModelConfig, key: str, gguf_file: str | None 
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     model = _load(AutoModelForCausalLM.from_pretrained, resolve(name, key), key, **kwargs)
+    if gguf_file:
+        plain_after_gguf(model, key)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
@@ -123,6 +125,19 @@ def load_causal_lm(name: str, cfg: ModelConfig, key: str, gguf_file: str | None 
         # frozen inputs (LoRA) and under DDP.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def plain_after_gguf(model: nn.Module, key: str) -> None:
+    """A GGUF checkpoint dequantised on load is a plain float model: drop transformers'
+    GGUF quantizer, which would refuse ``save_pretrained`` and training. Weights left in GGUF
+    blocks cannot be trained: refuse them."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    if not all(p.is_floating_point() for p in model.parameters()):
+        raise ModelLoadError(f"{key}: transformers kept this GGUF file's weights quantized, which "
+                             "cannot be trained; use a safetensors checkpoint of the model")
+    quantizer.remove_quantization_config(model)
 
 
 def load_sequence_classifier(name: str, cfg: ModelConfig, key: str, trainable: bool = False):

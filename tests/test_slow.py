@@ -33,8 +33,13 @@ def test_gguf_policy_with_chat_prompts_trains(tmp_path):
         "generation.max_new_tokens=8", "ppo.batch_size=4", "ppo.num_minibatches=1",
         "ppo.micro_batch_size=2", "ppo.ppo_epochs=1", "optim.lr=1e-6"])
     trainer = PPOTrainer(cfg)
+    assert getattr(trainer.unwrapped.policy, "hf_quantizer", None) is None  # a plain float model
     first = trainer.step()
     # Rollout log-probs equal the training forward's at the first minibatch: no clipping.
     assert first["clipfrac"] == 0.0 and abs(first["approx_kl"]) < 1e-5
     assert first["kl"] == pytest.approx(0.0, abs=1e-4)  # the reference is the initial policy
     assert "<|im_start|>assistant" in trainer.sampler.prompts[0].text
+    trainer.train()  # the second iteration, and the save of a GGUF-loaded (full) policy
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final") is not None
