@@ -46,6 +46,13 @@ def keyword_share(prompts: list[str], responses: list[str], words: list[str] | N
     return scores
 
 
+def length_target(prompts: list[str], responses: list[str], target: int = 10,
+                  **kwargs) -> list[float]:
+    """``-|words - target| / target`` per response: 0 for exactly ``target`` words, -1 for none
+    (or twice as many). A dense reward for concise answers."""
+    return [-abs(len(r.split()) - target) / target for r in responses]
+
+
 def response_length(prompts: list[str], responses: list[str], **kwargs) -> list[float]:
     """Number of whitespace-separated words in each response."""
     return [float(len(r.split())) for r in responses]

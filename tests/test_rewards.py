@@ -573,3 +573,11 @@ def test_module_reward_from_the_working_directory(tok, model_cfg, tmp_path, monk
     monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
     rs = function_sum(tok, model_cfg, RewardSource(function="my_cwd_rewards:const"))
     assert rs(fn_rollout)[0].tolist() == [2.5] * len(fn_rollout.response_texts)
+
+
+def test_length_target_hand_values():
+    from rlhf_ppo.rewards import length_target
+
+    # 10 words -> 0; 5 words -> -5/10; none -> -1; 15 words -> -5/10
+    texts = [" ".join(["w"] * 10), "a b c d e", "", " ".join(["w"] * 15)]
+    assert length_target([], texts, target=10) == [0.0, -0.5, -1.0, -0.5]
