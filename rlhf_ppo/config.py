@@ -413,9 +413,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(
                 f"{key}: unknown key; expected one of {', '.join(sorted(names))}")
         kwargs[k] = _coerce(v, hints[k], key)
-    if cls is Config:  # validate once, after every section is built
-        return cls(**kwargs)
-    return cls(**kwargs)
+    return cls(**kwargs)  # Config.__post_init__ validates once every section is built
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -39,7 +39,9 @@ def resolve(name: str, key: str) -> str:
         raise ModelLoadError(f"{key}: {e}") from e
 
 
-def _load(loader, name: str, key: str, **kwargs):
+def load_pretrained(loader, name: str, key: str, **kwargs):
+    """``loader(name, **kwargs)`` (a ``from_pretrained``), any failure reported as a
+    :class:`ModelLoadError` naming the config ``key`` and the path."""
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
         raise ModelLoadError(f"{key}: folder {name!r} not found")
     try:
@@ -66,7 +68,7 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.gguf_file and not cfg.tokenizer:
         kwargs["gguf_file"] = cfg.gguf_file
     key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
-    tok = _load(AutoTokenizer.from_pretrained, name, key, **kwargs)
+    tok = load_pretrained(AutoTokenizer.from_pretrained, name, key, **kwargs)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelLoadError(f"model.tokenizer: {name!r} has neither a pad nor an EOS token")
@@ -115,7 +117,7 @@ def load_causal_lm(name: str, cfg: ModelConfig, key: str, gguf_file: str | None 
                   trust_remote_code=cfg.trust_remote_code)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    model = _load(AutoModelForCausalLM.from_pretrained, resolve(name, key), key, **kwargs)
+    model = load_pretrained(AutoModelForCausalLM.from_pretrained, resolve(name, key), key, **kwargs)
     if gguf_file:
         plain_after_gguf(model, key)
     if cfg.disable_dropout:
@@ -154,12 +156,12 @@ def load_sequence_classifier(name: str, cfg: ModelConfig, key: str, trainable: b
     if trainable:
         kwargs.update(num_labels=1, ignore_mismatched_sizes=True)
     else:
-        config = _load(AutoConfig.from_pretrained, path, key,
+        config = load_pretrained(AutoConfig.from_pretrained, path, key,
                        trust_remote_code=cfg.trust_remote_code)
         if getattr(config, "num_labels", 1) != 1:
             raise ModelLoadError(f"{key}: {name!r} has num_labels={config.num_labels}; a reward "
                                  "model must output one score (num_labels=1)")
-    model = _load(AutoModelForSequenceClassification.from_pretrained, path, key, **kwargs)
+    model = load_pretrained(AutoModelForSequenceClassification.from_pretrained, path, key, **kwargs)
     if cfg.disable_dropout:
         disable_dropout(model)
     if not trainable:

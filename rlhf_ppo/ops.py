@@ -37,10 +37,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
         dim: reduce only this dim; None reduces all.
     A row (or batch) with no valid position gives 0, not NaN.
     """
-    mask = mask.to(x.dtype)
-    total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
-    count = mask.sum() if dim is None else mask.sum(dim)
-    return total / count.clamp(min=1)
+    count = mask.to(x.dtype).sum() if dim is None else mask.to(x.dtype).sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

@@ -23,7 +23,13 @@ import torch
 
 from . import builtin
 from .config import ModelConfig, RewardConfig, RewardSource
-from .models import backbone_hidden, load_sequence_classifier, resolve, zero3_partitioned_loading
+from .models import (
+    backbone_hidden,
+    load_pretrained,
+    load_sequence_classifier,
+    resolve,
+    zero3_partitioned_loading,
+)
 from .ops import RunningMoments
 from .rollout import Rollout
 
@@ -157,14 +163,13 @@ class ModelReward:
                  batch_size: int):
         from transformers import AutoTokenizer
 
-        from .models import _load
 
         self.key, self.name, self.batch_size = key, source.model, batch_size
         with zero3_partitioned_loading(model_cfg.shard_frozen_models):
             self.model = load_sequence_classifier(source.model, model_cfg, f"{key}.model")
         self.scorer = SequenceScorer(self.model)
         path = resolve(source.model, f"{key}.model")
-        self.tokenizer = _load(AutoTokenizer.from_pretrained, path, f"{key}.model",
+        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{key}.model",
                                trust_remote_code=model_cfg.trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token

@@ -513,7 +513,7 @@ class PPOTrainer:
         for _epoch in range(p.ppo_epochs):
             order = torch.randperm(B, generator=self.shuffle_gen)
             for mb_idx in order.split(mini):
-                mb = {k: v for k, v in rollout.select(mb_idx).items()}
+                mb = rollout.select(mb_idx)
                 mb_mask = mb["response_mask"]
                 # Denominators are global counts / processes: the engine averages gradients over
                 # processes, so each process's loss must be its share of the global token mean.
