@@ -416,13 +416,15 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)  # Config.__post_init__ validates once every section is built
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build a validated Config from a nested dict (e.g. parsed YAML)."""
+def config_from_dict(data: dict[str, Any], cls: type = Config) -> Any:
+    """Build a validated config of dataclass `cls` (default: the PPO :class:`Config`) from a
+    nested dict (e.g. parsed YAML). Other commands (sft, reward, evaluate) pass their own class;
+    validation lives in each class's ``__post_init__``."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {data!r}")
-    return _build(Config, data)
+    return _build(cls, data)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -454,8 +456,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config file (or the defaults when `path` is None) with dotted overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type = Config) -> Any:
+    """Load a YAML config file (or the defaults when `path` is None) with dotted overrides, as
+    dataclass `cls` (default: the PPO :class:`Config`)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -468,12 +472,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
     apply_overrides(data, overrides or [])
-    return config_from_dict(data)
+    return config_from_dict(data, cls)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the config as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write a config dataclass as YAML."""
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- field docs
