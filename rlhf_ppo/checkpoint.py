@@ -187,6 +187,12 @@ def load_weights(model, folder: Path) -> None:
 
         set_peft_model_state_dict(model.policy, load_file(folder / "adapter_model.safetensors"),
                                   adapter_name="default")
+        if model.critic_adapter is not None:
+            name = model.critic_adapter
+            set_peft_model_state_dict(model.policy,
+                                      load_file(folder / name / "adapter_model.safetensors"),
+                                      adapter_name=name)
+            folder = folder / name  # its value head lies beside it
     else:
         saved = AutoModelForCausalLM.from_pretrained(folder,
                                                      dtype=next(model.policy.parameters()).dtype)

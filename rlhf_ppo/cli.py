@@ -1,32 +1,106 @@
-"""The ``rlhf-ppo`` command line: ``rlhf-ppo train --config FILE key.sub=value ...``."""
+"""The ``rlhf-ppo`` command line.
+
+``rlhf-ppo train|sft|reward|evaluate --config FILE key.sub=value ...`` and ``rlhf-ppo quickstart``.
+Exit codes: 0 done, 2 config error, 1 data/model/reward/checkpoint error, 128+signal when
+interrupted (a checkpoint is saved first).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 
 from .config import ConfigError, iter_fields, load_config
 
+# command -> (module, config class, run function, help)
+COMMANDS = {
+    "train": ("rlhf_ppo.config", "Config", None, "align a policy to a reward with PPO"),
+    "sft": ("rlhf_ppo.sft", "SFTConfig", "run_sft", "supervised fine-tuning on prompt/response data"),
+    "reward": ("rlhf_ppo.reward_training", "RewardTrainConfig", "run_reward_training",
+               "train a reward model on preference pairs (Bradley-Terry)"),
+    "evaluate": ("rlhf_ppo.evaluate", "EvalConfig", "run_evaluate",
+                 "sample from policy and reference, score, and write report.html"),
+}
 
-def _fields_help() -> str:
+
+def _fields_help(command: str) -> str | None:
+    try:
+        cls = _config_class(command)
+    except ImportError:  # an optional stage whose module failed to import: no key list
+        return None
     lines = ["config keys (override any with key.sub=value):"]
-    for key, tp, default, doc in iter_fields():
+    for key, tp, default, doc in iter_fields(cls):
         lines.append(f"  {key} ({tp}, default {default!r}): {doc}")
     return "\n".join(lines)
 
 
+def _config_class(command: str):
+    module, cls, _, _ = COMMANDS[command]
+    return getattr(importlib.import_module(module), cls)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rlhf-ppo``."""
-    parser = argparse.ArgumentParser(prog="rlhf-ppo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="rlhf-ppo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="align a policy to a reward with PPO",
-                           epilog=_fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--config", help="YAML config file (default: the built-in defaults)")
-    train.add_argument("overrides", nargs="*", metavar="key.sub=value",
+    for name, (_, _, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, epilog=_fields_help(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", help="YAML config file (default: the built-in defaults)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                        help="dotted overrides, values parsed as YAML")
+    q = sub.add_parser("quickstart", help="the whole pipeline offline on a built-in review task: "
+                       "SFT, reward model, PPO, evaluation report")
+    q.add_argument("--output-dir", default="runs/quickstart", help="folder for every stage's output")
+    q.add_argument("--fresh", action="store_true", help="rerun every stage even if its output exists")
     return parser
+
+
+def _errors():
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .models import ModelLoadError
+    from .rewards import RewardError
+    from .trainer import NonFiniteError
+
+    return (DataError, ModelLoadError, RewardError, NonFiniteError, CheckpointError)
+
+
+def _train(cfg, args) -> int:
+    from .trainer import PPOTrainer, TrainingInterrupted
+
+    try:
+        history = PPOTrainer(cfg).train()
+    except TrainingInterrupted as e:
+        again = " ".join(["rlhf-ppo train"] + (["--config", args.config] if args.config else [])
+                         + [o for o in args.overrides if not o.startswith("resume_from=")]
+                         + ["resume_from=latest"])
+        print(f"rlhf-ppo: {e}. Resume with:\n  {again}", file=sys.stderr)
+        return 128 + e.signum
+    if history and int(os.environ.get("RANK", "0")) == 0:
+        first, last = history[0], history[-1]
+        print(f"done: {len(history)} iterations, score_mean {first['score_mean']:.3f} -> "
+              f"{last['score_mean']:.3f}, kl {last['kl']:.3f}; policy saved to "
+              f"{cfg.output_dir}/final")
+    return 0
+
+
+def _run(args) -> int:
+    if args.command == "quickstart":
+        from .quickstart import run_quickstart
+
+        run_quickstart(args.output_dir, fresh=args.fresh)
+        return 0
+    cfg = load_config(args.config, args.overrides, cls=_config_class(args.command))
+    if args.command == "train":
+        return _train(cfg, args)
+    module, _, fn, _ = COMMANDS[args.command]
+    getattr(importlib.import_module(module), fn)(cfg)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,34 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
+        return _run(args)
     except ConfigError as e:
         print(f"rlhf-ppo: config error: {e}", file=sys.stderr)
         return 2
-    if args.command == "train":
-        from .checkpoint import CheckpointError
-        from .data import DataError
-        from .models import ModelLoadError
-        from .rewards import RewardError
-        from .trainer import NonFiniteError, PPOTrainer, TrainingInterrupted
-
-        try:
-            history = PPOTrainer(cfg).train()
-        except ConfigError as e:
-            print(f"rlhf-ppo: config error: {e}", file=sys.stderr)
-            return 2
-        except TrainingInterrupted as e:
-            again = " ".join(["rlhf-ppo train"] + (["--config", args.config] if args.config else [])
-                             + [o for o in args.overrides if not o.startswith("resume_from=")]
-                             + ["resume_from=latest"])
-            print(f"rlhf-ppo: {e}. Resume with:\n  {again}", file=sys.stderr)
-            return 128 + e.signum
-        except (DataError, ModelLoadError, RewardError, NonFiniteError, CheckpointError) as e:
-            print(f"rlhf-ppo: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
-        if history and int(os.environ.get("RANK", "0")) == 0:
-            first, last = history[0], history[-1]
-            print(f"done: {len(history)} iterations, score_mean {first['score_mean']:.3f} -> "
-                  f"{last['score_mean']:.3f}, kl {last['kl']:.3f}; policy saved to "
-                  f"{cfg.output_dir}/final")
-    return 0
+    except _errors() as e:
+        print(f"rlhf-ppo: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1

@@ -266,19 +266,44 @@ def transformer(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+@contextmanager
+def active_adapter(model: nn.Module, name: str | None):
+    """Run a PEFT model with adapter ``name`` active (None: every adapter off, the bare base),
+    leaving every parameter's ``requires_grad`` alone. (PEFT's ``set_adapter`` and the exit of
+    ``disable_adapter`` also freeze the inactive adapters; with a policy and a critic adapter
+    that both train, that would silently stop one of them from learning.)"""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    for m in layers:
+        if name is None:
+            m._disable_adapters = True
+        else:
+            m._active_adapter = [name]
+    try:
+        yield
+    finally:
+        for m, (a, d) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = a, d
+
+
 class ActorCritic(nn.Module):
     """The trained models in one module, so one ``accelerator.prepare`` wraps them and one
     forward pass yields log-probs, entropies and values.
 
     ``critic="shared"``: a linear value head on the policy's last hidden state (one backbone pass).
     ``critic="separate"``: a sequence-classification model whose ``score`` head is applied to
-    every position.
+    every position; with LoRA (``critic_adapter``), a second adapter of the policy's base with a
+    value head on its last hidden state, so the critic costs no second copy of the weights.
     """
 
-    def __init__(self, policy: nn.Module, critic: nn.Module | None = None):
+    def __init__(self, policy: nn.Module, critic: nn.Module | None = None,
+                 critic_adapter: str | None = None):
         super().__init__()
         self.policy = policy
         self.critic = critic
+        self.critic_adapter = critic_adapter
         hidden_size = transformer(policy).config.get_text_config().hidden_size
         # Zero init: values start at 0, as in lm-human-preferences (value head init_scale=0).
         self.value_head = nn.Linear(hidden_size, 1) if critic is None else None
@@ -292,14 +317,20 @@ class ActorCritic(nn.Module):
         # FSDP's transformer-based auto wrap reads this to find the layer classes to shard.
         return no_split_modules(self.policy, self.critic)
 
+    def _is_critic_adapter(self, name: str) -> bool:
+        return self.critic_adapter is not None and f".{self.critic_adapter}." in name
+
     def policy_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the policy loss."""
-        return [p for p in self.policy.parameters() if p.requires_grad]
+        return [p for n, p in self.policy.named_parameters()
+                if p.requires_grad and not self._is_critic_adapter(n)]
 
     def critic_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the value head or separate critic."""
+        """Parameters of the value head (and critic adapter) or separate critic."""
         module = self.value_head if self.critic is None else self.critic
-        return [p for p in module.parameters() if p.requires_grad]
+        adapter = [p for n, p in self.policy.named_parameters()
+                   if p.requires_grad and self._is_critic_adapter(n)]
+        return [p for p in module.parameters() if p.requires_grad] + adapter
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
                 temperature: float = 1.0, with_entropy: bool = True, detach_backbone: bool = False
@@ -320,7 +351,12 @@ class ActorCritic(nn.Module):
         lm = transformer(self.policy)
         logprobs, entropy = token_logprobs(lm.get_output_embeddings(), lm.config,
                                            h_resp, tokens, temperature, with_entropy)
-        if self.critic is None:
+        if self.critic_adapter is not None:
+            with active_adapter(self.policy, self.critic_adapter):
+                c_hidden = backbone_hidden(self.policy, input_ids, attention_mask)
+            h_c = c_hidden[:, prompt_length - 1:-1]  # (B, R, H)
+            values = self.value_head(h_c.to(self.value_head.weight.dtype)).float().squeeze(-1)
+        elif self.critic is None:
             h_v = h_resp.detach() if detach_backbone else h_resp
             # The head is float32 unless an engine cast the whole module (DeepSpeed bf16).
             values = self.value_head(h_v.to(self.value_head.weight.dtype)).float().squeeze(-1)
@@ -382,30 +418,42 @@ class ReferenceModel(nn.Module):
     def _reference_weights(self):
         if not self.shared_peft:
             yield
-        elif self.adapter is None:
-            with self.lm.disable_adapter():
-                yield
         else:
-            active = self.lm.active_adapter
-            self.lm.set_adapter(self.adapter, inference_mode=True)
-            try:
+            with active_adapter(self.lm, self.adapter):
                 yield
-            finally:  # set_adapter also restores requires_grad of the trained adapter
-                self.lm.set_adapter(active)
+
+
+CRITIC_ADAPTER = "critic"
+
+
+def lora_config(peft_cfg):
+    """The ``peft.LoraConfig`` of a ``PeftConfig`` section."""
+    from peft import LoraConfig
+
+    targets = peft_cfg.target_modules
+    return LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
+                      target_modules=targets[0] if targets == ["all-linear"] else targets,
+                      task_type="CAUSAL_LM")
+
+
+def add_critic_adapter(model: nn.Module, peft_cfg) -> str:
+    """Add a fresh trainable LoRA adapter for the critic to the policy's PEFT model (same rank
+    and targets); the trainable set afterwards: "default" and the critic, never "reference"."""
+    model.add_adapter(CRITIC_ADAPTER, lora_config(peft_cfg))
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(".default." in name or f".{CRITIC_ADAPTER}." in name)
+    return CRITIC_ADAPTER
 
 
 def apply_lora(base: nn.Module, peft_cfg) -> tuple[nn.Module, str | None]:
     """Wrap ``base`` with a trainable LoRA adapter ("default"). With ``peft.adapter_path`` the
     existing adapter is loaded twice: frozen as "reference" and trainable as "default" (a copy
     that PPO trains). Returns the PEFT model and the reference adapter's name (None: bare base)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     if peft_cfg.adapter_path is None:
-        targets = peft_cfg.target_modules
-        lora = LoraConfig(r=peft_cfg.r, lora_alpha=peft_cfg.alpha, lora_dropout=peft_cfg.dropout,
-                          target_modules=targets[0] if targets == ["all-linear"] else targets,
-                          task_type="CAUSAL_LM")
-        return get_peft_model(base, lora), None
+        return get_peft_model(base, lora_config(peft_cfg)), None
     path = peft_cfg.adapter_path
     try:
         model = PeftModel.from_pretrained(base, path, adapter_name="reference", is_trainable=False)
@@ -427,6 +475,12 @@ def build_actor_critic(cfg: ModelConfig, peft_cfg=None) -> tuple[ActorCritic, Re
                                  "base model (or peft.adapter_path); expected null")
         policy, ref_adapter = apply_lora(policy, peft_cfg)
         ref = ReferenceModel(policy, shared_peft=True, adapter=ref_adapter)
+        if cfg.critic == "separate":
+            if cfg.critic_name_or_path is not None:
+                raise ModelLoadError("model.critic_name_or_path: with peft.enabled the separate "
+                                     "critic is a second adapter on the policy's base; expected null")
+            ac = ActorCritic(policy, critic_adapter=add_critic_adapter(policy, peft_cfg))
+            return ac, ref
     elif cfg.ref_name_or_path is None and not is_partitioned(policy):
         ref = copy.deepcopy(policy)
     else:  # a separate checkpoint, or ZeRO-3 (a copy of partitioned weights is empty): load
@@ -475,13 +529,19 @@ def save_actor_critic(ac: ActorCritic, tokenizer, folder: str | Path,
     if is_peft(ac.policy):  # the trained adapter only ("reference" is the frozen starting one)
         ac.policy.save_pretrained(folder, selected_adapters=["default"],
                                   state_dict=_sub_state(state, "policy."))
+        if ac.critic_adapter is not None:  # PEFT writes a named adapter to folder/NAME
+            ac.policy.save_pretrained(folder, selected_adapters=[ac.critic_adapter],
+                                      state_dict=_sub_state(state, "policy."))
     else:
         ac.policy.save_pretrained(folder, state_dict=_sub_state(state, "policy."))
     tokenizer.save_pretrained(folder)
     if ac.value_head is not None:
         head = _sub_state(state, "value_head.")
+        # A critic adapter's head belongs beside it, not beside the policy (whose own value
+        # head a later run would load).
+        head_dir = folder / ac.critic_adapter if ac.critic_adapter is not None else folder
         save_file({k: v.detach().cpu().contiguous() for k, v in head.items()},
-                  folder / VALUE_HEAD_FILE)
+                  head_dir / VALUE_HEAD_FILE)
     else:
         ac.critic.save_pretrained(folder / "critic", state_dict=_sub_state(state, "critic."))
         tokenizer.save_pretrained(folder / "critic")

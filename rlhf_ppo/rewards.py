@@ -59,6 +59,17 @@ def length_target(prompts: list[str], responses: list[str], target: int = 10,
     return [-abs(len(r.split()) - target) / target for r in responses]
 
 
+def repeated_words(prompts: list[str], responses: list[str], **kwargs) -> list[float]:
+    """Minus the share of each response's words that repeat an earlier word (case and punctuation
+    ignored): 0 when every word is new, -0.75 for "very very very very". A fluency guard that
+    penalises the loops a reward-hacking policy falls into; 0 for an empty response."""
+    scores = []
+    for text in responses:
+        words = [w for w in re.findall(r"[\w']+", text.lower())]
+        scores.append(-(len(words) - len(set(words))) / len(words) if words else 0.0)
+    return scores
+
+
 def response_length(prompts: list[str], responses: list[str], **kwargs) -> list[float]:
     """Number of whitespace-separated words in each response."""
     return [float(len(r.split())) for r in responses]

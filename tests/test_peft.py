@@ -128,3 +128,56 @@ def test_reference_checkpoint_with_lora_is_refused(tmp_path):
 
     with pytest.raises(ModelLoadError, match="model.ref_name_or_path"):
         PPOTrainer(lora_config(tmp_path, "model.ref_name_or_path=builtin:tiny"))
+
+
+def test_critic_adapter_shares_the_base_trains_and_resumes(tmp_path):
+    """model.critic=separate with LoRA: a second adapter of the same base plus a value head."""
+    from peft import PeftModel
+
+    from rlhf_ppo.builtin import resolve_model
+
+    crit = ["model.critic=separate", "optim.critic_lr=5e-2"]
+    trainer = PPOTrainer(lora_config(tmp_path / "full", "iterations=4", *crit))
+    ac = trainer.unwrapped
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:tiny"))
+    policy_ids = {id(p) for p in ac.policy_parameters()}
+    critic_ids = {id(p) for p in ac.critic_parameters()}
+    named = {id(p): n for n, p in ac.named_parameters() if p.requires_grad}
+    assert not policy_ids & critic_ids and policy_ids | critic_ids == set(named)
+    assert all(".default." in named[i] for i in policy_ids)
+    assert all(".critic." in named[i] or named[i].startswith("value_head") for i in critic_ids)
+    frozen = sum(p.numel() for p in ac.parameters() if not p.requires_grad)
+    assert frozen == sum(p.numel() for p in base.parameters())  # the base exists once
+    before = {n: p.detach().clone() for n, p in ac.named_parameters() if p.requires_grad}
+    history = trainer.train()
+    ids, am, P, mask = batch(trainer)  # after training: it draws from the global generator
+    moved = {n for n, p in ac.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    assert any(".critic." in n for n in moved) and any(".default." in n for n in moved)
+    assert history[-1]["explained_variance"] != 0.0
+    with torch.no_grad():  # the reference is still the bare base
+        torch.testing.assert_close(trainer.ref(ids, am, P)[mask],
+                                   reference_logprobs(base, ids, am, P)[mask])
+    # the saved policy adapter reproduces the policy; the critic adapter is saved beside it
+    final = tmp_path / "full" / "final"
+    assert (final / "critic" / "adapter_model.safetensors").is_file()
+    assert (final / "critic" / "value_head.safetensors").is_file()
+    assert not (final / "value_head.safetensors").exists()
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        resolve_model("builtin:tiny")), final)
+    with torch.no_grad():
+        torch.testing.assert_close(reference_logprobs(adapter, ids, am, P)[mask],
+                                   policy_logprobs(trainer, ids, am, P)[mask])
+    # resuming restores both adapters and the head exactly
+    PPOTrainer(lora_config(tmp_path / "part", "iterations=2", "save_every=2", *crit)).train()
+    PPOTrainer(lora_config(tmp_path / "part", "iterations=4", "resume_from=latest", *crit)).train()
+    lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per"))}
+    assert [strip(m) for m in lines] == [strip(m) for m in history]
+
+
+def test_critic_adapter_refuses_a_critic_checkpoint(tmp_path):
+    from rlhf_ppo.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="model.critic_name_or_path"):
+        PPOTrainer(lora_config(tmp_path, "model.critic=separate",
+                               "model.critic_name_or_path=builtin:tiny"))

@@ -581,3 +581,11 @@ def test_length_target_hand_values():
     # 10 words -> 0; 5 words -> -5/10; none -> -1; 15 words -> -5/10
     texts = [" ".join(["w"] * 10), "a b c d e", "", " ".join(["w"] * 15)]
     assert length_target([], texts, target=10) == [0.0, -0.5, -1.0, -0.5]
+
+
+def test_repeated_words_hand_values():
+    from rlhf_ppo.rewards import repeated_words
+
+    texts = ["a b c", "very very very very", "The sea, the SEA!", ""]
+    # 0 repeats of 3; 3 repeats of 4; "the sea the sea": 2 repeats of 4; empty
+    assert repeated_words([], texts) == [0.0, -0.75, -0.5, 0.0]

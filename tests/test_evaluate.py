@@ -1,0 +1,327 @@
+"""`rlhf-ppo evaluate`: statistics against hand-computed values, default resolution of the
+reference, and end-to-end runs on tiny models (a real 2-iteration PPO run, self-comparison, LoRA)."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_ppo import builtin
+from rlhf_ppo.cli import main
+from rlhf_ppo.config import ConfigError, ModelConfig, load_config
+from rlhf_ppo.evaluate import (
+    EvalConfig,
+    ModelSpec,
+    bootstrap_ci,
+    distinct_n,
+    find_run_config,
+    load_sides,
+    reference_from_run,
+    resolve_specs,
+    run_evaluate,
+    sequence_kl,
+    win_indicators,
+    win_rate,
+)
+from rlhf_ppo.models import ModelLoadError
+from rlhf_ppo.report import CURVE_KEYS, read_metrics
+from rlhf_ppo.rewards import keyword_share
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads on a busy machine spin-wait (a 64-wide
+    linear layer took 32 ms with 2 threads instead of 0.2 ms with 1 under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SMALL = ["num_prompts=4", "samples_per_prompt=2", "batch_size=2", "generation.max_new_tokens=8",
+         "bootstrap_samples=200", "data.max_prompt_length=16"]
+
+
+def evaluate(out: Path, policy: str, *overrides: str) -> tuple[dict, list[dict]]:
+    cfg = load_config(None, [f"policy={policy}", f"output_dir={out}", *SMALL, *overrides],
+                      cls=EvalConfig)
+    summary = run_evaluate(cfg)
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+# --------------------------------------------------------------------------- statistics
+
+def test_distinct_n_counts_unique_ngrams_over_all_responses():
+    seqs = [[1, 2, 3], [1, 2, 4]]
+    # unigrams 1 2 3 1 2 4: 4 unique of 6; bigrams (1,2) (2,3) (1,2) (2,4): 3 unique of 4
+    assert distinct_n(seqs, 1) == 4 / 6
+    assert distinct_n(seqs, 2) == 3 / 4
+    # a response shorter than n has no n-gram; no n-gram at all gives 0
+    assert distinct_n([[5], [5, 5, 5]], 2) == 1 / 2
+    assert distinct_n([[], [7]], 2) == 0.0
+    with pytest.raises(ValueError, match="n >= 1"):
+        distinct_n(seqs, 0)
+
+
+def test_win_rate_counts_ties_as_half():
+    policy, reference = [1.0, 2.0, 3.0, 3.0], [0.0, 2.0, 4.0, 1.0]
+    assert win_indicators(policy, reference).tolist() == [1.0, 0.5, 0.0, 1.0]
+    assert win_rate(policy, reference) == (1 + 0.5 + 0 + 1) / 4
+    assert win_rate(reference, policy) == 1 - 0.625
+    with pytest.raises(ValueError, match="shapes differ"):
+        win_indicators([1.0], [1.0, 2.0])
+
+
+def test_bootstrap_ci_of_a_constant_is_the_constant():
+    assert bootstrap_ci([0.25] * 7, num_samples=50) == (0.25, 0.25)
+    assert bootstrap_ci(np.full((5, 3), -2.0), num_samples=50) == (-2.0, -2.0)
+    low, high = bootstrap_ci([0.1] * 10, num_samples=50)
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)
+
+
+def test_bootstrap_ci_hand_computed_two_values():
+    # Resampling [0, 1] twice gives means 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4, so the 30%
+    # and 70% quantiles (level 0.4) are both 1/2 (up to sampling noise far from the 1/4 and 3/4
+    # cumulative thresholds with 4000 resamples).
+    assert bootstrap_ci([0.0, 1.0], num_samples=4000, level=0.4, seed=1) == (0.5, 0.5)
+
+
+def test_bootstrap_ci_contains_mean_narrows_with_n_and_is_seeded():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(size=100), rng.normal(size=1600)
+    widths = []
+    for x in (small, large):
+        low, high = bootstrap_ci(x, num_samples=1000, seed=3)
+        assert low < x.mean() < high
+        widths.append(high - low)
+    # the width scales as 1/sqrt(n): 16x the data, about a quarter of the width
+    assert 2.5 < widths[0] / widths[1] < 6.0, widths
+    assert bootstrap_ci(small, seed=3) == bootstrap_ci(small, seed=3)
+    assert bootstrap_ci(small, seed=3) != bootstrap_ci(small, seed=4)
+
+
+def test_bootstrap_ci_resamples_prompts_with_their_samples():
+    # [N, K]: rows are resampled whole, so the interval equals that of the row means.
+    x = np.random.default_rng(1).normal(size=(30, 4))
+    assert bootstrap_ci(x, seed=5) == pytest.approx(bootstrap_ci(x.mean(axis=1), seed=5))
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_ci([])
+
+
+def test_sequence_kl_is_the_masked_sum_of_log_ratios():
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -7.0], [-0.5, -1.5, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # row 0: 0.5 - 1 + 4 = 3.5; row 1: 0 + 1 (the third token is past the stop) = 1
+    assert sequence_kl(lp, ref, mask).tolist() == [3.5, 1.0]
+    assert sequence_kl(lp, lp, mask).tolist() == [0.0, 0.0]
+
+
+# --------------------------------------------------------------------------- config and defaults
+
+@pytest.mark.parametrize("overrides, key", [
+    ([], "policy"),
+    (["policy=x", "samples_per_prompt=0"], "samples_per_prompt"),
+    (["policy=x", "num_prompts=0"], "num_prompts"),
+    (["policy=x", "ci_level=1.0"], "ci_level"),
+    (["policy=x", "bootstrap_samples=0"], "bootstrap_samples"),
+    (["policy=x", "generation.temperature=0"], "generation.temperature"),
+    (["policy=x", "reward.sources=[]"], "reward.sources"),
+    (["policy=x", "device=gpu0"], "device"),
+])
+def test_config_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, overrides, cls=EvalConfig)
+
+
+def test_reference_from_run_config():
+    plain = {"model": {"name_or_path": "init", "gguf_file": None}, "peft": {"enabled": False}}
+    assert reference_from_run(plain, "c.yaml") == ModelSpec(
+        "init", "reference (model.name_or_path in c.yaml)")
+    own_ref = {"model": {"name_or_path": "init", "ref_name_or_path": "sft", "ref_gguf_file": "r.gguf"}}
+    assert reference_from_run(own_ref, "c.yaml") == ModelSpec(
+        "sft", "reference (model.ref_name_or_path in c.yaml)", "r.gguf")
+    # LoRA: the base model (its GGUF file too), or the SFT adapter PPO started from over that base
+    lora = {"model": {"name_or_path": "base", "gguf_file": "b.gguf"}, "peft": {"enabled": True}}
+    assert reference_from_run(lora, "c.yaml") == ModelSpec(
+        "base", "reference (model.name_or_path in c.yaml)", "b.gguf")
+    lora["peft"]["adapter_path"] = "sft_adapter"
+    assert reference_from_run(lora, "c.yaml") == ModelSpec(
+        "sft_adapter", "reference (peft.adapter_path in c.yaml)", base="base", base_gguf_file="b.gguf")
+
+
+def test_reference_is_required_without_a_ppo_run_config(tmp_path, tiny_policy_dir):
+    folder = tmp_path / "final"
+    shutil.copytree(tiny_policy_dir, folder)
+    # the config of another stage beside the folder does not count
+    (tmp_path / "config.yaml").write_text("model: {name_or_path: base}\nepochs: 1\n")
+    assert find_run_config(folder) is None
+    cfg = EvalConfig(policy=str(folder))
+    with pytest.raises(ConfigError, match="^reference: no PPO run config"):
+        resolve_specs(cfg, folder, None)
+    (tmp_path / "config.yaml").write_text("model: {name_or_path: base}\nppo: {}\n")
+    run = find_run_config(folder)
+    assert run is not None and run[1] == (tmp_path / "config.yaml").resolve()
+    _, ref = resolve_specs(cfg, folder, run)
+    assert ref.name == "base"
+
+
+# --------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory, tiny_policy_dir):
+    """A real PPO run folder (config.yaml, metrics.jsonl, final/) trained for 2 iterations from the tiny
+    policy with a large learning rate, so the policy differs from its reference."""
+    from rlhf_ppo import PPOTrainer
+
+    out = tmp_path_factory.mktemp("ppo_run")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
+                      [f"output_dir={out}", f"model.name_or_path={tiny_policy_dir}", "iterations=2",
+                       "ppo.batch_size=4", "ppo.num_minibatches=1", "ppo.micro_batch_size=4",
+                       "ppo.ppo_epochs=1", "optim.lr=1e-2", "generation.max_new_tokens=8"])
+    PPOTrainer(cfg).train()
+    return out
+
+
+def test_cli_evaluates_a_ppo_run_with_consistent_outputs(tmp_path, ppo_run, tiny_policy_dir):
+    out = tmp_path / "eval"
+    assert main(["evaluate", f"policy={ppo_run / 'final'}", f"output_dir={out}", *SMALL]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    # the reference defaults to the run's initial policy, read from its config
+    assert summary["reference_path"] == tiny_policy_dir
+    assert [(r["prompt_index"], r["sample"]) for r in rows] == [(i, k) for i in range(4) for k in range(2)]
+    pol, ref = summary["policy"], summary["reference"]
+    assert pol["score"]["mean"] == pytest.approx(np.mean([r["policy_score"] for r in rows]))
+    assert ref["score"]["mean"] == pytest.approx(np.mean([r["reference_score"] for r in rows]))
+    assert pol["sources"][0]["mean"] == pytest.approx(pol["score"]["mean"])  # one source, weight 1
+    assert summary["score_diff"]["mean"] == pytest.approx(pol["score"]["mean"] - ref["score"]["mean"])
+    wins = [1.0 if r["policy_score"] > r["reference_score"] else
+            0.5 if r["policy_score"] == r["reference_score"] else 0.0 for r in rows]
+    assert summary["win_rate"]["mean"] == pytest.approx(np.mean(wins))
+    assert summary["kl"]["mean"] == pytest.approx(np.mean([r["kl"] for r in rows]))
+    assert pol["response_length"] == pytest.approx(np.mean([r["policy_length"] for r in rows]))
+    assert ref["stop_rate"] == pytest.approx(np.mean([r["reference_stopped"] for r in rows]))
+    for stat in (pol["score"], ref["score"], summary["win_rate"], summary["score_diff"], summary["kl"]):
+        assert stat["ci_low"] <= stat["mean"] <= stat["ci_high"]
+    # each score belongs to its response: recompute the reward function on the texts
+    for r in rows:
+        assert r["policy_score"] == pytest.approx(keyword_share([r["prompt"]], [r["policy_response"]])[0])
+        assert r["reference_score"] == pytest.approx(
+            keyword_share([r["prompt"]], [r["reference_response"]])[0])
+        assert 1 <= r["policy_length"] <= 8 and r["policy_source_scores"] == [r["policy_score"]]
+    assert any(r["kl"] != 0.0 for r in rows)  # the trained policy is not its reference
+    # the report: histogram and the run's training curves, every sample row
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2
+    assert page.count("<tr data-index=") == 8
+    # the curves plot keys the trainer actually writes
+    assert set(CURVE_KEYS) <= set(read_metrics(ppo_run / "metrics.jsonl")[0])
+
+
+def test_policy_against_itself_has_zero_kl_identical_samples_and_even_win_rate(tmp_path,
+                                                                               tiny_policy_dir):
+    summary, rows = evaluate(tmp_path, tiny_policy_dir, f"reference={tiny_policy_dir}")
+    assert all(r["policy_response"] == r["reference_response"] for r in rows)
+    assert [r["kl"] for r in rows] == [0.0] * 8
+    assert summary["kl"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert summary["win_rate"] == {"mean": 0.5, "ci_low": 0.5, "ci_high": 0.5}
+    assert summary["score_diff"]["mean"] == 0.0
+    for key in ("response_length", "stop_rate", "distinct_1", "distinct_2"):
+        assert summary["policy"][key] == summary["reference"][key]
+    # the K samples of a prompt differ (seeded, not repeated)
+    assert len({r["policy_response"] for r in rows}) > 4
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, tiny_policy_dir):
+    """A LoRA adapter over the tiny policy with random (non-zero) weights, saved without a
+    tokenizer (as an adapter-only folder may be)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    out = tmp_path_factory.mktemp("lora")
+    model.save_pretrained(out)
+    return out
+
+
+def test_lora_policy_shares_its_base_with_the_reference(tmp_path, lora_dir, tiny_policy_dir):
+    # without a run config the reference is required; the error names the adapter's base
+    with pytest.raises(ConfigError, match=re.escape(tiny_policy_dir)):
+        run_evaluate(EvalConfig(policy=str(lora_dir), output_dir=str(tmp_path / "x")))
+    cfg = ModelConfig(disable_dropout=True)
+    policy, reference = load_sides(ModelSpec(str(lora_dir), "policy"),
+                                   ModelSpec(tiny_policy_dir, "reference"), cfg)
+    assert reference.lm is policy.lm and reference.adapter_off  # one copy of the base weights
+    one_batch = "batch_size=4"
+    shared, shared_rows = evaluate(tmp_path / "shared", str(lora_dir), f"reference={tiny_policy_dir}",
+                                   one_batch)
+    # the same reference loaded on its own (another path to the same weights) gives the same numbers
+    copy = shutil.copytree(tiny_policy_dir, tmp_path / "base_copy")
+    separate, separate_rows = evaluate(tmp_path / "separate", str(lora_dir), f"reference={copy}",
+                                       one_batch)
+    assert [r["reference_response"] for r in shared_rows] == \
+        [r["reference_response"] for r in separate_rows]
+    assert [r["kl"] for r in shared_rows] == pytest.approx([r["kl"] for r in separate_rows])
+    assert shared["kl"]["mean"] != 0.0  # the adapter changes the distribution
+
+
+def test_lora_ppo_run_defaults_to_its_base_as_reference(tmp_path, tiny_policy_dir):
+    from rlhf_ppo import PPOTrainer
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
+                      [f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_policy_dir}",
+                       "iterations=1", "ppo.batch_size=4", "ppo.num_minibatches=1",
+                       "ppo.micro_batch_size=4", "ppo.ppo_epochs=1", "optim.lr=5e-2",
+                       "generation.max_new_tokens=8", "peft.enabled=true", "peft.r=4"])
+    PPOTrainer(cfg).train()
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").is_file()
+    summary, rows = evaluate(tmp_path / "eval", str(final))
+    assert summary["reference_path"] == tiny_policy_dir  # the run's base, from its config
+    assert any(r["kl"] != 0.0 for r in rows)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["policy=/no/such/policy"], 1, "policy: folder '/no/such/policy' not found"),
+    (["policy=POLICY", "reference=/no/such/ref"], 1, "reference: folder '/no/such/ref' not found"),
+    (["policy=POLICY", "reference=POLICY", "metrics_path=/no/metrics.jsonl"], 2, "metrics_path"),
+    (["policy=POLICY"], 2, "reference: no PPO run config"),
+    (["policy=POLICY", "samples_per_prompt=0"], 2, "samples_per_prompt: expected an integer >= 1"),
+    (["policy=EMPTY", "reference=POLICY"], 1, "holds neither config.json nor adapter_config.json"),
+])
+def test_bad_inputs_give_clear_errors(tmp_path, capsys, tiny_policy_dir, args, code, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("POLICY", tiny_policy_dir).replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    assert main(["evaluate", f"output_dir={tmp_path / 'out'}", *args]) == code
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_python_api_raises_the_error_types(tmp_path, tiny_policy_dir):
+    with pytest.raises(ModelLoadError, match="^policy: folder"):
+        run_evaluate(EvalConfig(policy=str(tmp_path / "missing"), reference=tiny_policy_dir))
+    with pytest.raises(ConfigError, match="^metrics_path"):
+        run_evaluate(EvalConfig(policy=tiny_policy_dir, reference=tiny_policy_dir,
+                                metrics_path=str(tmp_path / "missing.jsonl")))
+
+
+def test_builtin_policy_name_resolves(tmp_path):
+    # `builtin:tiny` resolves to its built folder, like any model name
+    summary, _ = evaluate(tmp_path, "builtin:tiny", "reference=builtin:tiny", "num_prompts=1",
+                          "samples_per_prompt=1")
+    assert summary["num_prompts"] == 1 and summary["kl"]["mean"] == 0.0
+    assert Path(builtin.resolve_model("builtin:tiny")).is_dir()
