@@ -223,6 +223,10 @@ class Config:
     """autocast the trained model's forward (float32 master weights); null: the launch config's"""
     on_nonfinite: Literal["error", "skip"] = "error"
     """a NaN/inf score, log-prob, loss or gradient: stop with an error, or skip the iteration's update"""
+    eval_every: int = 0
+    """every N iterations (and at the start), log greedy responses to fixed prompts to samples.jsonl; 0: off"""
+    eval_prompts: int = 4
+    """number of fixed prompts sampled every `eval_every` iterations"""
     report_to: list[Literal["tensorboard"]] = field(default_factory=list)
     """extra trackers through accelerate (`tensorboard`)"""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -283,6 +287,8 @@ def validate(cfg: Config) -> None:
     _check(p.kl_horizon >= 1, "ppo.kl_horizon", "an integer >= 1", p.kl_horizon)
     _check(p.target_kl is None or p.target_kl > 0, "ppo.target_kl", "a number > 0 or null",
            p.target_kl)
+    _check(cfg.eval_every >= 0, "eval_every", "an integer >= 0", cfg.eval_every)
+    _check(cfg.eval_prompts >= 1, "eval_prompts", "an integer >= 1", cfg.eval_prompts)
     _check(p.critic_warmup >= 0, "ppo.critic_warmup", "an integer >= 0", p.critic_warmup)
     _check(g.max_new_tokens >= 1, "generation.max_new_tokens", "an integer >= 1", g.max_new_tokens)
     _check(g.temperature > 0, "generation.temperature", "a number > 0", g.temperature)
@@ -491,7 +497,7 @@ def field_docs(cls: type) -> dict[str, str]:
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                 and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = nxt.value.value.strip()
+            docs[node.target.id] = " ".join(nxt.value.value.split())  # one line, even if wrapped
     return docs
 
 

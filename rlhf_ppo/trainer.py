@@ -6,6 +6,7 @@ Shape legend: ``B`` rollouts per process, ``P`` prompt length, ``R`` response le
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -76,7 +77,7 @@ class TrainingInterrupted(RuntimeError):
 # Keys that may differ between a run and its resumption (they do not change the trajectory).
 RESUMABLE_KEYS = {"iterations", "resume_from", "overwrite", "save_every", "keep_last",
                   "report_to", "output_dir", "on_nonfinite"}
-RUN_FILES = ("config.yaml", "metrics.jsonl", "final")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "final")
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -248,6 +249,7 @@ class PPOTrainer:
             with open(self.output_dir / "metrics.jsonl", "w") as f:
                 for m in self.history:
                     f.write(json.dumps(ckpt.json_safe(m)) + "\n")
+            _truncate_samples(self.output_dir / "samples.jsonl", self.iteration)
 
     @property
     def unwrapped(self) -> ActorCritic:
@@ -271,6 +273,8 @@ class PPOTrainer:
                    disable=not acc.is_main_process, dynamic_ncols=True)
         handlers = self._install_signal_handlers()
         try:
+            if cfg.eval_every and self.iteration == 0:
+                self.log_samples()  # the starting point
             while self.iteration < cfg.iterations:
                 metrics = self.step()
                 self.history.append(metrics)
@@ -278,6 +282,8 @@ class PPOTrainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
                                  ("score_mean", "kl", "kl_coef", "entropy", "clipfrac")})
+                if cfg.eval_every and self.iteration % cfg.eval_every == 0:
+                    self.log_samples()
                 signum, save_now = self._agreed_requests()
                 folder = self.output_dir / f"checkpoint-{self.iteration}"
                 if signum:
@@ -619,6 +625,31 @@ class PPOTrainer:
             acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))
                      and k != "iteration"}, step=self.iteration)
 
+    def log_samples(self) -> list[dict]:
+        """Greedy responses to the first ``eval_prompts`` prompts with their scores, logged and
+        appended to ``OUTPUT_DIR/samples.jsonl`` (a fixed set, so a user sees the generations
+        move). The random state is left untouched: a run with and without samples is the same."""
+        cfg, acc = self.cfg, self.accelerator
+        greedy = dataclasses.replace(cfg.generation, temperature=1.0, top_k=1, top_p=1.0)
+        devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            with generation_model(acc, self.model) as policy:  # every process: engines gather
+                r = generate(policy, self.sampler.prompts[: cfg.eval_prompts], self.tokenizer,
+                             greedy, acc.device)
+            scores, _ = self.rewards(r)
+        rows = [{"iteration": self.iteration, "prompt": p.text, "response": text,
+                 "score": float(score), "stopped": bool(stop)}
+                for p, text, score, stop in zip(r.prompts, r.response_texts, scores.tolist(),
+                                                      r.stopped.tolist())]
+        if acc.is_main_process:
+            with open(self.output_dir / "samples.jsonl", "a") as f:
+                for row in rows:
+                    f.write(json.dumps(ckpt.json_safe(row)) + "\n")
+            for row in rows:
+                logger.info("iteration %d sample (score %.3f): %r -> %r", self.iteration,
+                            row["score"], row["prompt"], row["response"])
+        return rows
+
     def save(self, folder: Path) -> None:
         """``save_pretrained`` the policy + tokenizer (and value head / critic) into ``folder``.
         Every process takes part (sharded weights are gathered); the main process writes."""
@@ -638,6 +669,16 @@ class PPOTrainer:
             tmp.rename(folder)
             logger.info("saved the policy to %s", folder)
         acc.wait_for_everyone()
+
+
+def _truncate_samples(path: Path, iteration: int) -> None:
+    """Drop ``samples.jsonl`` rows logged after ``iteration`` (a run resumed from an earlier
+    checkpoint logs them again)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["iteration"] <= iteration]
+    path.write_text("".join(row + "\n" for row in rows))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

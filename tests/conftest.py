@@ -27,7 +27,8 @@ def _isolated_cache(tmp_path_factory):
     old = os.environ.get("RLHF_PPO_CACHE")
     os.environ["RLHF_PPO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["HF_HUB_OFFLINE"] = "1"
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # Tiny models: one thread is fastest, and several spin against each other on a busy machine.
+    torch.set_num_threads(1)
     yield
     if old is None:
         os.environ.pop("RLHF_PPO_CACHE", None)

@@ -252,3 +252,24 @@ def test_mixed_precision_bf16_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(m["policy_loss"] is not None for m in lines)
+
+
+def test_eval_every_logs_fixed_greedy_samples_without_changing_the_run(tmp_path):
+    small = ["ppo.batch_size=8", "ppo.micro_batch_size=8", "generation.max_new_tokens=6"]
+    plain = PPOTrainer(load_config(TINY, [f"output_dir={tmp_path / 'a'}", "iterations=4", *small])).train()
+    logged = PPOTrainer(load_config(TINY, [f"output_dir={tmp_path / 'b'}", "iterations=4",
+                                           "eval_every=2", "eval_prompts=3", *small]))
+    history = logged.train()
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per"))}
+    assert [strip(m) for m in history] == [strip(m) for m in plain]  # the RNG stream is untouched
+    rows = [json.loads(x) for x in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0] * 3 + [2] * 3 + [4] * 3
+    prompts = [p.text for p in logged.sampler.prompts[:3]]
+    assert [r["prompt"] for r in rows] == prompts * 3
+    # greedy: the same policy gives the same responses; the score is the reward function's
+    again = logged.log_samples()
+    assert [r["response"] for r in again] == [r["response"] for r in rows[-3:]]
+    from rlhf_ppo.rewards import keyword_share
+
+    assert [r["score"] for r in rows] == pytest.approx(
+        keyword_share([], [r["response"] for r in rows]))

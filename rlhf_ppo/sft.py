@@ -1,0 +1,429 @@
+"""Supervised fine-tuning (``rlhf-ppo sft``): next-token loss on the response tokens of
+prompt/response or chat data, before PPO.
+
+Sequences are laid out the way PPO will see them: the prompt tokenized as ``data.load_prompts``
+does (chat prompts through the chat template with the generation prompt), then the response's own
+tokens, then EOS, the token at which PPO's rollouts stop. Labels are the input ids with
+``IGNORE_INDEX`` on everything the model should not learn to produce (prompt, padding).
+
+Shape legend: ``B`` sequences (examples, or packed blocks) in a micro-batch, ``L`` their padded
+length, ``N`` label tokens in it, ``H`` hidden size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from . import finetune as ft
+from .config import ModelConfig, PeftConfig, config_from_dict, save_config
+from .data import DataError, _is_messages, render_prompt
+from .finetune import TrainConfig, check
+from .models import apply_lora, is_peft, load_causal_lm, load_tokenizer, token_logprobs, transformer
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""label of tokens that carry no loss (prompt, padding), as in transformers"""
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclass
+class SFTDataConfig:
+    path: str | None = None
+    """training data: local .json/.jsonl/.csv/.parquet file, `save_to_disk` folder, or hub id"""
+    split: str = "train"
+    """dataset split of `path`"""
+    eval_path: str | None = None
+    """held-out data in the same format (default: `eval_fraction` of `path`)"""
+    eval_split: str = "test"
+    """dataset split of `eval_path` (any name for a local file)"""
+    eval_fraction: float = 0.1
+    """share of `path` held out for the eval loss when there is no `eval_path` (0: no eval)"""
+    prompt_column: str = "prompt"
+    """column with the prompt: a string, or chat messages rendered with the generation prompt"""
+    response_column: str = "response"
+    """column with the response text (tokenized on its own and appended to the prompt's tokens)"""
+    messages_column: str = "messages"
+    """column with whole conversations (used when present): the loss covers every assistant turn"""
+    max_length: int = 512
+    """longest example in tokens (prompt + response + EOS)"""
+    truncate_long: bool = False
+    """cut longer examples to their first `max_length` tokens instead of dropping them"""
+    append_eos: bool = True
+    """end each response with EOS (learned), so the policy learns to stop where PPO's rollouts stop"""
+    packing: bool = False
+    """pack examples into blocks of `max_length` tokens (attention kept within each); off: pad"""
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = "runs/sft"
+    """folder for metrics.jsonl, config.yaml and the fine-tuned model (OUTPUT_DIR/final)"""
+    seed: int = 0
+    """random seed for the eval split, data order and new weights (LoRA)"""
+    overwrite: bool = False
+    """start afresh in an output_dir that holds another run (its files are deleted)"""
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """autocast the forward (float32 master weights); null: the launch config's"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the causal LM to fine-tune (model.name_or_path, tokenizer, revision, dtype, gguf_file, ...)"""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """LoRA: train an adapter instead of all weights (saved in final/, merged copy optional)"""
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    """prompt/response or chat data"""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """optimisation"""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of the config (YAML/JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+
+def validate(cfg: SFTConfig) -> None:
+    """Value ranges and cross-field constraints; ConfigError naming the key."""
+    d = cfg.data
+    check(bool(d.path), "data.path", "a .json/.jsonl/.csv/.parquet file, dataset folder or hub id",
+          d.path)
+    check(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)", d.eval_fraction)
+    check(d.max_length >= 2, "data.max_length", "an integer >= 2", d.max_length)
+    for key in ("prompt_column", "response_column", "messages_column"):
+        check(getattr(d, key) != "", f"data.{key}", "a column name", getattr(d, key))
+    ft.validate_train(cfg.train)
+    ft.validate_model_keys(cfg.model, "sft")
+    ft.validate_peft(cfg.peft)
+
+
+# --------------------------------------------------------------------------- examples
+
+@dataclass
+class SFTExample:
+    """One training sequence (an example, or several packed into a block)."""
+
+    input_ids: list[int]
+    """token ids"""
+    labels: list[int]
+    """the token id where the model learns to produce it, ``IGNORE_INDEX`` elsewhere"""
+    position_ids: list[int]
+    """0, 1, 2, ... restarting at every packed example"""
+
+
+def encode_prompt_response(prompt: Any, response: Any, tokenizer, row: int, data: SFTDataConfig
+                           ) -> SFTExample:
+    """Prompt tokens (as ``data.load_prompts`` encodes a prompt: special tokens added to plain
+    text, none to a rendered chat template), then the response's tokens and EOS, labelled."""
+    text, messages = render_prompt(prompt, tokenizer, row, data.prompt_column)
+    prompt_ids = tokenizer(text, add_special_tokens=messages is None)["input_ids"]
+    if not isinstance(response, str) or not response.strip():
+        raise DataError(f"data.response_column {data.response_column!r}: row {row} is "
+                        f"{type(response).__name__} {str(response)[:80]!r}; expected a non-empty string")
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if data.append_eos:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    return SFTExample(ids, labels, list(range(len(ids))))
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    Turn i's span runs from the end of the rendering of ``messages[:i]`` with the generation
+    prompt (what PPO would give the policy) to the end of ``messages[:i + 1]`` (so it includes
+    the template's end-of-turn markup, which the model must learn to emit). A turn whose
+    rendering is not a prefix of the whole (templates that rewrite earlier turns) stays context.
+    """
+    full = _render(tokenizer, messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or i == 0:
+            continue
+        before = _render(tokenizer, messages[:i], True)
+        upto = full if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1], False)
+        if upto.startswith(before) and full.startswith(upto) and len(upto) > len(before):
+            spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode_chat(messages: Any, tokenizer, row: int, data: SFTDataConfig) -> SFTExample:
+    """The conversation through the chat template, labelled on its assistant turns (see
+    :func:`assistant_spans`). EOS is appended, labelled, when the conversation ends with an
+    assistant turn whose rendering does not already contain it."""
+    column = f"data.messages_column {data.messages_column!r}"
+    if not _is_messages(messages):
+        raise DataError(f"{column}: row {row} is {type(messages).__name__} "
+                        f"{str(messages)[:80]!r}; expected a list of chat messages "
+                        "({'role': ..., 'content': ...})")
+    if tokenizer.chat_template is None:
+        raise DataError(f"{column}: row {row} holds chat messages but the tokenizer has no chat "
+                        "template")
+    full, spans = assistant_spans(messages, tokenizer)
+    if not spans:
+        raise DataError(f"{column}: row {row} has no assistant turn after another message; "
+                        "expected e.g. a user turn followed by an assistant turn")
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:
+        raise DataError(f"{column}: chat data needs a fast tokenizer (character offsets locate "
+                        "the assistant turns)") from e
+    ids = list(enc["input_ids"])
+    labels = [tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+              for tok, (start, _) in zip(ids, enc["offset_mapping"])]
+    s_last, e_last = spans[-1]
+    last_turn = [t for t, (start, _) in zip(ids, enc["offset_mapping"]) if s_last <= start < e_last]
+    ends_with_assistant = e_last == len(full)
+    if data.append_eos and ends_with_assistant and tokenizer.eos_token_id not in last_turn:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return SFTExample(ids, labels, list(range(len(ids))))
+
+
+def fit_length(ex: SFTExample, max_length: int, truncate: bool) -> SFTExample | None:
+    """The example if it fits; else its first ``max_length`` tokens (``truncate``) when some
+    label survives, else None (dropped)."""
+    if len(ex.input_ids) <= max_length:
+        return ex
+    if not truncate or all(x == IGNORE_INDEX for x in ex.labels[1:max_length]):
+        return None
+    return SFTExample(ex.input_ids[:max_length], ex.labels[:max_length], ex.position_ids[:max_length])
+
+
+def encode_rows(ds, tokenizer, data: SFTDataConfig, where: str) -> list[SFTExample]:
+    """Every row of a dataset as an :class:`SFTExample`, length-checked (drops/cuts logged)."""
+    chat = data.messages_column in ds.column_names
+    if not chat:
+        ft.check_columns(ds, [data.prompt_column, data.response_column], where,
+                         ["data.prompt_column", "data.response_column"])
+    elif len(ds) == 0:
+        raise DataError(f"{where}: no rows")
+    out, dropped, cut = [], 0, 0
+    for i, row in enumerate(ds):
+        if chat:
+            ex = encode_chat(row[data.messages_column], tokenizer, i, data)
+        else:
+            ex = encode_prompt_response(row[data.prompt_column], row[data.response_column],
+                                        tokenizer, i, data)
+        if not any(x != IGNORE_INDEX for x in ex.labels[1:]):
+            raise DataError(f"{where}: row {i} has no response token to learn")
+        fitted = fit_length(ex, data.max_length, data.truncate_long)
+        dropped += fitted is None
+        cut += fitted is not None and fitted is not ex
+        if fitted is not None:
+            out.append(fitted)
+    if dropped:
+        logger.warning("%s: dropped %d of %d examples longer than data.max_length=%d tokens (set "
+                       "data.truncate_long=true to keep them, cut)", where, dropped, len(ds),
+                       data.max_length)
+    if cut:
+        logger.warning("%s: cut %d of %d examples to data.max_length=%d tokens", where, cut,
+                       len(ds), data.max_length)
+    if not out:
+        raise DataError(f"data.max_length={data.max_length}: every example of {where} is longer "
+                        "(or keeps no response token when cut); raise it")
+    return out
+
+
+def load_examples(data: SFTDataConfig, tokenizer, seed: int
+                  ) -> tuple[list[SFTExample], list[SFTExample]]:
+    """``(train, eval)`` examples: from ``data.eval_path``, else a seeded ``eval_fraction``."""
+    train = encode_rows(ft.load_table(data.path, data.split, "data.path"), tokenizer, data,
+                        repr(data.path))
+    if data.eval_path is not None:
+        held = encode_rows(ft.load_table(data.eval_path, data.eval_split, "data.eval_path"),
+                           tokenizer, data, repr(data.eval_path))
+        return train, held
+    if data.eval_fraction > 0 and len(train) < 2:
+        raise DataError(f"data.eval_fraction: {data.path!r} has {len(train)} usable example(s); "
+                        "need at least 2 to hold one out (or set data.eval_fraction=0)")
+    return ft.split_eval(train, data.eval_fraction, seed)
+
+
+def pack(examples: list[SFTExample], max_length: int, seed: int) -> list[SFTExample]:
+    """Concatenate whole examples (in a seeded random order) into blocks of at most
+    ``max_length`` tokens, each example keeping its labels and its own positions 0, 1, ...
+
+    Next-fit: a block is closed when the next example does not fit (O(n), a little padding).
+    """
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    blocks: list[SFTExample] = []
+    cur = SFTExample([], [], [])
+    for i in order:
+        ex = examples[i]
+        if cur.input_ids and len(cur.input_ids) + len(ex.input_ids) > max_length:
+            blocks.append(cur)
+            cur = SFTExample([], [], [])
+        cur.input_ids += ex.input_ids
+        cur.labels += ex.labels
+        cur.position_ids += ex.position_ids
+    if cur.input_ids:
+        blocks.append(cur)
+    return blocks
+
+
+def collate(items: list[SFTExample], pad_id: int, packed: bool) -> dict[str, torch.Tensor | None]:
+    """Right-padded ``[B, L]`` tensors: ``input_ids``, ``labels`` (``IGNORE_INDEX`` on padding),
+    ``position_ids``, and ``attention_mask`` (1 on real tokens).
+
+    Packed: ``attention_mask`` is None, so transformers reads the example boundaries from the
+    restarting ``position_ids`` and keeps attention within each example (right padding needs no
+    mask: causal attention never looks ahead).
+    """
+    ids = ft.right_pad([x.input_ids for x in items], pad_id)
+    mask = ft.right_pad([[1] * len(x.input_ids) for x in items], 0)
+    return {"input_ids": ids,
+            "labels": ft.right_pad([x.labels for x in items], IGNORE_INDEX),
+            "position_ids": ft.right_pad([x.position_ids for x in items], 0),
+            "attention_mask": None if packed else mask}
+
+
+def label_count(batch: dict[str, torch.Tensor | None]) -> int:
+    """Tokens that carry loss: labels other than ``IGNORE_INDEX`` after the shift by one."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def micro_batches(items: list[SFTExample], size: int, pad_id: int, packed: bool) -> list[dict]:
+    """``items`` collated ``size`` at a time."""
+    return [collate(items[s:s + size], pad_id, packed) for s in range(0, len(items), size)]
+
+
+# --------------------------------------------------------------------------- loss
+
+class CausalLMLoss(nn.Module):
+    """Summed next-token negative log-likelihood of the labelled tokens of a micro-batch.
+
+    One root module around the LM, so ``accelerator.prepare`` wraps it (autocast, DDP) and the
+    forward below is the one that runs. Logits are computed only at the ``N`` positions that
+    predict a label, in chunks (``models.token_logprobs``), never as a full ``[B, L, V]`` tensor.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        lm = transformer(self.model)
+        hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state  # (B, L, H)
+        # Position t predicts token t+1.
+        targets = labels[:, 1:]  # (B, L-1)
+        keep = targets != IGNORE_INDEX
+        h = hidden[:, :-1][keep]  # (N, H)
+        logp, _ = token_logprobs(lm.get_output_embeddings(), lm.config, h[None],
+                                 targets[keep][None], with_entropy=False)  # (1, N)
+        return -logp.sum()
+
+
+def lm_loss(module: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``finetune.LossFn`` for SFT: summed NLL of a collated micro-batch (no extra stats)."""
+    dev = next(module.parameters()).device
+    moved = {k: (v.to(dev) if v is not None else None) for k, v in batch.items()}
+    return module(**moved), {}
+
+
+# --------------------------------------------------------------------------- run
+
+def load_model(cfg: SFTConfig) -> nn.Module:
+    """The causal LM, wrapped with a trainable LoRA adapter when ``peft.enabled``."""
+    m = cfg.model
+    model = load_causal_lm(m.name_or_path, m, "model.name_or_path", m.gguf_file)
+    if cfg.peft.enabled:
+        model, _ = apply_lora(model, cfg.peft)
+    return model
+
+
+def save_model(model: nn.Module, tokenizer, folder: Path, save_merged: bool) -> None:
+    """``save_pretrained`` model (or LoRA adapter) + tokenizer into ``folder``; with LoRA and
+    ``save_merged`` also the merged weights into ``folder/merged``."""
+    if is_peft(model):
+        # Only the trained adapter: with peft.adapter_path, "reference" is the frozen start.
+        model.save_pretrained(folder, selected_adapters=["default"])
+        tokenizer.save_pretrained(folder)
+        if save_merged:
+            merged = model.merge_and_unload(adapter_names=["default"])
+            merged.save_pretrained(folder / "merged")
+            tokenizer.save_pretrained(folder / "merged")
+        return
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def run_sft(cfg: SFTConfig) -> dict[str, Any]:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` and save it to ``OUTPUT_DIR/final``.
+
+    Writes ``OUTPUT_DIR/metrics.jsonl`` (one line per optimizer step: loss, lr, grad norm,
+    tokens; and the eval loss before and after training) and ``OUTPUT_DIR/config.yaml``.
+    Returns ``{"train_loss_first", "train_loss_last", "eval_loss_before", "eval_loss_after",
+    "steps", "train_examples", "eval_examples", "output", "merged"}`` (eval losses None without
+    eval data; ``merged``: the merged LoRA model's folder, or None).
+    """
+    from accelerate.utils import set_seed
+
+    cfg = config_from_dict(cfg.to_dict(), SFTConfig)  # re-check values changed after construction
+    acc = ft.make_accelerator(cfg.mixed_precision)
+    if acc.is_main_process:
+        save_config(cfg, ft.prepare_output_dir(cfg.output_dir, cfg.overwrite) / "config.yaml")
+    acc.wait_for_everyone()
+    final, metrics_file = Path(cfg.output_dir) / "final", Path(cfg.output_dir) / "metrics.jsonl"
+    set_seed(cfg.seed)
+
+    # step 1. tokenizer, examples (packed into blocks when asked), model
+    tokenizer = load_tokenizer(cfg.model)
+    pad = tokenizer.pad_token_id
+    train_ex, eval_ex = load_examples(cfg.data, tokenizer, cfg.seed)
+    logger.info("sft: %d training and %d held-out examples", len(train_ex), len(eval_ex))
+    items = pack(train_ex, cfg.data.max_length, cfg.seed) if cfg.data.packing else train_ex
+    model = load_model(cfg)
+    ft.check_context(model, max(len(x.input_ids) for x in items + eval_ex))
+
+    # step 2. optimizer, schedule, engine
+    t = cfg.train
+    plan = ft.step_plan(len(items), t, cfg.seed, acc.process_index, acc.num_processes)
+    optimizer, scheduler = ft.make_optimizer([p for p in model.parameters() if p.requires_grad],
+                                             t, len(plan))
+    module, optimizer = acc.prepare(CausalLMLoss(model), optimizer)
+
+    def step_batches(rows: list[int]) -> tuple[list[dict], list[float]]:
+        mbs = micro_batches([items[i] for i in rows], t.micro_batch_size, pad, cfg.data.packing)
+        return mbs, [label_count(b) for b in mbs]
+
+    eval_mbs = micro_batches(eval_ex, t.eval_batch_size, pad, packed=False)
+    eval_counts = [label_count(b) for b in eval_mbs]
+
+    # step 3. held-out loss before, the optimizer steps, held-out loss after
+    before = ft.log_eval(acc, module, eval_mbs, eval_counts, lm_loss, metrics_file, "before", 0)
+    history = ft.fit(acc, module, optimizer, scheduler, plan, step_batches, lm_loss,
+                     t.max_grad_norm, metrics_file, "sft", unit="tokens")
+    after = ft.log_eval(acc, module, eval_mbs, eval_counts, lm_loss, metrics_file, "after",
+                        len(plan))
+
+    # step 4. save (the main process writes)
+    merged = cfg.peft.enabled and cfg.peft.save_merged
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_model(ft.unwrap(acc, module), tokenizer, final, merged)
+        logger.info("sft: %d steps, train loss %.4f -> %.4f, held-out loss %s -> %s; saved to %s",
+                    len(plan), history[0]["loss"], history[-1]["loss"], ft.fmt(before.get("loss")),
+                    ft.fmt(after.get("loss")), final)
+    acc.wait_for_everyone()
+    return {"train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
+            "eval_loss_before": before.get("loss"), "eval_loss_after": after.get("loss"),
+            "steps": len(plan), "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+            "output": str(final), "merged": str(final / "merged") if merged else None}

@@ -1,0 +1,299 @@
+"""Reward-model training: the Bradley-Terry loss, pairs formatted exactly as PPO's ModelReward
+presents rollouts, a run that learns to rank held-out pairs and whose saved model ranks them the
+same way through ModelReward, LoRA merged into a plain classifier, errors and the CLI."""
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_ppo import builtin
+from rlhf_ppo import finetune as ft
+from rlhf_ppo.cli import main
+from rlhf_ppo.config import ConfigError, DataConfig, ModelConfig, PeftConfig, RewardSource, load_config
+from rlhf_ppo.data import DataError, Prompt, left_pad, load_prompts
+from rlhf_ppo.finetune import TrainConfig
+from rlhf_ppo.models import load_tokenizer
+from rlhf_ppo.reward_training import (
+    PairFormatter,
+    RewardDataConfig,
+    RewardScorer,
+    RewardTrainConfig,
+    bradley_terry_loss,
+    collate_pairs,
+    encode_pairs,
+    pair_loss,
+    run_reward_training,
+)
+from rlhf_ppo.rewards import ModelReward
+from rlhf_ppo.rollout import Rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+W = {w: i for i, w in enumerate(builtin.VOCAB_WORDS)}
+PAD, EOS = W["<pad>"], W["<eos>"]
+NEGATIVE_WORDS = ["bad", "sad", "boring", "awful", "worst", "dull"]
+
+
+def ids(text: str) -> list[int]:
+    return [W[w] for w in text.split()]
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """A review prompt; chosen continues it with positive words, rejected with negative ones."""
+    rng = random.Random(seed)
+
+    def phrase(words):
+        return " ".join(rng.choice(["very", "so", "really", "and"] + words) for _ in range(3)) \
+            + " " + rng.choice(words) + " ."
+
+    return [{"prompt": rng.choice(builtin.STEMS).format(s=rng.choice(builtin.SUBJECTS)),
+             "chosen": phrase(builtin.POSITIVE_WORDS), "rejected": phrase(NEGATIVE_WORDS)}
+            for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these models are tiny, and on a shared machine a second thread spends
+    its time waiting at every op's barrier."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_policy_dir):
+    return load_tokenizer(ModelConfig(name_or_path=tiny_policy_dir))
+
+
+def rm_cfg(start: str, path: str, out: Path, **kw) -> RewardTrainConfig:
+    train = dict(epochs=1, batch_size=16, micro_batch_size=16, lr=3e-3)
+    train.update(kw.pop("train", {}))
+    return RewardTrainConfig(output_dir=str(out), model=ModelConfig(name_or_path=start),
+                             data=RewardDataConfig(path=path, max_length=32, **kw.pop("data", {})),
+                             train=TrainConfig(**train), **kw)
+
+
+# --------------------------------------------------------------------------- the loss
+
+def test_bradley_terry_loss_against_hand_values():
+    chosen, rejected = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 3.0])
+    # -log sigmoid(d) = log(1 + exp(-d)), d = r_c - r_r - m
+    want = torch.tensor([math.log(1 + math.exp(-1.0)), math.log(2.0), math.log(1 + math.exp(4.0))])
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected), want)
+    margin = torch.tensor([0.5, -1.0, 0.0])
+    want_m = torch.tensor([math.log(1 + math.exp(-0.5)), math.log(1 + math.exp(-1.0)),
+                           math.log(1 + math.exp(4.0))])
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, margin), want_m)
+    # Finite for a huge gap in the wrong direction (no log(0)).
+    assert bradley_terry_loss(torch.tensor([-1e4]), torch.tensor([1e4])).item() == pytest.approx(2e4)
+
+
+# --------------------------------------------------------------------------- formatting
+
+def test_pairs_are_prompt_ids_then_response_ids_then_eos(tok):
+    f = PairFormatter(tok)
+    assert f.encode("the day was", "good .", 0, "c") == ids("the day was good .") + [EOS]
+    # Chat: the prompt through the template with the generation prompt, the last assistant
+    # message as the response.
+    conv = [{"role": "user", "content": "the day was"}, {"role": "assistant", "content": "fun"}]
+    assert f.encode(None, conv, 0, "c") == ids("user : the day was assistant : fun") + [EOS]
+    assert f.encode("the day was", [conv[1]], 0, "c") == ids("user : the day was assistant : fun") + [EOS]
+    no_eos = PairFormatter(tok, append_eos=False)
+    assert no_eos.encode("the day was", "good", 0, "c") == ids("the day was good")
+
+
+def _rollout(tok, prompts: list[Prompt], responses: list[str]) -> Rollout:
+    """A rollout as rollout.generate builds it: prompts left-padded, responses + EOS (stopped)."""
+    p_ids, p_mask = left_pad([p.input_ids for p in prompts], tok.pad_token_id)
+    resp = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
+    R = max(len(r) for r in resp)
+    r_ids = torch.full((len(resp), R), tok.pad_token_id)
+    r_mask = torch.zeros((len(resp), R), dtype=torch.long)
+    for i, r in enumerate(resp):
+        r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r), 1
+    return Rollout(input_ids=torch.cat([p_ids, r_ids], 1), attention_mask=torch.cat([p_mask, r_mask], 1),
+                   prompt_length=p_ids.shape[1], response_mask=r_mask,
+                   stopped=torch.ones(len(resp), dtype=torch.bool), prompts=prompts,
+                   response_texts=tok.batch_decode(r_ids, skip_special_tokens=True))
+
+
+@pytest.mark.parametrize("reward_tokenizer", ["same", "char", "char+chat"])
+def test_pairs_match_what_model_reward_scores(tok, tiny_policy_dir, char_reward_dir, tmp_path,
+                                              reward_tokenizer):
+    """The ids a pair is trained on are the ids ModelReward builds from the PPO rollout of the
+    same prompt and response: same tokenizer (the rollout's ids), or another (re-tokenized text,
+    with or without a chat template)."""
+    rm_dir = {"same": tiny_policy_dir, "char": char_reward_dir}.get(reward_tokenizer)
+    if reward_tokenizer == "char+chat":
+        char = builtin.build_char_tokenizer()
+        char.chat_template = builtin.CHAT_TEMPLATE
+        rm_dir = str(builtin.build_tiny_model(tmp_path / "rm", task="reward", tokenizer=char,
+                                              bos_token_id=None, eos_token_id=None))
+    if reward_tokenizer == "same":
+        rm_dir = str(builtin.build_tiny_model(tmp_path / "rm", task="reward"))
+    reward = ModelReward(RewardSource(model=rm_dir), "reward.sources[0]", ModelConfig(), tok, 4)
+    rows = [{"prompt": "i think the movie is", "response": "good and fun ."},
+            {"prompt": [{"role": "user", "content": "the day was"}], "response": "very nice"}]
+    chat_text = tok.apply_chat_template(rows[1]["prompt"], tokenize=False, add_generation_prompt=True)
+    prompts = load_prompts(DataConfig(path=write_jsonl(tmp_path / "p.jsonl", rows[:1])), tok) + \
+        [Prompt(chat_text, tok(chat_text, add_special_tokens=False)["input_ids"], rows[1]["prompt"])]
+    rollout = _rollout(tok, prompts, [r["response"] for r in rows])
+    want_ids, want_mask = reward._inputs(rollout)
+    f = PairFormatter(reward.tokenizer, tok)
+    assert f.same_tokenizer == (reward_tokenizer == "same")
+    for i, r in enumerate(rows):
+        got = f.encode(r["prompt"], r["response"], i, "chosen")
+        assert got == want_ids[i][want_mask[i].bool()].tolist()
+
+
+# --------------------------------------------------------------------------- a run
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_policy_dir):
+    """A reward model trained from the tiny causal LM (new score head) on 192 pairs, with 48 held
+    out in a separate file."""
+    d = tmp_path_factory.mktemp("rm_run")
+    rows = preference_rows(240)
+    train, held = write_jsonl(d / "train.jsonl", rows[:192]), write_jsonl(d / "held.jsonl", rows[192:])
+    cfg = rm_cfg(tiny_policy_dir, train, d / "out", data=dict(eval_path=held), train=dict(epochs=2))
+    return run_reward_training(cfg), rows[192:], d / "out"
+
+
+def test_reward_training_learns_to_rank_heldout_pairs(trained):
+    out, _, folder = trained
+    assert out["eval_pairs"] == 48 and out["train_pairs"] == 192 and out["steps"] == 24
+    assert out["eval_accuracy"] >= 0.9 and out["eval_accuracy"] > out["eval_accuracy_before"]
+    assert out["eval_loss"] < out["eval_loss_before"] < 1.0  # ~log 2 at a random head
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == list(range(1, 25))
+    evals = {m["stage"]: (m["eval_accuracy"], m["eval_loss"]) for m in lines if "eval_loss" in m}
+    assert evals == {"before": (out["eval_accuracy_before"], out["eval_loss_before"]),
+                     "after": (out["eval_accuracy"], out["eval_loss"])}
+
+
+def test_ppo_model_reward_scores_the_saved_model_as_trained(trained, tok, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out, held, _ = trained
+    final = out["output"]
+    model = AutoModelForSequenceClassification.from_pretrained(final)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == PAD
+    # PPO's path: the held-out prompts through load_prompts, the responses as generated tokens.
+    reward = ModelReward(RewardSource(model=final), "reward.sources[0]", ModelConfig(), tok, 16)
+    prompts = load_prompts(DataConfig(path=write_jsonl(tmp_path / "p.jsonl", held),
+                                      max_prompt_length=32), tok)
+    chosen = reward(_rollout(tok, prompts, [r["chosen"] for r in held]))
+    rejected = reward(_rollout(tok, prompts, [r["rejected"] for r in held]))
+    assert (chosen > rejected).float().mean().item() == pytest.approx(out["eval_accuracy"])
+    # ... and the very scores training computed for those pairs.
+    pairs = encode_pairs(ft.load_table(str(tmp_path / "p.jsonl"), "train", "data.path"),
+                         PairFormatter(tok), RewardDataConfig(path="x"), "held")
+    batch = collate_pairs(pairs, PAD)
+    with torch.no_grad():
+        scores = RewardScorer(model.eval())(batch["input_ids"], batch["attention_mask"])
+        loss, _ = pair_loss(RewardScorer(model.eval()), batch)
+    torch.testing.assert_close(scores, torch.cat([chosen, rejected]), atol=1e-5, rtol=1e-5)
+    assert loss.item() / len(held) == pytest.approx(out["eval_loss"], rel=1e-4)
+
+
+def test_lora_reward_model_is_saved_merged_as_a_plain_classifier(tmp_path, tiny_reward_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(80, seed=3))
+    cfg = rm_cfg(tiny_reward_dir, path, tmp_path / "out", data=dict(eval_fraction=0.25),
+                 peft=PeftConfig(enabled=True, r=4), train=dict(epochs=2, batch_size=20, micro_batch_size=10))
+    out = run_reward_training(cfg)
+    final = Path(out["output"])
+    assert not (final / "adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(final).eval()
+    # The merged weights give the accuracy measured on the PEFT model (same held-out split).
+    _, held = ft.split_eval(encode_pairs(ft.load_table(path, "train", "data.path"),
+                                         PairFormatter(load_tokenizer(ModelConfig(name_or_path=str(final)))),
+                                         RewardDataConfig(path=path), "p"), 0.25, 0)
+    batch = collate_pairs(held, PAD)
+    with torch.no_grad():
+        loss, stats = pair_loss(RewardScorer(model), batch)
+    assert stats["accuracy"].item() / len(held) == pytest.approx(out["eval_accuracy"])
+    assert loss.item() / len(held) == pytest.approx(out["eval_loss"], rel=1e-4)
+    assert out["eval_loss"] < out["eval_loss_before"]
+
+
+# --------------------------------------------------------------------------- data handling
+
+def test_margin_column_and_dropped_pairs_are_reported(tok, tmp_path, caplog):
+    rows = [{"prompt": "the day was", "chosen": "good .", "rejected": "bad .", "margin": 1.5},
+            {"prompt": "the day was", "chosen": "fun .", "rejected": "fun .", "margin": 0},
+            {"prompt": "the day was", "chosen": " ".join(["good"] * 40), "rejected": "bad", "margin": 2}]
+    ds = ft.load_table(write_jsonl(tmp_path / "d.jsonl", rows), "train", "data.path")
+    with caplog.at_level(logging.WARNING):
+        pairs = encode_pairs(ds, PairFormatter(tok), RewardDataConfig(path="x", max_length=16), "'d'")
+    assert [(p.chosen, p.rejected, p.margin) for p in pairs] == [
+        (ids("the day was good .") + [EOS], ids("the day was bad .") + [EOS], 1.5)]
+    assert "dropped 1 of 3 pairs whose 'chosen' and 'rejected' are identical" in caplog.text
+    assert "dropped 1 of 3 pairs longer than data.max_length=16" in caplog.text
+    # Cut instead: the last 16 tokens, so the scored end (EOS) stays.
+    cut = encode_pairs(ds, PairFormatter(tok), RewardDataConfig(path="x", max_length=16,
+                                                                truncate_long=True), "'d'")
+    assert cut[1].chosen == ids(" ".join(["good"] * 15)) + [EOS]
+    batch = collate_pairs(pairs, PAD)
+    assert batch["margin"].tolist() == [1.5]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "a", "good": "fun", "rejected": "bad"}], "data.chosen_column: column 'chosen' not in 'd'"),
+    ([{"chosen": "fun", "rejected": "fun"}],
+     "'d': no usable pair (every pair is identical chosen and rejected)"),
+    ([{"chosen": "fun", "rejected": "bad", "margin": "big"}], "data.margin_column 'margin': row 0 of 'd'"),
+    ([{"chosen": "fun", "rejected": 3}], "data.rejected_column 'rejected': row 0 is int"),
+    ([{"chosen": [{"role": "user", "content": "hi"}], "rejected": "bad"}],
+     "data.chosen_column 'chosen': row 0 is a conversation that does not end with an assistant"),
+])
+def test_bad_pairs_name_the_column(tok, tmp_path, rows, message):
+    ds = ft.load_table(write_jsonl(tmp_path / "d.jsonl", rows), "train", "data.path")
+    with pytest.raises(DataError) as e:
+        encode_pairs(ds, PairFormatter(tok), RewardDataConfig(path="x"), "'d'")
+    assert message in str(e.value)
+
+
+def test_missing_eval_file_names_the_key(tmp_path, tiny_policy_dir):
+    path = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(8))
+    cfg = rm_cfg(tiny_policy_dir, path, tmp_path / "out", data=dict(eval_path=str(tmp_path / "no.jsonl")))
+    with pytest.raises(DataError, match="data.eval_path: file .*no.jsonl.* not found"):
+        run_reward_training(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.rejected_column=chosen", "data.rejected_column: expected a column other than data.chosen_column"),
+    ("peft.adapter_path=x", "peft.adapter_path: expected null unless peft.enabled is true"),
+    ("model.critic=separate", "model.critic: expected 'shared' (not used by `rlhf-ppo reward`)"),
+    ("model.gguf_file=m.gguf", "model.gguf_file: expected null (not used by `rlhf-ppo reward`)"),
+    ("train.lr=0", "train.lr: expected a number > 0"),
+])
+def test_bad_config_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "reward_tiny.yaml", [override], cls=RewardTrainConfig)
+    assert message in str(e.value)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_reward_runs_the_example_config_and_refuses_bad_keys(tmp_path, tiny_policy_dir, capsys):
+    args = ["reward", "--config", str(ROOT / "configs" / "reward_tiny.yaml"), f"output_dir={tmp_path}",
+            f"model.name_or_path={tiny_policy_dir}",
+            f"data.path={ROOT / 'configs' / 'data' / 'pairs_tiny.jsonl'}", "train.max_steps=2"]
+    assert main(args) == 0
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2 + 2
+    assert main(["reward", "--config", str(ROOT / "configs" / "reward_tiny.yaml"),
+                 "data.chosen=x"]) == 2
+    assert "data.chosen: unknown key" in capsys.readouterr().err
