@@ -224,7 +224,7 @@ class Config:
     on_nonfinite: Literal["error", "skip"] = "error"
     """a NaN/inf score, log-prob, loss or gradient: stop with an error, or skip the iteration's update"""
     eval_every: int = 0
-    """every N iterations (and at the start), log greedy responses to fixed prompts to samples.jsonl; 0: off"""
+    """every N iterations (and at the start), log greedy responses to fixed prompts (samples.jsonl); 0: off"""
     eval_prompts: int = 4
     """number of fixed prompts sampled every `eval_every` iterations"""
     report_to: list[Literal["tensorboard"]] = field(default_factory=list)
