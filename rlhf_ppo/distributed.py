@@ -131,6 +131,20 @@ def generation_model(acc, model: nn.Module) -> Iterator[nn.Module]:
         yield unwrapped.policy
 
 
+def match_partitioned_dtype(model: nn.Module) -> None:
+    """Under ZeRO-3, cast the parameters made outside ``zero.Init`` (the value head) to the
+    dtype of the partitioned ones. A model loaded partitioned (bf16 under bf16 mixed precision)
+    is not cast again by the engine, and the stage-3 optimizer flattens every partition into one
+    buffer of a single dtype (it keeps float32 master weights itself)."""
+    dtypes = {p.dtype for p in model.parameters() if hasattr(p, "ds_id")}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    for p in model.parameters():
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def prepare_frozen(acc, model: nn.Module, shard: bool) -> nn.Module:
     """Put a frozen inference model (reference, reward) on the device: replicated on every
     process (default), or, with ``shard`` under ZeRO-3 / FSDP, sharded by an inference-only

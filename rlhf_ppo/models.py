@@ -25,6 +25,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Logits are computed for at most this many elements at a time (64M floats = 256 MB in float32),
 # so a float32 [B, L, V] tensor is never materialised for the whole batch.
 LOGITS_CHUNK_ELEMENTS = 1 << 26
+# Under autograd, logits of at most this many elements in all (8M: 32 MB in float32) are kept for
+# backward; larger ones are recomputed chunk by chunk (checkpointed). Recomputing costs a second
+# LM-head matmul, about a tenth of a small model's update.
+KEEP_LOGITS_ELEMENTS = 1 << 23
 
 
 class ModelLoadError(RuntimeError):
@@ -201,34 +205,42 @@ def _postprocess_logits(logits: torch.Tensor, config) -> torch.Tensor:
 
 def _chunk_logprobs(lm_head: nn.Module, config, hidden: torch.Tensor, tokens: torch.Tensor,
                     temperature: float, with_entropy: bool):
-    logits = _postprocess_logits(lm_head(hidden), config).float() / temperature  # (N, V)
+    logits = _postprocess_logits(lm_head(hidden), config).float()  # (N, V)
+    if temperature != 1.0:  # x / 1.0 == x exactly: skip a pass over [N, V]
+        logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
     token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N,)
     if not with_entropy:
         return token_logp, torch.zeros_like(token_logp)
-    return token_logp, -(logp.exp() * logp).sum(-1)
+    if torch.is_grad_enabled():  # autograd keeps exp's output: no in-place product
+        return token_logp, -(logp.exp() * logp).sum(-1)
+    return token_logp, -logp.exp().mul_(logp).sum(-1)  # same values, one [N, V] buffer fewer
 
 
 def token_logprobs(lm_head: nn.Module, config, hidden: torch.Tensor, tokens: torch.Tensor,
                    temperature: float = 1.0, with_entropy: bool = True,
-                   chunk_elements: int = LOGITS_CHUNK_ELEMENTS
+                   chunk_elements: int = LOGITS_CHUNK_ELEMENTS,
+                   keep_elements: int = KEEP_LOGITS_ELEMENTS
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (and entropies) of ``tokens`` from the hidden states that predict them.
 
     ``hidden``: ``[B, R, H]``; ``tokens``: ``[B, R]``. Logits are divided by ``temperature``
     (the sampling temperature, so log-probs are those of the sampling distribution) and computed
     ``chunk_elements // V`` rows at a time; under autograd each chunk is checkpointed, so backward
-    recomputes it instead of keeping every chunk's ``[rows, V]`` float32 logits alive.
+    recomputes it instead of keeping every chunk's ``[rows, V]`` float32 logits alive (unless all
+    the logits together are at most ``keep_elements``: then keeping them is cheap, and the
+    gradients are the same either way).
     Returns ``(logprobs, entropy)``, each ``[B, R]`` float32 (entropy 0 if not requested).
     """
     B, R, H = hidden.shape
     V = vocab_rows(lm_head)
     rows = max(1, chunk_elements // V)
     flat_h, flat_t = hidden.reshape(B * R, H), tokens.reshape(B * R)
+    recompute = torch.is_grad_enabled() and hidden.requires_grad and B * R * V > keep_elements
     out_lp, out_ent = [], []
     for start in range(0, B * R, rows):
         h, t = flat_h[start:start + rows], flat_t[start:start + rows]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if recompute:
             lp, ent = checkpoint(_chunk_logprobs, lm_head, config, h, t, temperature,
                                  with_entropy, use_reentrant=False)
         else:
@@ -362,7 +374,9 @@ class ActorCritic(nn.Module):
             values = self.value_head(h_v.to(self.value_head.weight.dtype)).float().squeeze(-1)
         else:
             c_hidden = backbone_hidden(self.critic, input_ids, attention_mask)
-            values = self.critic.score(c_hidden[:, prompt_length - 1:-1]).float().squeeze(-1)
+            h_c = c_hidden[:, prompt_length - 1:-1]  # (B, R, H)
+            # The score head is float32 (set at load) while a bf16/fp16 backbone's output is not.
+            values = self.critic.score(h_c.to(self.critic.score.weight.dtype)).float().squeeze(-1)
         return logprobs, entropy, values
 
 

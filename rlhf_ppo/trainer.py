@@ -21,7 +21,14 @@ from . import checkpoint as ckpt
 from . import ops
 from .config import Config, ConfigError, config_from_dict, save_config
 from .data import PromptSampler, load_prompts
-from .distributed import full_state_dict, generation_model, is_deepspeed, make_accelerator, prepare_frozen
+from .distributed import (
+    full_state_dict,
+    generation_model,
+    is_deepspeed,
+    make_accelerator,
+    match_partitioned_dtype,
+    prepare_frozen,
+)
 from .models import (
     ActorCritic,
     build_actor_critic,
@@ -216,6 +223,8 @@ class PPOTrainer:
         # Not passed to accelerate.prepare: its wrapper steps num_processes times per call.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(o.scheduler, o.warmup_steps, total_steps))
+        if is_deepspeed(acc):
+            match_partitioned_dtype(model)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.ref = prepare_frozen(acc, self.ref, cfg.model.shard_frozen_models)
         for source in self.rewards.model_sources():

@@ -9,7 +9,7 @@ mkdir -p "$out"
 run() {
   local name=$1; shift
   local start; start=$(date +%s)
-  timeout 240 "$@" output_dir="$out/$name" iterations=30 overwrite=true >"$out/$name.log" 2>&1
+  timeout 75 "$@" output_dir="$out/$name" iterations=20 overwrite=true >"$out/$name.log" 2>&1
   local rc=$?
   echo "== $name: exit $rc, $(( $(date +%s) - start )) s"
   grep -h "^done:" "$out/$name.log" || tail -n 8 "$out/$name.log"
@@ -18,6 +18,6 @@ cfg=(train --config configs/tiny.yaml)
 run plain python3 -m rlhf_ppo "${cfg[@]}"
 run bf16 python3 -m rlhf_ppo "${cfg[@]}" mixed_precision=bf16
 for engine in deepspeed_zero2 deepspeed_zero3 fsdp; do
-  run "$engine" accelerate launch --config_file "configs/accelerate/$engine.yaml" --num_processes 1 \
+  run "$engine" python3 -m accelerate.commands.launch --config_file "configs/accelerate/$engine.yaml" --num_processes 1 \
     -m rlhf_ppo "${cfg[@]}"
 done

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from rlhf_ppo import load_config
 from rlhf_ppo.distributed import configure_deepspeed, gradient_accumulation_steps, make_accelerator
@@ -61,3 +62,19 @@ def test_deepspeed_launch_without_cuda_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(RuntimeError, match="DeepSpeed.*GPUs only"):
         make_accelerator(load_config(None, []))
+
+
+def test_zero3_new_parameters_take_the_partitioned_dtype():
+    """A policy loaded partitioned in bf16 plus a float32 value head: the head is cast to bf16,
+    so the stage-3 optimizer can flatten them together (it failed on a GPU before)."""
+    from rlhf_ppo.distributed import match_partitioned_dtype
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4).bfloat16(), torch.nn.Linear(4, 1))
+    for p in model[0].parameters():
+        p.ds_id = 0  # what zero.Init marks partitioned parameters with
+    head = model[1].weight
+    match_partitioned_dtype(model)
+    assert model[1].weight is head and head.dtype == torch.bfloat16
+    plain = torch.nn.Linear(4, 1)  # nothing partitioned (ZeRO-1/2, DDP): left alone
+    match_partitioned_dtype(plain)
+    assert plain.weight.dtype == torch.float32

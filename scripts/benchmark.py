@@ -1,0 +1,516 @@
+"""Where a PPO iteration's time goes, and rlhf_ppo against TRL 1.12's PPO on the same models.
+
+One run (this process) prints one JSON line: seconds per iteration (median over the iterations
+after the first), the phases (``rollout``: generation; ``ref_and_reward``: old log-probs and
+values, reference log-probs, reward scores; ``update``: rewards, GAE and the PPO epochs), generated
+and training tokens/s, peak RSS (and on GPU peak memory, the update's model FLOPs utilisation and
+generation against the memory-bandwidth limit), then the *bare phases* timed in the same process
+on the same models: one ``generate`` of the batch, one reference forward, one reward forward and
+one forward+backward+optimizer step per minibatch, and their sum (the floor an iteration could
+reach without PPO's own work).
+
+    python scripts/make_bench_models.py --out bench_models
+    python scripts/benchmark.py --policy bench_models/small/policy --reward bench_models/small/reward \\
+        --batch 16 --mini-batches 2 --epochs 1 --prompt-len 16 --response-len 32 --iters 6
+    # the same against TRL 1.12 (separate venv), A B A B, each run in a fresh process:
+    python scripts/benchmark.py ... --critic separate --compare-trl /work/trl-venv/bin/python
+    # the README table: tiny/small/medium x {rlhf_ppo separate, rlhf_ppo shared, TRL}:
+    python scripts/benchmark.py --table bench_models --compare-trl /work/trl-venv/bin/python
+
+Responses are exactly ``--response-len`` tokens on both sides: the benchmark models' tokenizer has
+no EOS (``make_bench_models.py``), and for other models rlhf_ppo gets
+``generation.min_new_tokens = response_len`` while TRL runs with ``stop_token=None``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PHASES = ("rollout", "ref_and_reward", "update")
+# Dense bf16 peak (TFLOP/s) and memory bandwidth (TB/s) from the data sheets, by device name.
+DEVICE_PEAKS = {"H200": (989.0, 4.8), "H100": (989.0, 3.35), "A100": (312.0, 2.0)}
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+def load_avg() -> list[float]:
+    """The 1/5/15-minute load averages (``uptime``), rounded."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (``ru_maxrss`` is in KB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def write_prompts(path: Path, tokenizer_dir: str, n: int, prompt_len: int, seed: int = 0) -> Path:
+    """A JSONL prompt file of ``n`` prompts that each tokenize to exactly ``prompt_len`` tokens
+    (random words of the tokenizer's vocabulary)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    special = set(tok.all_special_ids)
+    vocab = [w for w, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+             if i not in special and not w.startswith("<") and w.strip() == w and w]
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            for _attempt in range(100):
+                text = " ".join(rng.choice(vocab) for _ in range(prompt_len))
+                if len(tok(text)["input_ids"]) == prompt_len:
+                    break
+            else:
+                raise SystemExit(f"--prompt-len: could not make a prompt of exactly {prompt_len} "
+                                 f"tokens with the tokenizer of {tokenizer_dir}")
+            f.write(json.dumps({"prompt": text}) + "\n")
+    return path
+
+
+def has_eos(tokenizer_dir: str) -> bool:
+    """True when the tokenizer (or model config) names an EOS token that could end a response."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir).eos_token_id is not None
+
+
+def model_shape(policy_dir: str) -> dict:
+    """Sizes used by the FLOPs and bandwidth estimates: parameters, layers, hidden, vocab."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(policy_dir).get_text_config()
+    kv = getattr(c, "num_key_value_heads", c.num_attention_heads)
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    H, inter, n_layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    per_layer = H * H * 2 + H * kv * head * 2 + 3 * H * inter + 2 * H  # attn, MLP, 2 norms
+    tied = getattr(c, "tie_word_embeddings", False)
+    embed = c.vocab_size * H
+    return {"layers": n_layers, "hidden": H, "vocab": c.vocab_size,
+            "nonembed_params": n_layers * per_layer + H,
+            "params": n_layers * per_layer + H + embed * (1 if tied else 2)}
+
+
+def update_model_flops(shape: dict, batch: int, epochs: int, prompt_len: int, response_len: int,
+                       critic: str) -> float:
+    """Model FLOPs of the update phase: forward + backward (3x forward) of every trained model
+    over every sequence of every epoch. A forward of L tokens costs ``2 N L`` for the
+    non-embedding weights, ``2 layers L^2 H`` for causal attention (QK^T and AV, half masked), and
+    ``2 H V R`` for the LM head on the R response positions (the only logits PPO needs). A
+    separate critic adds its backbone; its one-output head is negligible."""
+    L, R = prompt_len + response_len, response_len
+    backbone = 2 * shape["nonembed_params"] * L + 2 * shape["layers"] * L * L * shape["hidden"]
+    forward = backbone + 2 * shape["hidden"] * shape["vocab"] * R
+    if critic == "separate":
+        forward += backbone
+    return 3.0 * forward * batch * epochs
+
+
+def device_peaks(args) -> tuple[float | None, float | None]:
+    """(peak TFLOP/s, peak TB/s) from the flags, else from the CUDA device's name, else None."""
+    import torch
+
+    flops, bw = args.peak_tflops, args.peak_tbps
+    if torch.cuda.is_available() and (flops is None or bw is None):
+        name = torch.cuda.get_device_name()
+        for key, (f, b) in DEVICE_PEAKS.items():
+            if key in name:
+                flops, bw = flops or f, bw or b
+                break
+    return flops, bw
+
+
+def summarize(args, iter_s: list[float], phases: list[dict], shape: dict, bytes_per_param: int,
+              cpu_s: list[float] | None = None) -> dict:
+    """The figures both sides print, from per-iteration seconds and phase seconds. The first
+    iteration (warm-up: allocations, lazy init, optimizer state) is left out of every median."""
+    import torch
+
+    keep = slice(1, None) if len(iter_s) > 1 else slice(None)
+    med = lambda xs: round(statistics.median(xs[keep]), 4)  # noqa: E731
+    out = {"s_per_iter": med(iter_s), "s_per_iter_all": [round(x, 4) for x in iter_s]}
+    if cpu_s:  # process CPU seconds: a steadier measure than wall time on a shared machine
+        out["cpu_s_per_iter"] = med(cpu_s)
+    for k in PHASES:
+        out[k] = med([p[k] for p in phases])
+    out["other"] = med([t - sum(p[k] for k in PHASES) for t, p in zip(iter_s, phases)])
+    B, P, R, E = args.batch, args.prompt_len, args.response_len, args.epochs
+    out["gen_tokens_per_s"] = round(B * R / out["rollout"], 1)
+    out["train_tokens_per_s"] = round(B * (P + R) * E / out["update"], 1)
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["params"] = shape["params"]
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        peak_flops, peak_bw = device_peaks(args)
+        flops = update_model_flops(shape, B, E, P, R, args.critic)
+        out["update_tflops"] = round(flops / out["update"] / 1e12, 2)
+        if peak_flops:
+            out["update_mfu"] = round(flops / out["update"] / (peak_flops * 1e12), 4)
+        # Each decode step reads every weight once (the batch shares the read): the bound on
+        # generated tokens/s is batch * bandwidth / weight bytes (KV-cache reads come on top).
+        if peak_bw:
+            bound = B * peak_bw * 1e12 / (shape["params"] * bytes_per_param)
+            out["gen_bw_bound_tokens_per_s"] = round(bound, 1)
+            out["gen_bw_fraction"] = round(out["gen_tokens_per_s"] / bound, 4)
+    return out
+
+
+def run_header(args, side: str) -> dict:
+    import torch
+
+    return {"side": side, "critic": args.critic, "static_cache": args.static_cache,
+            "policy": args.policy, "batch": args.batch,
+            "mini_batches": args.mini_batches, "epochs": args.epochs,
+            "prompt_len": args.prompt_len, "response_len": args.response_len, "iters": args.iters,
+            "threads": torch.get_num_threads(), "dtype": args.dtype,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "optimizer_steps_per_iter": args.mini_batches * args.epochs}
+
+
+# --------------------------------------------------------------------------- the rlhf_ppo side
+
+def rlhf_config(args, prompts: Path, output_dir: str):
+    """The PPO config of the benchmark shape (TRL's defaults for the algorithm's numbers)."""
+    from rlhf_ppo.config import config_from_dict
+
+    B, M = args.batch, args.mini_batches
+    model = {"name_or_path": args.policy, "dtype": args.dtype, "critic": args.critic}
+    if args.critic == "separate":  # TRL's value model also starts from the reward model
+        model["critic_name_or_path"] = args.reward
+    return config_from_dict({
+        "output_dir": output_dir, "seed": args.seed, "iterations": args.iters,
+        "mixed_precision": "no", "model": model,
+        "reward": {"sources": [{"model": args.reward}], "batch_size": B},
+        "data": {"path": str(prompts), "max_prompt_length": args.prompt_len},
+        "generation": {"max_new_tokens": args.response_len,
+                       "min_new_tokens": args.response_len if has_eos(args.policy) else 0},
+        "ppo": {"batch_size": B, "num_minibatches": M, "ppo_epochs": args.epochs,
+                "micro_batch_size": args.micro_batch or B // M,
+                "inference_batch_size": args.inference_batch or B},
+        "optim": {"lr": 3e-6},
+    })
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and process-CPU seconds of ``repeats`` calls of ``fn`` (after one untimed
+    warm-up call)."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        _sync()
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        _sync()
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def bare_phases(trainer, args) -> dict:
+    """Time the work no PPO implementation can skip, on the trainer's own models: one
+    ``generate`` of the batch, one reference forward, one reward forward (inference mode,
+    logits only where needed), and per minibatch one forward + backward + optimizer step of the
+    trained model(s) with a stand-in loss."""
+    import torch
+
+    from rlhf_ppo.data import left_pad
+    from rlhf_ppo.rollout import hf_generation_config, stop_token_ids
+
+    cfg, tok, dev = trainer.cfg, trainer.tokenizer, trainer.accelerator.device
+    ac = trainer.unwrapped
+    policy, ref = ac.policy, trainer.ref.lm
+    reward = trainer.rewards.model_sources()[0].model
+    prompts = trainer.sampler.next_batch()
+    ids, mask = left_pad([p.input_ids for p in prompts], tok.pad_token_id)
+    ids, mask = ids.to(dev), mask.to(dev)
+    gen_cfg = hf_generation_config(cfg.generation, tok, stop_token_ids(cfg.generation, tok))
+    P, R = ids.shape[1], cfg.generation.max_new_tokens
+    out = {}
+
+    def gen():
+        policy.eval()
+        with torch.inference_mode():
+            seq = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        policy.train()
+        return seq
+
+    out["generate"] = _timed(gen, args.bare_repeats)
+    seq = gen()
+    seq_mask = torch.ones_like(seq)
+    with torch.inference_mode():
+        out["ref_forward"] = _timed(lambda: ref(input_ids=seq, attention_mask=seq_mask,
+                                                logits_to_keep=R + 1), args.bare_repeats)
+        out["reward_forward"] = _timed(lambda: reward(input_ids=seq, attention_mask=seq_mask),
+                                       args.bare_repeats)
+    optimizer = trainer.optimizer.optimizer  # the torch AdamW inside accelerate's wrapper
+    mini = args.batch // args.mini_batches
+
+    def train_step(rows):
+        mb, mb_mask = seq[rows], seq_mask[rows]
+        o = policy(input_ids=mb, attention_mask=mb_mask, logits_to_keep=R + 1,
+                   output_hidden_states=ac.critic is None)
+        logp = torch.log_softmax(o.logits[:, :-1].float(), -1).gather(
+            -1, mb[:, P:].unsqueeze(-1)).squeeze(-1)
+        if ac.critic is None:
+            values = ac.value_head(o.hidden_states[-1][:, P - 1:-1].float())
+        else:
+            h = ac.critic.base_model(input_ids=mb, attention_mask=mb_mask).last_hidden_state
+            values = ac.critic.score(h[:, P - 1:-1].float())
+        loss = -logp.mean() + values.float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def update():
+        for _ in range(args.epochs):
+            for rows in torch.randperm(args.batch, device=seq.device).split(mini):
+                train_step(rows)
+
+    out["update"] = _timed(update, args.bare_repeats)
+    wall = {k: round(v[0], 4) for k, v in out.items()}
+    wall["sum"] = round(sum(wall.values()), 4)
+    wall["cpu_sum"] = round(sum(v[1] for v in out.values()), 4)
+    return wall
+
+
+def run_rlhf(args) -> dict:
+    """Build a PPOTrainer on the benchmark shape, time ``args.iters`` iterations, then the bare
+    phases; return the JSON-ready figures."""
+    import torch
+
+    from rlhf_ppo import PPOTrainer
+
+    header = run_header(args, "rlhf_ppo")
+    header["load_avg_start"] = load_avg()
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(args.prompts) if args.prompts else write_prompts(
+            Path(tmp) / "prompts.jsonl", args.policy, args.n_prompts, args.prompt_len, args.seed)
+        cfg = rlhf_config(args, prompts, str(Path(tmp) / "run"))
+        trainer = PPOTrainer(cfg)
+        if args.static_cache:  # generate() fills unset fields from the model's generation config
+            trainer.unwrapped.policy.generation_config.cache_implementation = "static"
+        iter_s, cpu_s, phases = [], [], []
+        for _ in range(args.iters):
+            _sync()
+            t, c = time.perf_counter(), time.process_time()
+            m = trainer.step()
+            _sync()
+            iter_s.append(time.perf_counter() - t)
+            cpu_s.append(time.process_time() - c)
+            phases.append({"rollout": m["time/rollout"], "ref_and_reward": m["time/score"],
+                           "update": m["time/update"]})
+            if m.get("ppo_steps") != args.mini_batches * args.epochs:
+                raise SystemExit(f"expected {args.mini_batches * args.epochs} optimizer steps, "
+                                 f"took {m.get('ppo_steps')}")
+            if m["response_length"] != args.response_len:
+                raise SystemExit(f"responses were {m['response_length']} tokens long on average, "
+                                 f"expected exactly {args.response_len}")
+        bytes_per_param = torch.finfo(getattr(torch, args.dtype)).bits // 8
+        result = {**header, **summarize(args, iter_s, phases, model_shape(args.policy),
+                                        bytes_per_param, cpu_s)}
+        if args.bare_repeats > 0:  # after the peak-memory reading: bare phases do not count
+            result["bare"] = bare_phases(trainer, args)
+            result["ppo_over_bare"] = round(result["s_per_iter"] / result["bare"]["sum"], 3)
+            result["cpu_ppo_over_bare"] = round(result["cpu_s_per_iter"] / result["bare"]["cpu_sum"], 3)
+    result["load_avg_end"] = load_avg()
+    return result
+
+
+# --------------------------------------------------------------------------- comparison mode
+
+def _child(cmd: list[str]) -> dict:
+    """Run one benchmark process; return its JSON line (or an error record)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith('{"side"')]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        return {"error": f"exit {proc.returncode}", "cmd": " ".join(cmd), "tail": tail}
+    return json.loads(lines[-1])
+
+
+def shape_flags(args) -> list[str]:
+    flags = ["--batch", str(args.batch), "--mini-batches", str(args.mini_batches),
+             "--epochs", str(args.epochs), "--prompt-len", str(args.prompt_len),
+             "--response-len", str(args.response_len), "--iters", str(args.iters),
+             "--threads", str(args.threads), "--seed", str(args.seed), "--dtype", args.dtype,
+             "--n-prompts", str(args.n_prompts)] + (["--static-cache"] if args.static_cache else [])
+    for name in ("peak_tflops", "peak_tbps", "micro_batch", "inference_batch"):
+        if getattr(args, name) is not None:
+            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    return flags
+
+
+def compare(args, policy: str, reward: str, critics: list[str]) -> dict:
+    """``args.rounds`` rounds of: rlhf_ppo with each critic, then TRL (A B A B), each in a fresh
+    process on the same prompt file. Returns every run and the pooled figures per variant."""
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = write_prompts(Path(tmp) / "prompts.jsonl", policy, args.n_prompts,
+                                args.prompt_len, args.seed)
+        common = ["--policy", policy, "--reward", reward, "--prompts", str(prompts),
+                  *shape_flags(args)]
+        for r in range(args.rounds):
+            variants = [(f"rlhf_ppo/{c}", [sys.executable, __file__, *common, "--critic", c,
+                                           "--bare-repeats", str(args.bare_repeats if r == 0 else 0)])
+                        for c in critics]
+            if args.compare_trl:
+                variants.append(("trl", [args.compare_trl, str(HERE / "trl_bench.py"), *common]))
+            for name, cmd in variants:
+                res = _child(cmd)
+                print(json.dumps({"variant": name, "round": r, **res}), file=sys.stderr, flush=True)
+                runs.setdefault(name, []).append(res)
+    return {name: pool(rs) for name, rs in runs.items()}
+
+
+def pool(results: list[dict]) -> dict:
+    """One variant's figures over its rounds: medians of the pooled per-iteration times."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[0]
+    out = dict(ok[0])
+    iters = [x for r in ok for x in r["s_per_iter_all"][1:]]
+    out["s_per_iter"] = round(statistics.median(iters), 4)
+    for k in (*PHASES, "other", "gen_tokens_per_s", "train_tokens_per_s", "cpu_s_per_iter"):
+        if all(k in r for r in ok):
+            out[k] = round(statistics.median([r[k] for r in ok]), 4)
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    out["rounds"] = len(ok)
+    out["load_avg"] = [r.get("load_avg_start") for r in ok] + [ok[-1].get("load_avg_end")]
+    bare = [r["bare"] for r in ok if "bare" in r]
+    if bare:
+        out["bare"] = bare[0]
+        out["ppo_over_bare"] = round(out["s_per_iter"] / bare[0]["sum"], 3)
+        if "cpu_s_per_iter" in out:
+            out["cpu_ppo_over_bare"] = round(out["cpu_s_per_iter"] / bare[0]["cpu_sum"], 3)
+    return out
+
+
+def markdown_table(rows: list[tuple[str, dict]]) -> str:
+    """The README table: one row per (size, variant) with ratios to TRL on the same size."""
+    head = ("| model | trainer | s/iter | vs TRL | CPU s/iter | vs TRL | rollout | ref+reward "
+            "| update | other | bare sum | iter/bare | CPU iter/bare | gen tok/s | peak RSS MB "
+            "| RSS vs TRL |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    trl = {key.split(":")[0]: r for key, r in rows if key.endswith(":trl") and "error" not in r}
+    for key, r in rows:
+        size, variant = key.split(":")
+        if "error" in r:
+            lines.append(f"| {size} | {variant} | error: {r['error']} |" + " |" * 13)
+            continue
+        t = trl.get(size)
+        ratio = f"{r['s_per_iter'] / t['s_per_iter']:.2f}x" if t else "-"
+        cpu = r.get("cpu_s_per_iter")
+        cpu_ratio = f"{cpu / t['cpu_s_per_iter']:.2f}x" if t and cpu and t.get("cpu_s_per_iter") else "-"
+        rss = f"{r['peak_rss_mb'] / t['peak_rss_mb']:.2f}x" if t else "-"
+        bare = r.get("bare", {}).get("sum")
+        lines.append(
+            f"| {size} | {variant} | {r['s_per_iter']:.3f} | {ratio} | {cpu if cpu else '-'} "
+            f"| {cpu_ratio} | {r['rollout']:.3f} "
+            f"| {r['ref_and_reward']:.3f} | {r['update']:.3f} | {r['other']:.3f} "
+            f"| {bare if bare is not None else '-'} "
+            f"| {r['ppo_over_bare'] if 'ppo_over_bare' in r else '-'} "
+            f"| {r['cpu_ppo_over_bare'] if 'cpu_ppo_over_bare' in r else '-'} "
+            f"| {r['gen_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {rss} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- entry point
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", help="policy folder (a causal LM)")
+    p.add_argument("--reward", help="reward model folder (a sequence classifier, one output)")
+    p.add_argument("--batch", type=int, default=16, help="rollouts per iteration")
+    p.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per epoch")
+    p.add_argument("--epochs", type=int, default=1, help="PPO epochs per iteration")
+    p.add_argument("--prompt-len", type=int, default=16, help="tokens per prompt (exact)")
+    p.add_argument("--response-len", type=int, default=32, help="tokens per response (exact)")
+    p.add_argument("--iters", type=int, default=6, help="PPO iterations (the first is warm-up)")
+    p.add_argument("--critic", choices=["shared", "separate"], default="shared",
+                   help="rlhf_ppo's value model: a head on the policy, or its own model")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per forward/backward (default: the minibatch)")
+    p.add_argument("--inference-batch", type=int, default=None,
+                   help="sequences per no-grad forward (default: the whole batch)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--static-cache", action="store_true",
+                   help="generate with a static KV cache (on CUDA, transformers then compiles the "
+                        "decoding step with torch.compile); both sides")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on every side")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-prompts", type=int, default=256)
+    p.add_argument("--prompts", default=None, help=argparse.SUPPRESS)  # a prompt file to reuse
+    p.add_argument("--bare-repeats", type=int, default=3,
+                   help="timed repeats of each bare phase (0: skip them)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="accelerator peak for the MFU (default: from the GPU's name)")
+    p.add_argument("--peak-tbps", type=float, default=None,
+                   help="memory bandwidth for the generation bound (default: from the GPU's name)")
+    p.add_argument("--compare-trl", default=None, metavar="PYTHON",
+                   help="python of a venv with trl==1.12.0: run TRL's PPO on the same models")
+    p.add_argument("--critics", nargs="+", default=None, choices=["shared", "separate"],
+                   help="rlhf_ppo variants in comparison mode (default: --critic; table: both)")
+    p.add_argument("--rounds", type=int, default=2, help="A B A B rounds in comparison mode")
+    p.add_argument("--table", default=None, metavar="MODELS_DIR",
+                   help="folder of make_bench_models.py: compare on each of --sizes")
+    p.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium"])
+    args = p.parse_args(argv)
+    if not args.table and not (args.policy and args.reward):
+        p.error("--policy and --reward are required (or --table MODELS_DIR)")
+    if args.batch % args.mini_batches:
+        p.error("--batch must be a multiple of --mini-batches")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.table:
+        rows = []
+        for size in args.sizes:
+            d = Path(args.table) / size
+            res = compare(args, str(d / "policy"), str(d / "reward"),
+                          args.critics or ["separate", "shared"])
+            rows += [(f"{size}:{name}", r) for name, r in res.items()]
+            print(json.dumps({"size": size, **res}), flush=True)
+        print(f"\nCPU threads {args.threads}, batch {args.batch}, {args.mini_batches} minibatches, "
+              f"{args.epochs} epoch(s), prompt {args.prompt_len}, response {args.response_len}, "
+              f"{args.iters} iterations x {args.rounds} rounds; load average now {load_avg()}\n")
+        print(markdown_table(rows))
+        return 0
+    if args.compare_trl:
+        res = compare(args, args.policy, args.reward, args.critics or [args.critic])
+        trl = res.get("trl", {})
+        for name, r in res.items():
+            if name != "trl" and "error" not in r and "error" not in trl:
+                r["vs_trl_s_per_iter"] = round(r["s_per_iter"] / trl["s_per_iter"], 3)
+                r["vs_trl_peak_rss"] = round(r["peak_rss_mb"] / trl["peak_rss_mb"], 3)
+        print(json.dumps(res), flush=True)
+        print(markdown_table([(f"{Path(args.policy).parent.name}:{k}", v) for k, v in res.items()]))
+        return 0
+    print(json.dumps(run_rlhf(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

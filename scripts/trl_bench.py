@@ -1,0 +1,174 @@
+"""The TRL side of ``scripts/benchmark.py``: TRL 1.12's PPO (``trl.experimental.ppo``) on the same
+models, prompts and shape, printing the same JSON line. Run with the python of a venv that has
+``trl==1.12.0`` (it does not import rlhf_ppo):
+
+    python3 -m venv /work/trl-venv && /work/trl-venv/bin/pip install torch==2.13.0 \\
+        && /work/trl-venv/bin/pip install trl==1.12.0
+    /work/trl-venv/bin/python scripts/trl_bench.py --policy bench_models/small/policy \\
+        --reward bench_models/small/reward --prompts prompts.jsonl --iters 6
+
+The same work per iteration as rlhf_ppo: ``batch`` prompts, responses of exactly
+``response_len`` tokens (``stop_token=None``: TRL clears the policy's EOS), one generation call
+for the whole batch, ``num_mini_batches`` optimizer steps per epoch (``per_device_train_batch_size
+= batch`` with no gradient accumulation: each minibatch is one micro-batch and one step), a value
+model and a reward model both loaded from the reward folder, no sample generations, saving or
+reporting. Phases are timed by wrapping TRL's module-level ``batch_generation`` (rollout) and
+``forward`` (its first call with gradients starts the update), and the iteration ends at the
+``on_step_end`` callback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark as bench  # noqa: E402  (shared helpers only; no rlhf_ppo import)
+
+
+class PhaseClock:
+    """Timestamps of one TRL iteration: start, generation start/end, first gradient forward,
+    end. ``on_step_end`` closes an iteration and opens the next."""
+
+    def __init__(self):
+        self.iter_s, self.cpu_s, self.phases, self.optimizer_steps = [], [], [], []
+        self._steps = 0
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self.start, self.cpu_start, self.gen = now, time.process_time(), [None, None]
+        self.update_start = None
+
+    def wrap_generation(self, fn):
+        def timed(*args, **kwargs):
+            bench._sync()
+            self.gen[0] = time.perf_counter()
+            out = fn(*args, **kwargs)
+            bench._sync()
+            self.gen[1] = time.perf_counter()
+            return out
+        return timed
+
+    def wrap_forward(self, fn):
+        import torch
+
+        def timed(*args, **kwargs):
+            if torch.is_grad_enabled() and self.update_start is None:
+                bench._sync()
+                self.update_start = time.perf_counter()
+            return fn(*args, **kwargs)
+        return timed
+
+    def count_step(self, *_args) -> None:
+        self._steps += 1
+
+    def step_end(self) -> None:
+        bench._sync()
+        now = time.perf_counter()
+        self.iter_s.append(now - self.start)
+        self.cpu_s.append(time.process_time() - self.cpu_start)
+        self.phases.append({"rollout": self.gen[1] - self.gen[0],
+                            "ref_and_reward": self.update_start - self.gen[1],
+                            "update": now - self.update_start})
+        self.optimizer_steps.append(self._steps)
+        self._steps = 0
+        self._reset(now)
+
+
+def run_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    header = bench.run_header(args, "trl")
+    header["critic"] = "separate"  # TRL's PPO always trains a separate value model
+    import trl
+    header["versions"] = {"trl": trl.__version__, "transformers": __import__("transformers").__version__,
+                          "torch": torch.__version__}
+    header["load_avg_start"] = bench.load_avg()
+    dtype = getattr(torch, args.dtype)
+    tok = AutoTokenizer.from_pretrained(args.policy, padding_side="left")
+    if tok.eos_token is None:
+        # TRL reads eos_token_id (to count missing EOS, for missing_eos_penalty, unused here);
+        # with stop_token=None nothing stops on it, so responses stay exactly response_len.
+        tok.eos_token = tok.unk_token
+    rows = [json.loads(line)["prompt"] for line in open(args.prompts)]
+    ids = [tok(text)["input_ids"] for text in rows]
+    if any(len(x) != args.prompt_len for x in ids):
+        raise SystemExit(f"--prompts: every prompt must be {args.prompt_len} tokens")
+    dataset = Dataset.from_dict({"input_ids": ids})
+    policy = AutoModelForCausalLM.from_pretrained(args.policy, dtype=dtype)
+    if args.static_cache:  # TRL's generation config leaves it unset: the model's is used
+        policy.generation_config.cache_implementation = "static"
+    ref = AutoModelForCausalLM.from_pretrained(args.policy, dtype=dtype)
+    value = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1, dtype=dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1, dtype=dtype)
+
+    clock = PhaseClock()
+    trl_ppo.batch_generation = clock.wrap_generation(trl_ppo.batch_generation)
+    trl_ppo.forward = clock.wrap_forward(trl_ppo.forward)
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            clock._reset(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            clock.step_end()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = PPOConfig(
+            output_dir=tmp, seed=args.seed, report_to="none", save_strategy="no",
+            logging_strategy="no", disable_tqdm=True, bf16=False, fp16=False,
+            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+            per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+            num_mini_batches=args.mini_batches, num_ppo_epochs=args.epochs,
+            local_rollout_forward_batch_size=args.batch,
+            total_episodes=args.iters * args.batch, response_length=args.response_len,
+            stop_token=None, stop_token_id=None, missing_eos_penalty=None, temperature=1.0,
+            num_sample_generations=0, learning_rate=3e-6, kl_coef=0.05,
+        )
+        trainer = PPOTrainer(args=config, processing_class=tok, model=policy, ref_model=ref,
+                             reward_model=reward, value_model=value, train_dataset=dataset,
+                             eval_dataset=dataset.select(range(min(len(dataset), args.batch))),
+                             callbacks=[StepClock()])
+        inner = trainer.optimizer.optimizer  # accelerate steps it only on real optimizer steps
+        inner.register_step_post_hook(clock.count_step)
+        trainer.train()
+    if len(clock.iter_s) != args.iters:
+        raise SystemExit(f"TRL ran {len(clock.iter_s)} iterations, expected {args.iters}")
+    if set(clock.optimizer_steps) != {args.mini_batches * args.epochs}:
+        raise SystemExit(f"TRL took {clock.optimizer_steps} optimizer steps per iteration, "
+                         f"expected {args.mini_batches * args.epochs}")
+    bytes_per_param = torch.finfo(dtype).bits // 8
+    result = {**header, **bench.summarize(args, clock.iter_s, clock.phases,
+                                          bench.model_shape(args.policy), bytes_per_param,
+                                          clock.cpu_s)}
+    result["threads_after"] = torch.get_num_threads()  # TRL/accelerate must not have changed it
+    result["load_avg_end"] = bench.load_avg()
+    return result
+
+
+def main(argv=None) -> int:
+    args = bench.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if not args.prompts:
+        raise SystemExit("--prompts FILE is required (benchmark.py writes one)")
+    args.critic = "separate"
+    print(json.dumps(run_trl(args)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

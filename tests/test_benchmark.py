@@ -1,0 +1,101 @@
+"""scripts/benchmark.py: a 2-iteration run on the tiny benchmark model prints one JSON line with
+every figure, and the helpers behind the comparison table compute what they claim."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import benchmark  # noqa: E402
+import make_bench_models  # noqa: E402
+
+REQUIRED = {"s_per_iter", "s_per_iter_all", "cpu_s_per_iter", "rollout", "ref_and_reward",
+            "update", "other", "gen_tokens_per_s", "train_tokens_per_s", "peak_rss_mb", "bare",
+            "ppo_over_bare", "optimizer_steps_per_iter", "load_avg_start", "load_avg_end"}
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_models")
+    summary = make_bench_models.build("tiny", out)
+    return out / "tiny", summary
+
+
+def test_bench_models_have_the_documented_size_and_no_eos(tiny_bench):
+    folder, summary = tiny_bench
+    # vocab 4096 x hidden 48 (tied) + 2 layers x (q,o 48x48; k,v 48x24; MLP 3 x 48x128;
+    # 2 norms of 48) + final norm 48
+    per_layer = 2 * 48 * 48 + 2 * 48 * 24 + 3 * 48 * 128 + 2 * 48
+    assert summary["policy_params"] == 4096 * 48 + 2 * per_layer + 48
+    assert benchmark.model_shape(str(folder / "policy"))["params"] == summary["policy_params"]
+    assert not benchmark.has_eos(str(folder / "policy"))
+
+
+def test_benchmark_runs_two_iterations_and_prints_the_figures(tiny_bench, capsys, tmp_path,
+                                                               monkeypatch):
+    folder, _ = tiny_bench
+    monkeypatch.setenv("RLHF_PPO_CACHE", str(tmp_path / "cache"))
+    B, P, R = 8, 6, 5
+    code = benchmark.main(["--policy", str(folder / "policy"), "--reward", str(folder / "reward"),
+                           "--batch", str(B), "--mini-batches", "2", "--epochs", "1",
+                           "--prompt-len", str(P), "--response-len", str(R), "--iters", "2",
+                           "--threads", "1", "--bare-repeats", "1", "--n-prompts", "16"])
+    assert code == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    assert REQUIRED <= set(res)
+    assert res["side"] == "rlhf_ppo" and res["optimizer_steps_per_iter"] == 2
+    assert len(res["s_per_iter_all"]) == 2 and res["s_per_iter"] == res["s_per_iter_all"][1]
+    for k in ("s_per_iter", "rollout", "ref_and_reward", "update", "peak_rss_mb"):
+        assert res[k] > 0, k
+    # the phases are parts of the iteration
+    assert res["rollout"] + res["ref_and_reward"] + res["update"] <= res["s_per_iter"] * 1.01
+    # exactly R tokens per response: generated tokens/s is B * R over the rollout seconds
+    assert res["gen_tokens_per_s"] == pytest.approx(B * R / res["rollout"], rel=1e-2)
+    assert res["train_tokens_per_s"] == pytest.approx(B * (P + R) / res["update"], rel=1e-2)
+    bare = res["bare"]
+    assert {"generate", "ref_forward", "reward_forward", "update", "sum"} <= set(bare)
+    parts = bare["generate"] + bare["ref_forward"] + bare["reward_forward"] + bare["update"]
+    assert bare["sum"] == pytest.approx(parts, abs=1e-3)
+    assert res["ppo_over_bare"] == pytest.approx(res["s_per_iter"] / bare["sum"], rel=1e-2)
+
+
+def test_prompts_have_exactly_the_asked_length(tiny_bench, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder, _ = tiny_bench
+    path = benchmark.write_prompts(tmp_path / "p.jsonl", str(folder / "policy"), 5, 7)
+    tok = AutoTokenizer.from_pretrained(folder / "policy")
+    rows = [json.loads(x)["prompt"] for x in path.read_text().splitlines()]
+    assert len(rows) == 5 and all(len(tok(r)["input_ids"]) == 7 for r in rows)
+
+
+def test_update_flops_by_hand():
+    shape = {"layers": 2, "hidden": 4, "vocab": 10, "nonembed_params": 100, "params": 140}
+    # L = 3 + 2 = 5: backbone 2*100*5 + attention 2*2*5*5*4 = 1000 + 400; head 2*4*10*2 = 160
+    forward = 1000 + 400 + 160
+    assert benchmark.update_model_flops(shape, 8, 2, 3, 2, "shared") == 3 * forward * 8 * 2
+    # a separate critic adds its backbone (its one-output head is left out)
+    assert benchmark.update_model_flops(shape, 8, 2, 3, 2, "separate") == 3 * (forward + 1400) * 16
+
+
+def test_pool_and_table_ratios():
+    def run(s, iters, rss, **kw):
+        return {"s_per_iter": s, "s_per_iter_all": iters, "rollout": 1.0, "ref_and_reward": 0.5,
+                "update": 0.5, "other": 0.0, "gen_tokens_per_s": 10.0, "train_tokens_per_s": 5.0,
+                "peak_rss_mb": rss, "cpu_s_per_iter": s, **kw}
+
+    # pooled median over the iterations after each round's first: [2, 4] + [3, 5] -> 3.5
+    ours = benchmark.pool([run(3, [9, 2, 4], 100.0, bare={"sum": 1.75, "cpu_sum": 1.75}),
+                           run(4, [9, 3, 5], 120.0)])
+    assert ours["s_per_iter"] == 3.5 and ours["peak_rss_mb"] == 120.0
+    assert ours["ppo_over_bare"] == 2.0
+    trl = benchmark.pool([run(7, [9, 7, 7], 200.0)])
+    table = benchmark.markdown_table([("small:rlhf_ppo/shared", ours), ("small:trl", trl)])
+    row = next(x for x in table.splitlines() if "rlhf_ppo/shared" in x)
+    assert "| 0.50x |" in row and "| 0.60x |" in row  # 3.5 / 7 and 120 / 200
