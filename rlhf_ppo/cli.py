@@ -99,8 +99,22 @@ def _run(args) -> int:
     if args.command == "train":
         return _train(cfg, args)
     module, _, fn, _ = COMMANDS[args.command]
-    getattr(importlib.import_module(module), fn)(cfg)
+    summary = getattr(importlib.import_module(module), fn)(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(_done_line(args.command, summary, cfg))
     return 0
+
+
+def _done_line(command: str, s: dict, cfg) -> str:
+    """One line a user reads at the end of a stage."""
+    if command == "evaluate":
+        f = lambda d: f"{d['mean']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+        return (f"done: score policy {f(s['policy']['score'])} vs reference "
+                f"{f(s['reference']['score'])}, win rate {f(s['win_rate'])}, kl {s['kl']['mean']:.3f}; "
+                f"report: {cfg.output_dir}/report.html")
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
+             if isinstance(v, (int, float, str)) or v is None}
+    return "done: " + ", ".join(f"{k} {v}" for k, v in shown.items())
 
 
 def main(argv: list[str] | None = None) -> int:
