@@ -47,10 +47,16 @@ def _maybe_abort(folder_name: str, stage: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def json_safe(metrics: dict) -> dict:
-    """Metrics with NaN / inf as null, so every metrics line is strict JSON."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in metrics.items()}
+def json_safe(obj):
+    """``obj`` with every NaN / inf float replaced by None, recursively through dicts and lists,
+    so metrics lines and summaries are strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

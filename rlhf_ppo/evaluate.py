@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .checkpoint import json_safe
 from .config import (
     Config,
     ConfigError,
@@ -515,17 +516,6 @@ def sample_rows(prompts: list[Prompt], k: int, pol: SideSamples, ref: SideSample
             "kl": kl[j],
         })
     return rows
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every NaN / inf float replaced by None (strict JSON), recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def default_metrics_path(cfg: EvalConfig, folder: Path) -> Path | None:
