@@ -254,7 +254,8 @@ class Config:
 
 # --------------------------------------------------------------------------- validation
 
-def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+def check(ok: bool, key: str, expected: str, value: Any) -> None:
+    """Raise ``ConfigError("key: expected ..., got ...")`` unless ``ok`` (every command's checks)."""
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
@@ -262,78 +263,82 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
 def validate(cfg: Config) -> None:
     """Check value ranges and cross-field constraints; raise ConfigError naming the key."""
     p, g, o, r, d = cfg.ppo, cfg.generation, cfg.optim, cfg.reward, cfg.data
-    _check(cfg.iterations >= 1, "iterations", "an integer >= 1", cfg.iterations)
-    _check(cfg.save_every >= 0, "save_every", "an integer >= 0", cfg.save_every)
-    _check(cfg.keep_last >= 0, "keep_last", "an integer >= 0", cfg.keep_last)
-    _check(cfg.resume_from is None or cfg.resume_from != "", "resume_from",
-           "'latest', a checkpoint folder, or null", cfg.resume_from)
+    check(cfg.iterations >= 1, "iterations", "an integer >= 1", cfg.iterations)
+    check(cfg.save_every >= 0, "save_every", "an integer >= 0", cfg.save_every)
+    check(cfg.keep_last >= 0, "keep_last", "an integer >= 0", cfg.keep_last)
+    check(cfg.resume_from is None or cfg.resume_from != "", "resume_from",
+          "'latest', a checkpoint folder, or null", cfg.resume_from)
     for key in ("batch_size", "num_minibatches", "micro_batch_size", "inference_batch_size",
                 "ppo_epochs"):
-        _check(getattr(p, key) >= 1, f"ppo.{key}", "an integer >= 1", getattr(p, key))
-    _check(p.batch_size % p.num_minibatches == 0, "ppo.batch_size",
-           f"a multiple of ppo.num_minibatches={p.num_minibatches}", p.batch_size)
+        check(getattr(p, key) >= 1, f"ppo.{key}", "an integer >= 1", getattr(p, key))
+    check(p.batch_size % p.num_minibatches == 0, "ppo.batch_size",
+          f"a multiple of ppo.num_minibatches={p.num_minibatches}", p.batch_size)
     mini = p.batch_size // p.num_minibatches
-    _check(mini % p.micro_batch_size == 0 or p.micro_batch_size >= mini, "ppo.micro_batch_size",
-           f"a divisor of the minibatch size {mini} (ppo.batch_size / ppo.num_minibatches)",
-           p.micro_batch_size)
-    _check(p.clip_range > 0, "ppo.clip_range", "a number > 0", p.clip_range)
-    _check(p.clip_range_value is None or p.clip_range_value > 0, "ppo.clip_range_value",
-           "a number > 0 or null", p.clip_range_value)
+    check(mini % p.micro_batch_size == 0 or p.micro_batch_size >= mini, "ppo.micro_batch_size",
+          f"a divisor of the minibatch size {mini} (ppo.batch_size / ppo.num_minibatches)",
+          p.micro_batch_size)
+    check(p.clip_range > 0, "ppo.clip_range", "a number > 0", p.clip_range)
+    check(p.clip_range_value is None or p.clip_range_value > 0, "ppo.clip_range_value",
+          "a number > 0 or null", p.clip_range_value)
     for key in ("vf_coef", "entropy_coef", "kl_coef"):
-        _check(getattr(p, key) >= 0, f"ppo.{key}", "a number >= 0", getattr(p, key))
-    _check(0 <= p.gamma <= 1, "ppo.gamma", "a number in [0, 1]", p.gamma)
-    _check(0 <= p.lam <= 1, "ppo.lam", "a number in [0, 1]", p.lam)
-    _check(p.kl_target > 0, "ppo.kl_target", "a number > 0", p.kl_target)
-    _check(p.kl_horizon >= 1, "ppo.kl_horizon", "an integer >= 1", p.kl_horizon)
-    _check(p.target_kl is None or p.target_kl > 0, "ppo.target_kl", "a number > 0 or null",
-           p.target_kl)
-    _check(cfg.eval_every >= 0, "eval_every", "an integer >= 0", cfg.eval_every)
-    _check(cfg.eval_prompts >= 1, "eval_prompts", "an integer >= 1", cfg.eval_prompts)
-    _check(p.critic_warmup >= 0, "ppo.critic_warmup", "an integer >= 0", p.critic_warmup)
-    _check(g.max_new_tokens >= 1, "generation.max_new_tokens", "an integer >= 1", g.max_new_tokens)
-    _check(g.temperature > 0, "generation.temperature", "a number > 0", g.temperature)
-    _check(g.top_k >= 0, "generation.top_k", "an integer >= 0", g.top_k)
-    _check(0 < g.top_p <= 1, "generation.top_p", "a number in (0, 1]", g.top_p)
-    _check(0 <= g.min_new_tokens <= g.max_new_tokens, "generation.min_new_tokens",
-           "an integer in [0, generation.max_new_tokens]", g.min_new_tokens)
-    _check(g.repetition_penalty > 0, "generation.repetition_penalty", "a number > 0",
-           g.repetition_penalty)
-    _check(g.batch_size is None or g.batch_size >= 1, "generation.batch_size",
-           "an integer >= 1 or null", g.batch_size)
-    _check(all(s != "" for s in g.stop_strings), "generation.stop_strings",
-           "non-empty strings", g.stop_strings)
-    _check(o.lr > 0, "optim.lr", "a number > 0", o.lr)
-    _check(o.critic_lr is None or o.critic_lr > 0, "optim.critic_lr", "a number > 0 or null",
-           o.critic_lr)
-    _check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
-    _check(len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas), "optim.adam_betas",
-           "two numbers in [0, 1)", o.adam_betas)
-    _check(o.adam_eps > 0, "optim.adam_eps", "a number > 0", o.adam_eps)
-    _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm",
-           "a number > 0 or null", o.max_grad_norm)
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
-    _check(len(r.sources) >= 1, "reward.sources", "at least one reward source", r.sources)
+        check(getattr(p, key) >= 0, f"ppo.{key}", "a number >= 0", getattr(p, key))
+    check(0 <= p.gamma <= 1, "ppo.gamma", "a number in [0, 1]", p.gamma)
+    check(0 <= p.lam <= 1, "ppo.lam", "a number in [0, 1]", p.lam)
+    check(p.kl_target > 0, "ppo.kl_target", "a number > 0", p.kl_target)
+    check(p.kl_horizon >= 1, "ppo.kl_horizon", "an integer >= 1", p.kl_horizon)
+    check(p.target_kl is None or p.target_kl > 0, "ppo.target_kl", "a number > 0 or null",
+          p.target_kl)
+    check(cfg.eval_every >= 0, "eval_every", "an integer >= 0", cfg.eval_every)
+    check(cfg.eval_prompts >= 1, "eval_prompts", "an integer >= 1", cfg.eval_prompts)
+    check(p.critic_warmup >= 0, "ppo.critic_warmup", "an integer >= 0", p.critic_warmup)
+    check(g.max_new_tokens >= 1, "generation.max_new_tokens", "an integer >= 1", g.max_new_tokens)
+    check(g.temperature > 0, "generation.temperature", "a number > 0", g.temperature)
+    check(g.top_k >= 0, "generation.top_k", "an integer >= 0", g.top_k)
+    check(0 < g.top_p <= 1, "generation.top_p", "a number in (0, 1]", g.top_p)
+    check(0 <= g.min_new_tokens <= g.max_new_tokens, "generation.min_new_tokens",
+          "an integer in [0, generation.max_new_tokens]", g.min_new_tokens)
+    check(g.repetition_penalty > 0, "generation.repetition_penalty", "a number > 0",
+          g.repetition_penalty)
+    check(g.batch_size is None or g.batch_size >= 1, "generation.batch_size",
+          "an integer >= 1 or null", g.batch_size)
+    check(all(s != "" for s in g.stop_strings), "generation.stop_strings",
+          "non-empty strings", g.stop_strings)
+    check(o.lr > 0, "optim.lr", "a number > 0", o.lr)
+    check(o.critic_lr is None or o.critic_lr > 0, "optim.critic_lr", "a number > 0 or null",
+          o.critic_lr)
+    check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    check(len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas), "optim.adam_betas",
+          "two numbers in [0, 1)", o.adam_betas)
+    check(o.adam_eps > 0, "optim.adam_eps", "a number > 0", o.adam_eps)
+    check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm",
+          "a number > 0 or null", o.max_grad_norm)
+    check(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
+    check(len(r.sources) >= 1, "reward.sources", "at least one reward source", r.sources)
     for i, src in enumerate(r.sources):
-        _check((src.model is None) != (src.function is None), f"reward.sources[{i}]",
+        check((src.model is None) != (src.function is None), f"reward.sources[{i}]",
                "exactly one of `model` or `function`", dataclasses.asdict(src))
-        _check(src.function is None or ":" in src.function, f"reward.sources[{i}].function",
+        check(src.function is None or ":" in src.function, f"reward.sources[{i}].function",
                "'package.module:function' or 'path/to/file.py:function'", src.function)
-    _check(r.clip is None or r.clip > 0, "reward.clip", "a number > 0 or null", r.clip)
-    _check(r.batch_size >= 1, "reward.batch_size", "an integer >= 1", r.batch_size)
-    _check(d.max_prompt_length >= 1, "data.max_prompt_length", "an integer >= 1",
-           d.max_prompt_length)
-    _check(d.prompt_column != "", "data.prompt_column", "a column name", d.prompt_column)
-    pe = cfg.peft
-    _check(pe.r >= 1, "peft.r", "an integer >= 1", pe.r)
-    _check(pe.alpha > 0, "peft.alpha", "a number > 0", pe.alpha)
-    _check(0 <= pe.dropout < 1, "peft.dropout", "a number in [0, 1)", pe.dropout)
-    _check(len(pe.target_modules) >= 1, "peft.target_modules", "at least one module name",
-           pe.target_modules)
-    _check(pe.enabled or pe.adapter_path is None, "peft.adapter_path",
-           "null unless peft.enabled is true", pe.adapter_path)
-    _check(cfg.model.critic == "separate" or cfg.model.critic_name_or_path is None,
-           "model.critic_name_or_path", "null unless model.critic is 'separate'",
-           cfg.model.critic_name_or_path)
+    check(r.clip is None or r.clip > 0, "reward.clip", "a number > 0 or null", r.clip)
+    check(r.batch_size >= 1, "reward.batch_size", "an integer >= 1", r.batch_size)
+    check(d.max_prompt_length >= 1, "data.max_prompt_length", "an integer >= 1",
+          d.max_prompt_length)
+    check(d.prompt_column != "", "data.prompt_column", "a column name", d.prompt_column)
+    validate_peft(cfg.peft)
+    check(cfg.model.critic == "separate" or cfg.model.critic_name_or_path is None,
+          "model.critic_name_or_path", "null unless model.critic is 'separate'",
+          cfg.model.critic_name_or_path)
+
+
+def validate_peft(pe: PeftConfig) -> None:
+    """Value ranges of a ``peft`` section (PPO, SFT and reward training share it)."""
+    check(pe.r >= 1, "peft.r", "an integer >= 1", pe.r)
+    check(pe.alpha > 0, "peft.alpha", "a number > 0", pe.alpha)
+    check(0 <= pe.dropout < 1, "peft.dropout", "a number in [0, 1)", pe.dropout)
+    check(len(pe.target_modules) >= 1, "peft.target_modules", "at least one module name",
+          pe.target_modules)
+    check(pe.enabled or pe.adapter_path is None, "peft.adapter_path",
+          "null unless peft.enabled is true", pe.adapter_path)
 
 
 # --------------------------------------------------------------------------- typed construction

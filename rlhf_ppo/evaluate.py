@@ -34,10 +34,12 @@ from .config import (
     GenerationConfig,
     ModelConfig,
     RewardConfig,
+    check,
 )
 from .data import Prompt, load_prompts
 from .models import (
     ModelLoadError,
+    active_adapter,
     freeze,
     load_causal_lm,
     load_tokenizer,
@@ -110,24 +112,19 @@ class EvalConfig:
         return dataclasses.asdict(self)
 
 
-def _check(ok: bool, key: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
-
-
 def validate_eval(cfg: EvalConfig) -> None:
     """Check value ranges; raise ConfigError naming the key."""
-    _check(cfg.policy != "", "policy", "the trained policy's folder (e.g. a PPO run's OUTPUT_DIR/final)",
+    check(cfg.policy != "", "policy", "the trained policy's folder (e.g. a PPO run's OUTPUT_DIR/final)",
            cfg.policy)
-    _check(cfg.reference is None or cfg.reference != "", "reference", "a model folder, hub id or null",
+    check(cfg.reference is None or cfg.reference != "", "reference", "a model folder, hub id or null",
            cfg.reference)
-    _check(cfg.samples_per_prompt >= 1, "samples_per_prompt", "an integer >= 1", cfg.samples_per_prompt)
-    _check(cfg.num_prompts is None or cfg.num_prompts >= 1, "num_prompts", "an integer >= 1 or null",
+    check(cfg.samples_per_prompt >= 1, "samples_per_prompt", "an integer >= 1", cfg.samples_per_prompt)
+    check(cfg.num_prompts is None or cfg.num_prompts >= 1, "num_prompts", "an integer >= 1 or null",
            cfg.num_prompts)
-    _check(cfg.batch_size >= 1, "batch_size", "an integer >= 1", cfg.batch_size)
-    _check(cfg.bootstrap_samples >= 1, "bootstrap_samples", "an integer >= 1", cfg.bootstrap_samples)
-    _check(0 < cfg.ci_level < 1, "ci_level", "a number in (0, 1)", cfg.ci_level)
-    _check(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
+    check(cfg.batch_size >= 1, "batch_size", "an integer >= 1", cfg.batch_size)
+    check(cfg.bootstrap_samples >= 1, "bootstrap_samples", "an integer >= 1", cfg.bootstrap_samples)
+    check(0 < cfg.ci_level < 1, "ci_level", "a number in (0, 1)", cfg.ci_level)
+    check(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
            "device", "'auto', 'cpu', 'cuda' or 'cuda:N'", cfg.device)
     # The data, generation and reward sections are the PPO config's: reuse its checks (they name
     # the same keys, e.g. generation.max_new_tokens); the other PPO sections keep valid defaults.
@@ -348,7 +345,7 @@ class Side:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Context in which ``lm`` computes this side's distribution."""
-        with self.lm.disable_adapter() if self.adapter_off else nullcontext():
+        with active_adapter(self.lm, None) if self.adapter_off else nullcontext():
             yield
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -22,7 +21,8 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, DataConfig, ModelConfig, PeftConfig
+from .checkpoint import json_safe
+from .config import ConfigError, DataConfig, ModelConfig, check
 from .data import DataError, load_rows
 from .trainer import NonFiniteError, lr_lambda
 
@@ -55,12 +55,6 @@ class TrainConfig:
     """optimizer steps of linear warmup from 0"""
 
 
-def check(ok: bool, key: str, expected: str, value: Any) -> None:
-    """Raise ``ConfigError("key: expected ..., got ...")`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
-
-
 def validate_train(t: TrainConfig) -> None:
     """Value ranges of the ``train`` section."""
     for key in ("epochs", "batch_size", "micro_batch_size", "eval_batch_size"):
@@ -74,6 +68,17 @@ def validate_train(t: TrainConfig) -> None:
     check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
 
 
+def validate_data(d, columns: Sequence[str]) -> None:
+    """Checks shared by the ``data`` sections of sft and reward: a path, an eval fraction in
+    [0, 1), a usable max_length and non-empty column names (``columns``: field names)."""
+    check(bool(d.path), "data.path", "a .json/.jsonl/.csv/.parquet file, dataset folder or hub id",
+          d.path)
+    check(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)", d.eval_fraction)
+    check(d.max_length >= 2, "data.max_length", "an integer >= 2", d.max_length)
+    for key in columns:
+        check(getattr(d, key) != "", f"data.{key}", "a column name", getattr(d, key))
+
+
 def validate_model_keys(m: ModelConfig, command: str, gguf: bool = True) -> None:
     """Refuse the PPO-only ``model.*`` keys (reference, critic, sharding) when set: a stage that
     trains one model would silently ignore them."""
@@ -84,17 +89,6 @@ def validate_model_keys(m: ModelConfig, command: str, gguf: bool = True) -> None
         value, default = getattr(m, key), getattr(defaults, key)
         shown = "null" if default is None else repr(default)
         check(value == default, f"model.{key}", f"{shown} (not used by `rlhf-ppo {command}`)", value)
-
-
-def validate_peft(p: PeftConfig) -> None:
-    """Value ranges of the ``peft`` section."""
-    check(p.r >= 1, "peft.r", "an integer >= 1", p.r)
-    check(p.alpha > 0, "peft.alpha", "a number > 0", p.alpha)
-    check(0 <= p.dropout < 1, "peft.dropout", "a number in [0, 1)", p.dropout)
-    check(len(p.target_modules) >= 1, "peft.target_modules", "at least one module name",
-          p.target_modules)
-    check(p.enabled or p.adapter_path is None, "peft.adapter_path",
-          "null unless peft.enabled is true", p.adapter_path)
 
 
 # --------------------------------------------------------------------------- data
@@ -159,10 +153,8 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> Path:
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line (non-finite floats written as null)."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-             for k, v in record.items()}
     with open(path, "a") as f:
-        f.write(json.dumps(clean) + "\n")
+        f.write(json.dumps(json_safe(record)) + "\n")
 
 
 # --------------------------------------------------------------------------- training loop

@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import finetune as ft
-from .config import ModelConfig, PeftConfig, config_from_dict, save_config
+from .config import ModelConfig, PeftConfig, check, config_from_dict, save_config, validate_peft
 from .data import DataError, _is_messages, render_prompt
-from .finetune import TrainConfig, check
+from .finetune import TrainConfig
 from .models import ModelLoadError, is_peft, load_sequence_classifier, load_tokenizer, transformer
 from .rewards import score_sequences
 
@@ -97,19 +97,14 @@ class RewardTrainConfig:
 def validate(cfg: RewardTrainConfig) -> None:
     """Value ranges and cross-field constraints; ConfigError naming the key."""
     d = cfg.data
-    check(bool(d.path), "data.path", "a .json/.jsonl/.csv/.parquet file, dataset folder or hub id",
-          d.path)
-    check(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)", d.eval_fraction)
-    check(d.max_length >= 2, "data.max_length", "an integer >= 2", d.max_length)
-    for key in ("prompt_column", "chosen_column", "rejected_column", "margin_column"):
-        check(getattr(d, key) != "", f"data.{key}", "a column name", getattr(d, key))
+    ft.validate_data(d, ("prompt_column", "chosen_column", "rejected_column", "margin_column"))
     check(d.chosen_column != d.rejected_column, "data.rejected_column",
           "a column other than data.chosen_column", d.rejected_column)
     ft.validate_train(cfg.train)
     ft.validate_model_keys(cfg.model, "reward", gguf=False)
     check(cfg.model.revision is None, "model.revision", "null (not used by `rlhf-ppo reward`)",
           cfg.model.revision)
-    ft.validate_peft(cfg.peft)
+    validate_peft(cfg.peft)
     check(cfg.peft.adapter_path is None, "peft.adapter_path",
           "null (`rlhf-ppo reward` starts a new adapter)", cfg.peft.adapter_path)
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 
 from . import finetune as ft
-from .config import ModelConfig, PeftConfig, config_from_dict, save_config
+from .config import ModelConfig, PeftConfig, config_from_dict, save_config, validate_peft
 from .data import DataError, _is_messages, render_prompt
-from .finetune import TrainConfig, check
+from .finetune import TrainConfig
 from .models import apply_lora, is_peft, load_causal_lm, load_tokenizer, token_logprobs, transformer
 
 logger = logging.getLogger(__name__)
@@ -94,15 +94,10 @@ class SFTConfig:
 def validate(cfg: SFTConfig) -> None:
     """Value ranges and cross-field constraints; ConfigError naming the key."""
     d = cfg.data
-    check(bool(d.path), "data.path", "a .json/.jsonl/.csv/.parquet file, dataset folder or hub id",
-          d.path)
-    check(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)", d.eval_fraction)
-    check(d.max_length >= 2, "data.max_length", "an integer >= 2", d.max_length)
-    for key in ("prompt_column", "response_column", "messages_column"):
-        check(getattr(d, key) != "", f"data.{key}", "a column name", getattr(d, key))
+    ft.validate_data(d, ("prompt_column", "response_column", "messages_column"))
     ft.validate_train(cfg.train)
     ft.validate_model_keys(cfg.model, "sft")
-    ft.validate_peft(cfg.peft)
+    validate_peft(cfg.peft)
 
 
 # --------------------------------------------------------------------------- examples
