@@ -27,6 +27,12 @@ def gradient_accumulation_steps(cfg: Config) -> int:
     return max(1, mini // cfg.ppo.micro_batch_size)
 
 
+def multi_process_cpu() -> bool:
+    """True for a multi-process launch (torchrun, accelerate launch) on a machine without CUDA.
+    accelerate sets up multi-process CPU (gloo) only when asked for the CPU (``cpu=True``)."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def make_accelerator(cfg: Config):
     """An ``Accelerator`` for the launch environment, with PPO's accumulation settings."""
     from accelerate import Accelerator
@@ -34,17 +40,14 @@ def make_accelerator(cfg: Config):
 
     # Critic warmup with a shared backbone leaves the policy's parameters without gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.ppo.critic_warmup > 0)
-    # accelerate sets up multi-process CPU (gloo) only when asked for the CPU; a multi-process
-    # launch (torchrun, accelerate launch) on a machine without CUDA means exactly that.
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    multi_cpu = multi_process_cpu()
     if multi_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         # accelerate cannot drive DeepSpeed without CUDA: its process count would stay 1 while
         # DeepSpeed sees them all, so every process would train on the same prompts.
         raise RuntimeError("DeepSpeed launch without CUDA: accelerate supports DeepSpeed on GPUs "
                            "only. On CPUs, launch plain data parallel (torchrun, or an accelerate "
                            "config without distributed_type: DEEPSPEED).")
-    cpu = multi_cpu
-    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps(cfg), cpu=cpu,
+    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps(cfg), cpu=multi_cpu,
                       mixed_precision=cfg.mixed_precision,
                       log_with=list(cfg.report_to) or None, project_dir=cfg.output_dir,
                       kwargs_handlers=[ddp])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ import torch.nn as nn
 from .checkpoint import json_safe
 from .config import ConfigError, DataConfig, ModelConfig, check
 from .data import DataError, load_rows
+from .distributed import multi_process_cpu
 from .trainer import NonFiniteError, lr_lambda
 
 logger = logging.getLogger(__name__)
@@ -165,9 +165,7 @@ def make_accelerator(mixed_precision: str | None):
     micro-batch), so steps may hold any number of micro-batches."""
     from accelerate import Accelerator
 
-    # As distributed.make_accelerator: a multi-process launch without CUDA means CPU (gloo).
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=multi_process_cpu())
 
 
 def step_plan(n: int, t: TrainConfig, seed: int, rank: int = 0, world: int = 1
