@@ -137,6 +137,8 @@ class GenerationConfig:
     """stop strings: the response ends at the token that completes one"""
     batch_size: int | None = None
     """prompts per `generate` call; default: the whole rollout batch"""
+    backend: Literal["native", "transformers"] = "native"
+    """`native`: rlhf_ppo's KV-cached sampling loop; `transformers`: `model.generate` (static cache etc.)"""
 
 
 @dataclass
@@ -181,6 +183,8 @@ class PPOConfig:
     """stop this iteration's updates when approx KL(old || new) exceeds it (null: never)"""
     critic_warmup: int = 0
     """the first N iterations train only the value head / critic"""
+    old_logprobs: Literal["auto", "generation", "recompute"] = "auto"
+    """log pi_old from `generation` (native backend) or a `recompute` pass; `auto`: generation in float32"""
 
 
 @dataclass
@@ -303,6 +307,9 @@ def validate(cfg: Config) -> None:
           "an integer >= 1 or null", g.batch_size)
     check(all(s != "" for s in g.stop_strings), "generation.stop_strings",
           "non-empty strings", g.stop_strings)
+    check(p.old_logprobs != "generation" or g.backend == "native", "ppo.old_logprobs",
+          "'auto' or 'recompute' with generation.backend='transformers' (only the native backend "
+          "records log-probs while sampling)", p.old_logprobs)
     check(o.lr > 0, "optim.lr", "a number > 0", o.lr)
     check(o.critic_lr is None or o.critic_lr > 0, "optim.critic_lr", "a number > 0 or null",
           o.critic_lr)

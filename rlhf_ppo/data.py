@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,16 +37,72 @@ class Prompt:
     """other dataset columns, passed to reward functions as keyword arguments"""
 
 
-def load_rows(cfg: DataConfig):
-    """The raw ``datasets.Dataset`` named by ``data.path`` (local file or hub id)."""
-    import datasets
+class Rows(list):
+    """The rows of a local JSON / JSON Lines file: dicts that all have every column (``None``
+    where a row lacks one), with ``column_names``, as a ``datasets.Dataset`` iterates."""
 
+    def __init__(self, rows: list[dict], column_names: list[str]):
+        super().__init__(rows)
+        self.column_names = column_names
+
+
+def read_json_rows(path: str) -> Rows:
+    """Rows of a ``.jsonl`` file (one object per line) or a ``.json`` file (a list of objects,
+    an object of equal-length column lists, or JSON Lines). Read with the standard library:
+    ``datasets`` would cost ~85 MB of memory for its import and write an Arrow cache of every
+    file; errors name the file and the line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"data.path: could not read {path!r} ({type(e).__name__}: {e})") from e
+    records = None
+    if path.lower().endswith(".json") and text.lstrip().startswith(("[", "{")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # perhaps JSON Lines in a .json file
+        if isinstance(data, list):
+            records = data
+        elif isinstance(data, dict):
+            cols = list(data.values())
+            if cols and all(isinstance(c, list) and len(c) == len(cols[0]) for c in cols):
+                records = [dict(zip(data, values)) for values in zip(*cols)]
+            else:
+                records = [data]
+    if records is None:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"data.path: {path!r} line {n} is not valid JSON ({e.msg}); "
+                                "expected one JSON object per line") from e
+    columns: dict[str, None] = {}
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"data.path: {path!r} row {i} is {type(record).__name__}, expected "
+                            "a JSON object of columns")
+        columns.update(dict.fromkeys(record))
+    if not records:
+        raise DataError(f"data.path: {path!r} has no rows")
+    return Rows([{c: r.get(c) for c in columns} for r in records], list(columns))
+
+
+def load_rows(cfg: DataConfig):
+    """The rows named by ``data.path``: a ``datasets.Dataset`` (hub id, CSV, Parquet,
+    ``save_to_disk`` folder) or :class:`Rows` (local JSON / JSON Lines)."""
     path = builtin.resolve_dataset(cfg.path)
     suffix = Path(path).suffix.lower()
+    if suffix in LOCAL_FORMATS and not Path(path).is_file():
+        raise DataError(f"data.path: file {path!r} not found")
+    if LOCAL_FORMATS.get(suffix) == "json":
+        return read_json_rows(path)
+    import datasets
+
     try:
         if suffix in LOCAL_FORMATS:
-            if not Path(path).is_file():
-                raise DataError(f"data.path: file {path!r} not found")
             ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files={cfg.split: path},
                                        split=cfg.split)
         elif Path(path).is_dir() and (Path(path) / "dataset_dict.json").is_file():

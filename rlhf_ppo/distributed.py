@@ -99,13 +99,15 @@ def configure_deepspeed(acc, cfg: Config) -> None:
 
 
 @contextmanager
-def generation_model(acc, model: nn.Module) -> Iterator[nn.Module]:
-    """The policy with full weights for ``generate``.
+def generation_model(acc, model: nn.Module, unwrapped: nn.Module | None = None
+                     ) -> Iterator[nn.Module]:
+    """The policy with full weights for ``generate``. ``model``: the prepared ActorCritic;
+    ``unwrapped``: the module inside its wrappers (default: ``acc.unwrap_model(model)``).
 
     ZeRO-3 and FSDP shard parameters; generation runs many small forwards outside the training
     module's own forward, so the weights are gathered once for the whole rollout here.
     """
-    unwrapped = acc.unwrap_model(model)
+    unwrapped = unwrapped if unwrapped is not None else acc.unwrap_model(model)
     if zero_stage(acc) == 3:
         import deepspeed
 

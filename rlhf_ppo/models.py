@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -190,7 +190,8 @@ def vocab_rows(lm_head: nn.Module) -> int:
     return getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
 
 
-def _postprocess_logits(logits: torch.Tensor, config) -> torch.Tensor:
+def postprocess_logits(logits: torch.Tensor, config) -> torch.Tensor:
+    """Apply what some architectures do to logits after ``lm_head`` inside their forward."""
     # Architectures that transform logits after lm_head inside their forward (Gemma 2/3
     # soft-capping, Granite scaling, Cohere scale); we apply the same on our chunks.
     if getattr(config, "logit_scale", None):
@@ -205,7 +206,7 @@ def _postprocess_logits(logits: torch.Tensor, config) -> torch.Tensor:
 
 def _chunk_logprobs(lm_head: nn.Module, config, hidden: torch.Tensor, tokens: torch.Tensor,
                     temperature: float, with_entropy: bool):
-    logits = _postprocess_logits(lm_head(hidden), config).float()  # (N, V)
+    logits = postprocess_logits(lm_head(hidden), config).float()  # (N, V)
     if temperature != 1.0:  # x / 1.0 == x exactly: skip a pass over [N, V]
         logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
@@ -363,21 +364,37 @@ class ActorCritic(nn.Module):
         lm = transformer(self.policy)
         logprobs, entropy = token_logprobs(lm.get_output_embeddings(), lm.config,
                                            h_resp, tokens, temperature, with_entropy)
-        if self.critic_adapter is not None:
-            with active_adapter(self.policy, self.critic_adapter):
-                c_hidden = backbone_hidden(self.policy, input_ids, attention_mask)
-            h_c = c_hidden[:, prompt_length - 1:-1]  # (B, R, H)
-            values = self.value_head(h_c.to(self.value_head.weight.dtype)).float().squeeze(-1)
-        elif self.critic is None:
+        if self.critic is None and self.critic_adapter is None:
             h_v = h_resp.detach() if detach_backbone else h_resp
-            # The head is float32 unless an engine cast the whole module (DeepSpeed bf16).
-            values = self.value_head(h_v.to(self.value_head.weight.dtype)).float().squeeze(-1)
+            values = self.shared_values(h_v)
         else:
+            values = self.values(input_ids, attention_mask, prompt_length)
+        return logprobs, entropy, values
+
+    @property
+    def shares_backbone(self) -> bool:
+        """True when the value head reads the policy's own last hidden state (``critic: shared``
+        without a critic adapter), so values come with every policy forward."""
+        return self.critic is None and self.critic_adapter is None
+
+    def shared_values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Values ``[...]`` float32 from the policy's last hidden states ``[..., H]``."""
+        # The head is float32 unless an engine cast the whole module (DeepSpeed bf16).
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).float().squeeze(-1)
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+               ) -> torch.Tensor:
+        """Values ``[B, R]`` of the response states from the critic's own backbone pass (a
+        separate critic or the critic adapter; the shared head: one policy backbone pass)."""
+        if self.critic is not None:
             c_hidden = backbone_hidden(self.critic, input_ids, attention_mask)
             h_c = c_hidden[:, prompt_length - 1:-1]  # (B, R, H)
             # The score head is float32 (set at load) while a bf16/fp16 backbone's output is not.
-            values = self.critic.score(h_c.to(self.critic.score.weight.dtype)).float().squeeze(-1)
-        return logprobs, entropy, values
+            return self.critic.score(h_c.to(self.critic.score.weight.dtype)).float().squeeze(-1)
+        adapter = self.critic_adapter
+        with active_adapter(self.policy, adapter) if adapter else nullcontext():
+            c_hidden = backbone_hidden(self.policy, input_ids, attention_mask)
+        return self.shared_values(c_hidden[:, prompt_length - 1:-1])
 
 
 def reference_logprobs(ref: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -192,7 +192,9 @@ def rlhf_config(args, prompts: Path, output_dir: str):
         "reward": {"sources": [{"model": args.reward}], "batch_size": B},
         "data": {"path": str(prompts), "max_prompt_length": args.prompt_len},
         "generation": {"max_new_tokens": args.response_len,
-                       "min_new_tokens": args.response_len if has_eos(args.policy) else 0},
+                       "min_new_tokens": args.response_len if has_eos(args.policy) else 0,
+                       # a static cache is a model.generate option
+                       "backend": "transformers" if args.static_cache else "native"},
         "ppo": {"batch_size": B, "num_minibatches": M, "ppo_epochs": args.epochs,
                 "micro_batch_size": args.micro_batch or B // M,
                 "inference_batch_size": args.inference_batch or B},

@@ -109,8 +109,9 @@ def test_checkpoint_files_load_only_tensors(tmp_path):
 def _train_process(out, *overrides, env=None):
     cmd = [sys.executable, "-m", "rlhf_ppo", "train", "--config", str(TINY), f"output_dir={out}",
            *SMALL, *overrides]
+    # One thread, as this test process runs (conftest): float results then match bitwise.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env={**os.environ, **(env or {})})
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

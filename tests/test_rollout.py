@@ -1,17 +1,20 @@
 """Generation, stop-token truncation and where the score lands."""
 
+import pytest
 import torch
 
 from rlhf_ppo import ops
 from rlhf_ppo.config import GenerationConfig, ModelConfig
 from rlhf_ppo.data import Prompt
-from rlhf_ppo.models import load_causal_lm, load_tokenizer
+from rlhf_ppo.models import ActorCritic, load_causal_lm, load_tokenizer
 from rlhf_ppo.rollout import (
     decode_responses,
+    draw,
     find_stops,
     generate,
     hf_generation_config,
     off_policy_settings,
+    warp_scores,
 )
 
 PAD, EOS, STOP2 = 0, 3, 7
@@ -45,12 +48,14 @@ def test_find_stops_with_stop_strings(tiny_policy_dir):
     assert texts == ["good fun", "good fun and the day"]
 
 
-def test_generate_masks_everything_after_the_first_stop(tiny_policy_dir):
+@pytest.mark.parametrize("backend", ["native", "transformers"])
+def test_generate_masks_everything_after_the_first_stop(tiny_policy_dir, backend):
     model, tok = _tiny(tiny_policy_dir)
     torch.manual_seed(0)
     prompts = [Prompt(t, tok(t)["input_ids"]) for t in
                ["the movie was", "i think that the food is", "today"] * 6]
-    r = generate(model, prompts, tok, GenerationConfig(max_new_tokens=12, batch_size=5))
+    r = generate(model, prompts, tok, GenerationConfig(max_new_tokens=12, batch_size=5,
+                                                       backend=backend))
     B, R = r.response_mask.shape
     assert r.input_ids.shape == (B, r.prompt_length + R) and R <= 12
     resp = r.response_ids
@@ -77,14 +82,15 @@ def test_generate_masks_everything_after_the_first_stop(tiny_policy_dir):
         assert rewards[i, n - 1] == scores[i] and rewards[i].sum() == scores[i]
 
 
-def test_sampling_ignores_model_generation_defaults(tiny_policy_dir):
+@pytest.mark.parametrize("backend", ["native", "transformers"])
+def test_sampling_ignores_model_generation_defaults(tiny_policy_dir, backend):
     """Pure sampling even when the checkpoint's generation_config asks for top_k=1 (greedy)."""
     model, tok = _tiny(tiny_policy_dir)
     model.generation_config.top_k = 1
     model.generation_config.do_sample = False
     torch.manual_seed(0)
     prompts = [Prompt("the movie was", tok("the movie was")["input_ids"])] * 16
-    r = generate(model, prompts, tok, GenerationConfig(max_new_tokens=4))
+    r = generate(model, prompts, tok, GenerationConfig(max_new_tokens=4, backend=backend))
     distinct = {tuple(row.tolist()) for row in r.response_ids}
     assert len(distinct) > 8  # greedy would give one response
     assert hf_generation_config(GenerationConfig(), tok, [3]).top_k == 0
@@ -95,3 +101,138 @@ def test_off_policy_settings_are_named():
     found = off_policy_settings(GenerationConfig(top_k=5, top_p=0.9, min_new_tokens=2,
                                                  repetition_penalty=1.1))
     assert found == ["top_k=5", "top_p=0.9", "min_new_tokens=2", "repetition_penalty=1.1"]
+
+
+def _prompts(tok, texts):
+    return [Prompt(t, tok(t)["input_ids"]) for t in texts]
+
+
+TEXTS = ["the movie was", "i think that the food is really", "today", "a b c d e f"]
+
+
+def test_native_greedy_equals_transformers_generate(tiny_policy_dir):
+    """The native loop's cache, positions and left padding: with top_k=1 both backends pick the
+    same tokens, stops included."""
+    model, tok = _tiny(tiny_policy_dir)
+    prompts = _prompts(tok, TEXTS * 3)
+    runs = [generate(model, prompts, tok, GenerationConfig(max_new_tokens=16, top_k=1,
+                                                           backend=b))
+            for b in ("native", "transformers")]
+    assert torch.equal(runs[0].input_ids, runs[1].input_ids)
+    assert torch.equal(runs[0].response_mask, runs[1].response_mask)
+    assert runs[0].response_texts == runs[1].response_texts
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_native_records_the_full_forward_logprobs_values_and_entropy(tiny_policy_dir,
+                                                                     temperature):
+    """What sampling records (rows that stop early are dropped from the batch mid-way) equals a
+    full forward of the finished rollout, as PPO's recompute would give it."""
+    model, tok = _tiny(tiny_policy_dir)
+    ac = ActorCritic(model)
+    torch.nn.init.normal_(ac.value_head.weight)  # non-zero values
+    torch.manual_seed(0)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=temperature)
+    r = generate(model, _prompts(tok, TEXTS * 4), tok, cfg, record=True,
+                 value_head=ac.value_head)
+    assert r.stopped.any() and (~r.stopped).any()  # both cases, so rows left the batch
+    with torch.no_grad():
+        lp, ent, v = ac(r.input_ids, r.attention_mask, r.prompt_length, temperature)
+    m = r.response_mask.float()
+    torch.testing.assert_close(r.logprobs, lp * m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r.entropy, ent * m, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r.values, v * m, atol=1e-5, rtol=1e-5)
+
+
+def test_draw_samples_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    scores = probs.log().expand(4, -1)  # -inf for the impossible tokens
+    torch.manual_seed(0)
+    n = 50_000
+    counts = torch.zeros(6)
+    for _ in range(n // 4 // 1000):
+        toks = torch.stack([draw(scores) for _ in range(1000)]).flatten()
+        counts += torch.bincount(toks, minlength=6).float()
+    freq = counts / counts.sum()
+    assert counts[1] == 0 and counts[5] == 0  # zero-probability tokens never come up
+    sigma = (probs * (1 - probs) / counts.sum()).sqrt()
+    assert ((freq - probs).abs() <= 4 * sigma + 1e-9).all(), (freq, probs)
+
+
+def test_warp_scores_equals_transformers_processors():
+    """min_new_tokens, repetition penalty, temperature, top-k and top-p give the distribution
+    ``generate`` samples from (prompts without padding: transformers also penalises pads)."""
+    from transformers import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    B, V, P = 4, 50, 6
+    logits = torch.randn(B, V) * 3
+    ids = torch.randint(0, V, (B, P + 2))  # prompt + 2 generated tokens
+    stop = [3, 7]
+    cfg = GenerationConfig(temperature=0.7, top_k=20, top_p=0.8, min_new_tokens=5,
+                           repetition_penalty=1.3)
+    hf = LogitsProcessorList([
+        MinNewTokensLengthLogitsProcessor(P, 5, stop), RepetitionPenaltyLogitsProcessor(1.3),
+        TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)])
+    expected = hf(ids, logits.clone()).softmax(-1)
+    seen = torch.zeros(B, V, dtype=torch.bool).scatter_(1, ids, True)
+    got = warp_scores(logits / 0.7, cfg, step=2, stop_ids=stop, seen=seen).softmax(-1)
+    torch.testing.assert_close(got, expected)
+    assert (got[:, stop] == 0).all()
+    # past min_new_tokens the stop tokens are allowed again
+    later = warp_scores(logits / 0.7, GenerationConfig(min_new_tokens=5), 5, stop)
+    assert torch.equal(later, logits / 0.7)
+
+
+def test_min_new_tokens_and_repetition_penalty_in_the_native_loop(tiny_policy_dir,
+                                                                   monkeypatch):
+    """min_new_tokens holds stops back; the repetition penalty sees exactly each row's real
+    prompt tokens (not its padding) plus what it generated so far."""
+    import rlhf_ppo.rollout as rollout_mod
+
+    model, tok = _tiny(tiny_policy_dir)
+    seen_at = []
+    real = rollout_mod.warp_scores
+
+    def spy(scores, cfg, step, stop_ids, seen=None):
+        seen_at.append(seen.clone())
+        return real(scores, cfg, step, stop_ids, seen)
+    monkeypatch.setattr(rollout_mod, "warp_scores", spy)
+    torch.manual_seed(0)
+    prompts = _prompts(tok, TEXTS * 2)
+    r = generate(model, prompts, tok, GenerationConfig(max_new_tokens=8, min_new_tokens=8,
+                                                       repetition_penalty=1.5))
+    assert (r.response_mask.sum(-1) == 8).all() and len(seen_at) == 8
+    for i, (row, prompt) in enumerate(zip(r.response_ids.tolist(), r.prompts)):
+        assert tok.eos_token_id not in row[:7]
+        for t in range(8):  # no row stops, so batch position i is row i at every step
+            expected = set(prompt.input_ids) | set(row[:t])
+            assert set(seen_at[t][i].nonzero().flatten().tolist()) == expected, (i, t)
+
+
+def test_native_stop_strings_end_rows_early(tiny_policy_dir):
+    model, tok = _tiny(tiny_policy_dir)
+    torch.manual_seed(0)
+    cfg = GenerationConfig(max_new_tokens=24, stop_strings=["the"])
+    r = generate(model, _prompts(tok, TEXTS * 4), tok, cfg, record=True)
+    last = r.response_ids.gather(1, r.response_mask.sum(-1, keepdim=True) - 1).squeeze(1)
+    assert (r.stopped & (last != tok.eos_token_id)).any()  # some rows stopped on the string
+    for text, ids, n, stopped in zip(r.response_texts, r.response_ids, r.response_mask.sum(-1),
+                                     r.stopped):
+        assert "the" not in text
+        # a response stopped by the string ends with the token that completes it
+        full = tok.decode(ids[:n].tolist(), skip_special_tokens=False)
+        if not stopped:
+            assert "the" not in full
+        elif ids[n - 1] != tok.eos_token_id:
+            assert "the" in full
+            assert "the" not in tok.decode(ids[:n - 1].tolist(), skip_special_tokens=False)
+    # recorded values stop where the mask stops
+    assert (r.logprobs[r.response_mask == 0] == 0).all()

@@ -85,21 +85,68 @@ def test_critic_warmup_trains_only_the_value_head(tmp_path):
 
 
 def test_target_kl_stops_before_the_overshooting_step(tmp_path):
-    trainer = PPOTrainer(tiny_config(tmp_path, "iterations=1", "ppo.target_kl=1e-12"))
+    trainer = PPOTrainer(tiny_config(tmp_path, "iterations=1", "ppo.target_kl=1e-12",
+                                     "ppo.old_logprobs=recompute"))
     before = weights(trainer)
     m = trainer.step()
-    # First minibatch: ratio == 1, approx_kl == 0 -> one step; the second sees KL > 0 and stops.
+    # First minibatch: ratio == 1 exactly (recomputed old log-probs), approx_kl == 0 -> one
+    # step; the second sees KL > 0 and stops.
     assert m["ppo_steps"] == 1 and m["early_stopped"] == 1.0
     assert not torch.equal(before["policy.lm_head.weight"], weights(trainer)["policy.lm_head.weight"])
 
 
-def test_first_minibatch_ratio_is_one(tmp_path):
+@pytest.mark.parametrize("old_logprobs", ["generation", "recompute"])
+def test_first_minibatch_ratio_is_one(tmp_path, old_logprobs):
     """Rollout log-probs equal the training forward's before any step (dropout off, same
-    temperature, same padding conventions), so the first minibatch clips nothing."""
+    temperature, same padding conventions), so the first minibatch clips nothing: recomputed
+    ones exactly, the ones recorded while sampling up to float rounding."""
     cfg = tiny_config(tmp_path, "iterations=1", "ppo.ppo_epochs=1", "ppo.num_minibatches=1",
-                      "ppo.micro_batch_size=32", "generation.temperature=0.7")
+                      "ppo.micro_batch_size=32", "generation.temperature=0.7",
+                      f"ppo.old_logprobs={old_logprobs}")
     m = PPOTrainer(cfg).step()
     assert m["clipfrac"] == 0.0 and abs(m["approx_kl"]) < 1e-6
+    if old_logprobs == "recompute":
+        assert m["approx_kl"] == 0.0
+
+
+@pytest.mark.parametrize("critic, mode, forwards", [
+    ("shared", "auto", 0),        # float32, no autocast: recorded while sampling
+    ("shared", "recompute", 1),
+    ("separate", "generation", 0),  # log-probs recorded; the critic runs its own pass
+])
+def test_old_logprobs_skip_the_policy_forward_when_recorded(tmp_path, tiny_reward_dir, critic,
+                                                            mode, forwards, monkeypatch):
+    overrides = ["iterations=1", f"ppo.old_logprobs={mode}", f"model.critic={critic}"]
+    if critic == "separate":
+        overrides.append(f"model.critic_name_or_path={tiny_reward_dir}")
+    trainer = PPOTrainer(tiny_config(tmp_path, *overrides))
+    calls = {"forward": 0, "values": 0}
+    ac = trainer.unwrapped
+    for name in calls:
+        orig = getattr(ac, name)
+
+        def counted(*a, _orig=orig, _name=name, **k):
+            calls[_name] += 1
+            return _orig(*a, **k)
+        monkeypatch.setattr(ac, name, counted)
+    seen = {}
+    real_eval = trainer.evaluate_rollout
+
+    def spy(rollout):  # counts the passes of the scoring phase only (not the update's)
+        seen["recorded"] = rollout.logprobs is not None
+        before = dict(calls)
+        out = real_eval(rollout)
+        seen.update({k: calls[k] - before[k] for k in calls})
+        return out
+    monkeypatch.setattr(trainer, "evaluate_rollout", spy)
+    m = trainer.step()
+    assert seen["recorded"] == (forwards == 0)
+    # one inference batch (inference_batch_size >= batch_size in tiny.yaml); the shared head's
+    # values come from generation too, so it needs no pass of its own
+    assert seen["forward"] == forwards
+    assert seen["values"] == (1 if critic == "separate" and forwards == 0 else 0)
+    assert m["ppo_steps"] > 0 and all(torch.isfinite(torch.tensor(m[k])) for k in
+                                      ("policy_loss", "value_loss", "entropy", "kl"))
 
 
 def test_adaptive_kl_moves_the_coefficient(tmp_path):
