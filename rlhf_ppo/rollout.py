@@ -215,12 +215,13 @@ def warp_scores(scores: torch.Tensor, cfg: GenerationConfig, step: int, stop_ids
     return scores
 
 
-def draw(scores: torch.Tensor) -> torch.Tensor:
-    """One token per row from ``softmax(scores)`` ``(B, V)``, by inverse CDF: one uniform per row
-    and a binary search in the float64 cumulative distribution. The same distribution as
-    ``torch.multinomial``, which on CPU costs ~3 ms per step for 16 x 8192 probabilities (a
-    quarter of a small model's decoding step) against ~0.1 ms for this. Returns ``(B,)``."""
-    cdf = torch.softmax(scores, dim=-1).double().cumsum(-1)
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row from the probabilities ``probs`` ``(B, V)`` (normalised or not), by
+    inverse CDF: one uniform per row and a binary search in the float64 cumulative distribution.
+    The same distribution as ``torch.multinomial``, which on CPU costs ~3 ms per step for
+    16 x 8192 probabilities (a quarter of a small model's decoding step) against ~0.1 ms for this.
+    Returns ``(B,)``."""
+    cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total
     u = torch.minimum(u, total * (1 - 1e-12))  # u < total even after rounding
@@ -279,43 +280,53 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     stop_t = torch.tensor(stop_ids, dtype=torch.long, device=dev)
     seen = None  # (b, V) for the repetition penalty, made at the first step
     window = max((len(x) for x in cfg.stop_strings), default=0) + 2
+    warped = bool(cfg.top_k or cfg.top_p < 1.0 or cfg.min_new_tokens or
+                  cfg.repetition_penalty != 1.0)
     rows = torch.arange(B, device=dev)  # batch position -> row of the output
     done = torch.zeros(B, dtype=torch.bool, device=dev)  # per batch position
+    end = torch.full((B,), R, dtype=torch.long, device=dev)  # response length per output row
     x, mask = prompt_ids, prompt_mask
     pos = position_ids_from_mask(prompt_mask)
-    steps = 0
+    steps, n_done = 0, 0
     for t in range(R):
         hidden = base(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
                       **{cache_kw: cache}).last_hidden_state[:, -1]  # (b, H)
         logits = postprocess_logits(head(hidden), config).float()
         if cfg.temperature != 1.0:
             logits = logits / cfg.temperature
-        if cfg.repetition_penalty != 1.0 and seen is None:
-            # counts, so that a pad id which is also a real prompt token still counts
-            counts = torch.zeros(logits.shape, device=dev)
-            seen = counts.scatter_add_(1, prompt_ids, prompt_mask.to(counts.dtype)) > 0
-        tok = draw(warp_scores(logits, cfg, t, stop_ids, seen))  # (b,)
-        live = ~done
-        r = rows[live]
-        tokens[r, t] = tok[live]
+        logp = torch.log_softmax(logits, -1) if record or not warped else None
+        probs = logp.exp() if logp is not None else None
+        if warped:
+            if cfg.repetition_penalty != 1.0 and seen is None:
+                # counts, so that a pad id which is also a real prompt token still counts
+                counts = torch.zeros(logits.shape, device=dev)
+                seen = counts.scatter_add_(1, prompt_ids, prompt_mask.to(counts.dtype)) > 0
+            tok = draw(torch.softmax(warp_scores(logits, cfg, t, stop_ids, seen), -1))
+        else:
+            tok = draw(probs)  # (b,)
+        # Rows that stopped earlier but are still in the batch write too: cut at `end` below.
+        tokens[rows, t] = tok
         if record:
-            logp = torch.log_softmax(logits[live], -1)
-            out["logprobs"][r, t] = logp.gather(-1, tok[live, None]).squeeze(-1)
-            out["entropy"][r, t] = -(logp.exp() * logp).sum(-1)
+            out["logprobs"][rows, t] = logp.gather(-1, tok[:, None]).squeeze(-1)
+            out["entropy"][rows, t] = -(probs * logp).sum(-1)
             if value_head is not None:
-                v = value_head(hidden[live].to(value_head.weight.dtype)).float().squeeze(-1)
-                out["values"][r, t] = v
+                v = value_head(hidden.to(value_head.weight.dtype)).float().squeeze(-1)
+                out["values"][rows, t] = v
         steps = t + 1
-        done = done | torch.isin(tok, stop_t)
+        stop = torch.isin(tok, stop_t) if stop_ids else torch.zeros_like(done)
         if cfg.stop_strings:
             tails = tokenizer.batch_decode(tokens[rows, max(0, t + 1 - window):t + 1].tolist(),
                                            skip_special_tokens=False)
-            hit = torch.tensor([any(s in text for s in cfg.stop_strings) for text in tails],
-                               device=dev)
-            done = done | hit
+            stop |= torch.tensor([any(s in text for s in cfg.stop_strings) for text in tails],
+                                 device=dev)
         if seen is not None:
             seen[torch.arange(len(tok), device=dev), tok] = True
-        n_done = int(done.sum())
+        stop &= ~done
+        n_new = int(stop.sum())
+        if n_new:
+            end[rows[stop]] = t + 1
+            done |= stop
+            n_done += n_new
         if n_done == len(done) or t == R - 1:
             break
         x = tok[:, None]
@@ -325,9 +336,12 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
             keep = (~done).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             x, mask, pos, rows, done = x[keep], mask[keep], pos[keep], rows[keep], done[keep]
+            n_done = 0
             if seen is not None:
                 seen = seen[keep]
-    return {"response_ids": tokens[:, :steps], **{k: v[:, :steps] for k, v in out.items()}}
+    after = torch.arange(steps, device=dev)[None, :] >= end[:, None]  # past each row's stop
+    return {"response_ids": tokens[:, :steps].masked_fill(after, pad),
+            **{k: v[:, :steps].masked_fill(after, 0.0) for k, v in out.items()}}
 
 
 @torch.no_grad()
