@@ -369,7 +369,7 @@ def compare(args, policy: str, reward: str, critics: list[str]) -> dict:
                   *shape_flags(args)]
         for r in range(args.rounds):
             variants = [(f"rlhf_ppo/{c}", [sys.executable, __file__, *common, "--critic", c,
-                                           "--bare-repeats", str(args.bare_repeats if r == 0 else 0)])
+                                           "--bare-repeats", str(args.bare_repeats)])
                         for c in critics]
             if args.compare_trl:
                 variants.append(("trl", [args.compare_trl, str(HERE / "trl_bench.py"), *common]))
@@ -394,13 +394,27 @@ def pool(results: list[dict]) -> dict:
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
     out["rounds"] = len(ok)
     out["load_avg"] = [r.get("load_avg_start") for r in ok] + [ok[-1].get("load_avg_end")]
-    bare = [r["bare"] for r in ok if "bare" in r]
-    if bare:
-        out["bare"] = bare[0]
-        out["ppo_over_bare"] = round(out["s_per_iter"] / bare[0]["sum"], 3)
-        if "cpu_s_per_iter" in out:
-            out["cpu_ppo_over_bare"] = round(out["cpu_s_per_iter"] / bare[0]["cpu_sum"], 3)
+    # Per round, for ratios taken within a round (the machine's speed drifts between rounds).
+    out["round_s_per_iter"] = [r["s_per_iter"] for r in ok]
+    out["round_cpu_s_per_iter"] = [r.get("cpu_s_per_iter") for r in ok]
+    bare = [r for r in ok if "bare" in r]
+    if bare:  # each run's iteration over its own bare phases, the median over rounds
+        out["bare"] = {k: round(statistics.median([r["bare"][k] for r in bare]), 4)
+                       for k in bare[0]["bare"]}
+        for k in ("ppo_over_bare", "cpu_ppo_over_bare"):
+            if all(k in r for r in bare):
+                out[k] = round(statistics.median([r[k] for r in bare]), 3)
     return out
+
+
+def round_ratio(a: dict, b: dict, key: str = "round_s_per_iter") -> float | None:
+    """Median over rounds of ``a``'s figure over ``b``'s in the same round (A B A B order), or
+    the ratio of the pooled figures when the rounds do not pair up."""
+    xs, ys = a.get(key) or [], b.get(key) or []
+    if xs and len(xs) == len(ys) and all(xs) and all(ys):
+        return statistics.median([x / y for x, y in zip(xs, ys)])
+    pooled = key.replace("round_", "")
+    return a[pooled] / b[pooled] if a.get(pooled) and b.get(pooled) else None
 
 
 def markdown_table(rows: list[tuple[str, dict]]) -> str:
@@ -416,9 +430,11 @@ def markdown_table(rows: list[tuple[str, dict]]) -> str:
             lines.append(f"| {size} | {variant} | error: {r['error']} |" + " |" * 13)
             continue
         t = trl.get(size)
-        ratio = f"{r['s_per_iter'] / t['s_per_iter']:.2f}x" if t else "-"
+        wall_r = round_ratio(r, t) if t else None
+        ratio = f"{wall_r:.2f}x" if wall_r is not None else "-"
         cpu = r.get("cpu_s_per_iter")
-        cpu_ratio = f"{cpu / t['cpu_s_per_iter']:.2f}x" if t and cpu and t.get("cpu_s_per_iter") else "-"
+        cpu_r = round_ratio(r, t, "round_cpu_s_per_iter") if t else None
+        cpu_ratio = f"{cpu_r:.2f}x" if cpu_r is not None else "-"
         rss = f"{r['peak_rss_mb'] / t['peak_rss_mb']:.2f}x" if t else "-"
         bare = r.get("bare", {}).get("sum")
         lines.append(

@@ -91,11 +91,18 @@ def test_pool_and_table_ratios():
                 "peak_rss_mb": rss, "cpu_s_per_iter": s, **kw}
 
     # pooled median over the iterations after each round's first: [2, 4] + [3, 5] -> 3.5
-    ours = benchmark.pool([run(3, [9, 2, 4], 100.0, bare={"sum": 1.75, "cpu_sum": 1.75}),
-                           run(4, [9, 3, 5], 120.0)])
+    ours = benchmark.pool([
+        run(3, [9, 2, 4], 100.0, bare={"sum": 1.5, "cpu_sum": 1.5}, ppo_over_bare=2.0,
+            cpu_ppo_over_bare=2.0),
+        run(4, [9, 3, 5], 120.0, bare={"sum": 1.0, "cpu_sum": 1.0}, ppo_over_bare=4.0,
+            cpu_ppo_over_bare=4.0)])
     assert ours["s_per_iter"] == 3.5 and ours["peak_rss_mb"] == 120.0
-    assert ours["ppo_over_bare"] == 2.0
-    trl = benchmark.pool([run(7, [9, 7, 7], 200.0)])
+    # iteration over bare phases: each round's own ratio, then the median over rounds
+    assert ours["ppo_over_bare"] == 3.0 and ours["bare"]["sum"] == 1.25
+    trl = benchmark.pool([run(6, [9, 6, 6], 200.0), run(10, [9, 10, 10], 180.0)])
     table = benchmark.markdown_table([("small:rlhf_ppo/shared", ours), ("small:trl", trl)])
     row = next(x for x in table.splitlines() if "rlhf_ppo/shared" in x)
-    assert "| 0.50x |" in row and "| 0.60x |" in row  # 3.5 / 7 and 120 / 200
+    # vs TRL: the median of the per-round ratios 3/6 and 4/10 (not the pooled 3.5 / 8 = 0.44);
+    # RSS: 120 / 200
+    assert "| 0.45x |" in row and "| 0.60x |" in row
+    assert "0.44x" not in row
