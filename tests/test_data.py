@@ -352,3 +352,32 @@ def test_left_pad_empty_sequence_and_pad_zero():
     # token id 0 equal to the pad id is still a real token: the mask comes from lengths
     assert ids.tolist() == [[0, 0], [0, 4]]
     assert mask.tolist() == [[0, 0], [1, 1]]
+
+
+def test_json_files_read_without_datasets(tmp_path, tok):
+    """JSON / JSON Lines are read with the standard library: a column-oriented .json, JSON Lines
+    in a .json file, and rows that lack a column (None there, as datasets would give)."""
+    columnar = tmp_path / "cols.json"
+    columnar.write_text(json.dumps({"prompt": ["the movie was", "i think the book is"],
+                                    "label": [1, 0], "tag": ["x", "y"]}))
+    check_rows(load_prompts(DataConfig(path=str(columnar)), tok), tok)
+    lines = tmp_path / "lines.json"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    check_rows(load_prompts(DataConfig(path=str(lines)), tok), tok)
+    ragged = write_jsonl(tmp_path / "ragged.jsonl", [{"prompt": "the movie was", "label": 1},
+                                                     {"prompt": "the day", "tag": "y"}])
+    prompts = load_prompts(DataConfig(path=ragged), tok)
+    assert [p.extra for p in prompts] == [{"label": 1, "tag": None}, {"label": None, "tag": "y"}]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "the day"}\n{"prompt": "the \n', "line 2 is not valid JSON"),
+    ('{"prompt": "the day"}\n[1, 2]\n', "row 1 is list, expected a JSON object"),
+    ("\n\n", "has no rows"),
+])
+def test_bad_json_lines_name_the_file_and_line(tmp_path, tok, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=r"data\.path") as e:
+        load_prompts(DataConfig(path=str(path)), tok)
+    assert message in str(e.value) and "bad.jsonl" in str(e.value)
