@@ -168,6 +168,7 @@ def run_header(args, side: str) -> dict:
     import torch
 
     return {"side": side, "critic": args.critic, "static_cache": args.static_cache,
+            "backend": "transformers" if args.static_cache or side == "trl" else args.backend,
             "policy": args.policy, "batch": args.batch,
             "mini_batches": args.mini_batches, "epochs": args.epochs,
             "prompt_len": args.prompt_len, "response_len": args.response_len, "iters": args.iters,
@@ -194,7 +195,7 @@ def rlhf_config(args, prompts: Path, output_dir: str):
         "generation": {"max_new_tokens": args.response_len,
                        "min_new_tokens": args.response_len if has_eos(args.policy) else 0,
                        # a static cache is a model.generate option
-                       "backend": "transformers" if args.static_cache else "native"},
+                       "backend": "transformers" if args.static_cache else args.backend},
         "ppo": {"batch_size": B, "num_minibatches": M, "ppo_epochs": args.epochs,
                 "micro_batch_size": args.micro_batch or B // M,
                 "inference_batch_size": args.inference_batch or B},
@@ -351,7 +352,8 @@ def shape_flags(args) -> list[str]:
              "--epochs", str(args.epochs), "--prompt-len", str(args.prompt_len),
              "--response-len", str(args.response_len), "--iters", str(args.iters),
              "--threads", str(args.threads), "--seed", str(args.seed), "--dtype", args.dtype,
-             "--n-prompts", str(args.n_prompts)] + (["--static-cache"] if args.static_cache else [])
+             "--n-prompts", str(args.n_prompts), "--backend", args.backend] + (
+                 ["--static-cache"] if args.static_cache else [])
     for name in ("peak_tflops", "peak_tbps", "micro_batch", "inference_batch"):
         if getattr(args, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
@@ -468,6 +470,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inference-batch", type=int, default=None,
                    help="sequences per no-grad forward (default: the whole batch)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--backend", choices=("native", "transformers"), default="native",
+                   help="rlhf_ppo's generation.backend (--static-cache implies transformers)")
     p.add_argument("--static-cache", action="store_true",
                    help="generate with a static KV cache (on CUDA, transformers then compiles the "
                         "decoding step with torch.compile); both sides")
