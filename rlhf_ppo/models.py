@@ -364,7 +364,7 @@ class ActorCritic(nn.Module):
         lm = transformer(self.policy)
         logprobs, entropy = token_logprobs(lm.get_output_embeddings(), lm.config,
                                            h_resp, tokens, temperature, with_entropy)
-        if self.critic is None and self.critic_adapter is None:
+        if self.shares_backbone:
             h_v = h_resp.detach() if detach_backbone else h_resp
             values = self.shared_values(h_v)
         else:

@@ -279,7 +279,7 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
            if record}
     stop_t = torch.tensor(stop_ids, dtype=torch.long, device=dev)
     seen = None  # (b, V) for the repetition penalty, made at the first step
-    window = max((len(x) for x in cfg.stop_strings), default=0) + 2
+    on_strings = StopOnStrings(cfg.stop_strings, tokenizer, 0) if cfg.stop_strings else None
     warped = bool(cfg.top_k or cfg.top_p < 1.0 or cfg.min_new_tokens or
                   cfg.repetition_penalty != 1.0)
     rows = torch.arange(B, device=dev)  # batch position -> row of the output
@@ -314,11 +314,8 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                 out["values"][rows, t] = v
         steps = t + 1
         stop = torch.isin(tok, stop_t) if stop_ids else torch.zeros_like(done)
-        if cfg.stop_strings:
-            tails = tokenizer.batch_decode(tokens[rows, max(0, t + 1 - window):t + 1].tolist(),
-                                           skip_special_tokens=False)
-            stop |= torch.tensor([any(s in text for s in cfg.stop_strings) for text in tails],
-                                 device=dev)
+        if on_strings is not None:
+            stop |= on_strings(tokens[rows, :t + 1])
         if seen is not None:
             seen[torch.arange(len(tok), device=dev), tok] = True
         stop &= ~done
@@ -366,6 +363,7 @@ def generate(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig,
     if cfg.backend == "native" and not native:
         logger.warning("generation.backend=native: %s's backbone takes no KV cache argument; "
                        "sampling with model.generate instead", type(model).__name__)
+    gen_cfg = None if native else hf_generation_config(cfg, tokenizer, stop_ids)
     was_training = model.training
     model.eval()
     parts: list[dict[str, torch.Tensor]] = []
@@ -382,8 +380,7 @@ def generate(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig,
 
             kwargs["stopping_criteria"] = StoppingCriteriaList(
                 [StopOnStrings(cfg.stop_strings, tokenizer, P)])
-        out = model.generate(input_ids=ids, attention_mask=mask,
-                             generation_config=hf_generation_config(cfg, tokenizer, stop_ids),
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
                              **kwargs)
         parts.append({"response_ids": out[:, P:].cpu()})
     model.train(was_training)

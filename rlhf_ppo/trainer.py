@@ -379,12 +379,11 @@ class PPOTrainer:
         # step 1. generate the trajectories (each process its own prompts), recording the
         # policy's log-probs (and a shared head's values) while sampling when they are exact
         if rollout is None:
-            record = self.record_logprobs
             head = self.unwrapped.value_head if self.unwrapped.shares_backbone else None
             with generation_model(acc, self.model, self.unwrapped) as policy:
                 rollout = generate(policy, self.sampler.next_batch(), self.tokenizer,
-                                   cfg.generation, acc.device, record=record,
-                                   value_head=head if record else None)
+                                   cfg.generation, acc.device, record=self.record_logprobs,
+                                   value_head=head)
         t1 = time.perf_counter()
 
         # step 2. what generation did not record: log-probs and values under the rollout

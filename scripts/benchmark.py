@@ -168,7 +168,7 @@ def run_header(args, side: str) -> dict:
     import torch
 
     return {"side": side, "critic": args.critic, "static_cache": args.static_cache,
-            "backend": "transformers" if args.static_cache or side == "trl" else args.backend,
+            "backend": "transformers" if side == "trl" else args.backend,
             "policy": args.policy, "batch": args.batch,
             "mini_batches": args.mini_batches, "epochs": args.epochs,
             "prompt_len": args.prompt_len, "response_len": args.response_len, "iters": args.iters,
@@ -194,8 +194,7 @@ def rlhf_config(args, prompts: Path, output_dir: str):
         "data": {"path": str(prompts), "max_prompt_length": args.prompt_len},
         "generation": {"max_new_tokens": args.response_len,
                        "min_new_tokens": args.response_len if has_eos(args.policy) else 0,
-                       # a static cache is a model.generate option
-                       "backend": "transformers" if args.static_cache else args.backend},
+                       "backend": args.backend},
         "ppo": {"batch_size": B, "num_minibatches": M, "ppo_epochs": args.epochs,
                 "micro_batch_size": args.micro_batch or B // M,
                 "inference_batch_size": args.inference_batch or B},
@@ -498,6 +497,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--policy and --reward are required (or --table MODELS_DIR)")
     if args.batch % args.mini_batches:
         p.error("--batch must be a multiple of --mini-batches")
+    if args.static_cache:  # a static cache is a model.generate option
+        args.backend = "transformers"
     return args
 
 
