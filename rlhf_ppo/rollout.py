@@ -248,7 +248,8 @@ def native_supported(model) -> bool:
 
 def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                   cfg: GenerationConfig, stop_ids: list[int], tokenizer, record: bool = True,
-                  value_head: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+                  value_head: torch.nn.Module | None = None,
+                  sync_every: int | None = None) -> dict[str, torch.Tensor]:
     """Sample responses with a KV cache, recording as it goes what PPO needs of the policy.
 
     Each step runs the backbone on the newest token, applies the LM head to the last position
@@ -259,7 +260,10 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
 
     Args: ``prompt_ids``, ``prompt_mask`` ``(B, P)`` left-padded, on the model's device;
     ``record``: also return per-token ``logprobs`` and ``entropy``, and ``values`` from
-    ``value_head`` (a shared critic's head on the same hidden state) when given.
+    ``value_head`` (a shared critic's head on the same hidden state) when given;
+    ``sync_every``: steps between the host's checks of which rows stopped (default 1 on CPU, 8 on
+    an accelerator; rows that stopped in between run on and are cut afterwards: the same tokens
+    under greedy decoding, the same distribution when sampling).
     Returns ``{"response_ids": (B, R) with padding after each stop, "logprobs", "entropy",
     "values": (B, R) float32 or absent}``, ``R <= max_new_tokens``.
     """
@@ -287,7 +291,11 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     end = torch.full((B,), R, dtype=torch.long, device=dev)  # response length per output row
     x, mask = prompt_ids, prompt_mask
     pos = position_ids_from_mask(prompt_mask)
-    steps, n_done = 0, 0
+    # How often the host looks at which rows stopped (a device sync): every step on CPU, where
+    # it is free; every 8th on an accelerator, so that the host queues steps ahead of the device.
+    if sync_every is None:
+        sync_every = 1 if dev.type == "cpu" else 8
+    steps = 0
     for t in range(R):
         hidden = base(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
                       **{cache_kw: cache}).last_hidden_state[:, -1]  # (b, H)
@@ -319,23 +327,25 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
         if seen is not None:
             seen[torch.arange(len(tok), device=dev), tok] = True
         stop &= ~done
-        n_new = int(stop.sum())
-        if n_new:
-            end[rows[stop]] = t + 1
-            done |= stop
-            n_done += n_new
-        if n_done == len(done) or t == R - 1:
+        end[rows] = torch.where(stop, t + 1, end[rows])  # on the device: no sync
+        done |= stop
+        if t == R - 1:
             break
         x = tok[:, None]
         mask = torch.cat([mask, mask.new_ones(len(tok), 1)], dim=1)
         pos = pos[:, -1:] + 1
+        if on_strings is None and (t + 1) % sync_every:
+            continue
+        n_done = int(done.sum())  # the step's one host sync
+        if n_done == len(done):
+            break
         if n_done >= max(1, len(done) // 8):  # drop stopped rows from the batch and the cache
             keep = (~done).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             x, mask, pos, rows, done = x[keep], mask[keep], pos[keep], rows[keep], done[keep]
-            n_done = 0
             if seen is not None:
                 seen = seen[keep]
+    steps = min(steps, int(end.max()))  # rows may all have stopped between two syncs
     after = torch.arange(steps, device=dev)[None, :] >= end[:, None]  # past each row's stop
     return {"response_ids": tokens[:, :steps].masked_fill(after, pad),
             **{k: v[:, :steps].masked_fill(after, 0.0) for k, v in out.items()}}

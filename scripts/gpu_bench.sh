@@ -61,27 +61,34 @@ python3 scripts/make_bench_models.py --out /tmp/bench_models --sizes "$SIZE" --d
 M=/tmp/bench_models/$SIZE
 echo "models done at $(elapsed) s"
 
+TRL_PYTHON=${TRL_PYTHON:-python3}
 read -r -a SHAPE <<< "--batch 64 --mini-batches 2 --epochs 1 --prompt-len 64 --response-len 256 \
 --iters 3 --dtype bfloat16 --threads 8 --bare-repeats 1 --rounds 1 ${SHAPE:-}"  # later flags win
 
 # 3. eager generation (transformers' default dynamic cache): rlhf_ppo shared, separate, then TRL
 timeout 300 python3 scripts/benchmark.py --policy $M/policy --reward $M/reward "${SHAPE[@]}" \
-    --critics shared separate --compare-trl python3 > "$OUT/compare.txt" 2> "$OUT/compare_stderr.log"
+    --critics shared separate --compare-trl "$TRL_PYTHON" > "$OUT/compare.txt" 2> "$OUT/compare_stderr.log"
 echo "comparison done at $(elapsed) s"
 grep '^|' "$OUT/compare.txt"
 grep -h '"variant"' "$OUT/compare_stderr.log" > "$OUT/runs.jsonl" || true
 grep -h '"error"' "$OUT/compare_stderr.log" | cut -c1-1500
 
-# 4. if time is left: static KV cache, so transformers compiles the decoding step (both sides)
-if [ "$(elapsed)" -lt 300 ]; then
+# 4. if time is left (STEP4=static|backend|none): static KV cache, so transformers compiles the
+# decoding step (both sides); or rlhf_ppo's shared run again with generation.backend=transformers
+# (model.generate), against the native loop of step 3
+STEP4=${STEP4:-static}
+if [ "$STEP4" != none ] && [ "$(elapsed)" -lt 300 ]; then
+    if [ "$STEP4" = static ]; then extra=(--static-cache --compare-trl "$TRL_PYTHON"); else
+        extra=(--backend transformers); fi
     timeout $(( 440 - $(elapsed) )) python3 scripts/benchmark.py --policy $M/policy --reward $M/reward \
-        "${SHAPE[@]}" --critics shared --static-cache --compare-trl python3 \
-        > "$OUT/static.txt" 2> "$OUT/static_stderr.log"
-    grep '^|' "$OUT/static.txt"
-    grep -h '"variant"' "$OUT/static_stderr.log" >> "$OUT/runs.jsonl" || true
-    grep -h '"error"' "$OUT/static_stderr.log" | cut -c1-1500
+        "${SHAPE[@]}" --critics shared "${extra[@]}" > "$OUT/$STEP4.txt" 2> "$OUT/${STEP4}_stderr.log"
+    grep '^|' "$OUT/$STEP4.txt"
+    grep -h '"variant"' "$OUT/${STEP4}_stderr.log" >> "$OUT/runs.jsonl" || true
+    # a single run (no TRL) prints its JSON line on stdout, without a variant name
+    grep -h '^{' "$OUT/$STEP4.txt" | sed 's/^{/{"variant": "rlhf_ppo\/shared", /' >> "$OUT/runs.jsonl"
+    grep -h '"error"' "$OUT/${STEP4}_stderr.log" | cut -c1-1500
 else
-    echo "skipped the static-cache runs: $(elapsed) s used"
+    echo "skipped step 4 ($STEP4): $(elapsed) s used"
 fi
 
 # 5. the GPU figures per run: generation against the bandwidth bound, the update's MFU, memory
@@ -92,7 +99,7 @@ keys = ("s_per_iter", "rollout", "gen_tokens_per_s", "gen_bw_bound_tokens_per_s"
         "ppo_over_bare")
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    name = r["variant"] + (" static" if r.get("static_cache") else "")
+    name = r["variant"] + (" static" if r.get("static_cache") else "") + " " + r.get("backend", "")
     print(name, r.get("device", ""), {k: r[k] for k in keys if k in r}, r.get("bare", ""))
 EOF
 echo "total $(elapsed) s"

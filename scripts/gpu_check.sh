@@ -2,12 +2,14 @@
 # GPU checks on one CUDA device: the built-in tiny PPO run in one process, plain, with bf16
 # autocast, and under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 (accelerate launch --num_processes 1).
 # Prints each run's exit code, seconds and its "done:" line (score first -> last iteration).
-# Usage: bash scripts/gpu_check.sh [OUTPUT_FOLDER]
+# Usage: [ONLY="plain bf16 deepspeed_zero2 deepspeed_zero3 fsdp"] bash scripts/gpu_check.sh [OUTPUT_FOLDER]
 set -uo pipefail
 out=${1:-/tmp/gpu_check}
 mkdir -p "$out"
+ONLY=${ONLY:-plain bf16 deepspeed_zero2 deepspeed_zero3 fsdp}
 run() {
   local name=$1; shift
+  [[ " $ONLY " == *" $name "* ]] || return 0
   local start; start=$(date +%s)
   timeout 75 "$@" output_dir="$out/$name" iterations=20 overwrite=true >"$out/$name.log" 2>&1
   local rc=$?

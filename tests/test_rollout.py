@@ -144,6 +144,31 @@ def test_native_records_the_full_forward_logprobs_values_and_entropy(tiny_policy
     torch.testing.assert_close(r.values, v * m, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sync_every", [3, 8, 64])
+def test_native_loop_syncing_less_often_gives_the_same_rollout(tiny_policy_dir, sync_every):
+    """On an accelerator the host checks for stopped rows only every few steps: rows that stopped
+    in between run on, and are cut afterwards. Greedy tokens, lengths and recorded log-probs
+    equal the every-step loop (as on CPU), also when every row stops between two checks."""
+    from rlhf_ppo.data import left_pad
+    from rlhf_ppo.rollout import sample_native, stop_token_ids
+
+    model, tok = _tiny(tiny_policy_dir)
+    ids, mask = left_pad([p.input_ids for p in _prompts(tok, TEXTS * 3)], tok.pad_token_id)
+    # greedy (deterministic), with a repetition penalty so that a random-init model's rows vary
+    cfg = GenerationConfig(max_new_tokens=20, top_k=1, repetition_penalty=100.0)
+    with torch.no_grad():  # greedy rows don't depend on the stops: pick stops they will meet
+        free = sample_native(model, ids, mask, cfg, [], tok)["response_ids"]
+    stops = stop_token_ids(cfg, tok) + sorted({int(free[i, 2 + i]) for i in range(0, 12, 3)})
+    with torch.no_grad():
+        runs = [sample_native(model, ids, mask, cfg, stops, tok, sync_every=n)
+                for n in (1, sync_every)]
+    lengths, stopped = find_stops(runs[0]["response_ids"], stops)
+    assert stopped.any() and lengths.min() < lengths.max()  # rows stop at different steps
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        torch.testing.assert_close(runs[1][key], runs[0][key], atol=1e-6, rtol=1e-6, msg=key)
+
+
 def test_draw_samples_the_distribution():
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
     batch = probs.expand(4, -1)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every GPU check in one device call (a lent GPU's time is short): the benchmark against TRL
+# (scripts/gpu_bench.sh, step 3), the engines with the native loop (scripts/gpu_check.sh:
+# ZeRO-3 and FSDP2, one process), then, while time is left (DEADLINE seconds from the start),
+# rlhf_ppo again with generation.backend=transformers. Needs .whl/ carried (see gpu_bench.sh):
+#   run(command="bash scripts/gpu_session.sh", carry=[".whl"], timeout_s=600)
+set -uo pipefail
+T0=$(date +%s)
+DEADLINE=${DEADLINE:-570}
+left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
+export PYTHONUNBUFFERED=1
+STEP4=none timeout $(( $(left) - 150 )) bash scripts/gpu_bench.sh
+echo "== bench done at $(( $(date +%s) - T0 )) s"
+ds=()
+for name in deepspeed hjson pydantic pydantic_core annotated_types typing_inspection; do
+    for f in .whl/"$name"-[0-9]*.whl; do [ -e "$f" ] && ds+=("$f"); done
+done
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_ds \
+    "${ds[@]}" || echo "deepspeed wheels: install failed"
+PYTHONPATH=/tmp/site_ds:/tmp/site:$PWD HF_HUB_OFFLINE=1 ONLY="deepspeed_zero3 fsdp" \
+    timeout $(( $(left) - 10 )) bash scripts/gpu_check.sh /tmp/gpu_check
+echo "== engines done at $(( $(date +%s) - T0 )) s"
+if [ "$(left)" -gt 100 ]; then
+    M=/tmp/bench_models/${SIZE:-gpu-0.5b}
+    PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 timeout $(( $(left) - 5 )) python3 scripts/benchmark.py \
+        --policy $M/policy --reward $M/reward --batch 64 --mini-batches 2 --epochs 1 --prompt-len 64 \
+        --response-len 256 --iters 3 --dtype bfloat16 --threads 8 --bare-repeats 1 --critics shared \
+        --backend transformers ${SHAPE:-} > "${OUT:-/tmp}/backend.txt" 2>/dev/null
+    cat "${OUT:-/tmp}/backend.txt"
+else
+    echo "skipped the transformers-backend run: $(left) s left"
+fi
+echo "== total $(( $(date +%s) - T0 )) s"
