@@ -56,9 +56,9 @@ EOF
 echo "preflight done at $(elapsed) s"
 
 # 2. the random-init 0.5B policy and reward model (bf16, built here: nothing is carried)
-python3 scripts/make_bench_models.py --out /tmp/bench_models --sizes "$SIZE" --dtype bfloat16 \
-    --device "$INIT_DEVICE" 2>&1 | grep -v "Writing\|Loading" | tee "$OUT/models.txt" || exit 1
 M=/tmp/bench_models/$SIZE
+[ -f $M/bench.json ] || python3 scripts/make_bench_models.py --out /tmp/bench_models --sizes "$SIZE" \
+    --dtype bfloat16 --device "$INIT_DEVICE" 2>&1 | grep -v "Writing\|Loading" | tee "$OUT/models.txt" || exit 1
 echo "models done at $(elapsed) s"
 
 TRL_PYTHON=${TRL_PYTHON:-python3}
@@ -67,7 +67,7 @@ read -r -a SHAPE <<< "--batch 64 --mini-batches 2 --epochs 1 --prompt-len 64 --r
 
 # 3. eager generation (transformers' default dynamic cache): rlhf_ppo shared, separate, then TRL
 timeout 300 python3 scripts/benchmark.py --policy $M/policy --reward $M/reward "${SHAPE[@]}" \
-    --critics shared separate --compare-trl "$TRL_PYTHON" > "$OUT/compare.txt" 2> "$OUT/compare_stderr.log"
+    --critics ${CRITICS:-shared separate} --compare-trl "$TRL_PYTHON" > "$OUT/compare.txt" 2> "$OUT/compare_stderr.log"
 echo "comparison done at $(elapsed) s"
 grep '^|' "$OUT/compare.txt"
 grep -h '"variant"' "$OUT/compare_stderr.log" > "$OUT/runs.jsonl" || true

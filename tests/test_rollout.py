@@ -169,14 +169,15 @@ def test_native_loop_syncing_less_often_gives_the_same_rollout(tiny_policy_dir, 
         torch.testing.assert_close(runs[1][key], runs[0][key], atol=1e-6, rtol=1e-6, msg=key)
 
 
-def test_draw_samples_the_distribution():
+@pytest.mark.parametrize("method", ["cdf", "race"])
+def test_draw_samples_the_distribution(method):
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
-    batch = probs.expand(4, -1)
+    batch = probs.expand(4, -1) * 3  # unnormalised
     torch.manual_seed(0)
     n = 50_000
     counts = torch.zeros(6)
     for _ in range(n // 4 // 1000):
-        toks = torch.stack([draw(batch) for _ in range(1000)]).flatten()
+        toks = torch.stack([draw(batch, method) for _ in range(1000)]).flatten()
         counts += torch.bincount(toks, minlength=6).float()
     freq = counts / counts.sum()
     assert counts[1] == 0 and counts[5] == 0  # zero-probability tokens never come up
