@@ -554,7 +554,8 @@ def run_evaluate(cfg: EvalConfig) -> dict:
                        "(and the stop rate separately)")
 
     # step 2. prompts, models and reward sources
-    tokenizer = load_tokenizer(tokenizer_config(cfg, pol_spec, model_cfg))
+    tokenizer = load_tokenizer(tokenizer_config(cfg, pol_spec, model_cfg),
+                               key="tokenizer" if cfg.tokenizer else pol_spec.key)
     prompts = select_prompts(load_prompts(cfg.data, tokenizer), cfg.num_prompts, cfg.data.shuffle,
                              cfg.seed)
     policy, reference = load_sides(pol_spec, ref_spec, model_cfg)

@@ -55,27 +55,28 @@ def load_pretrained(loader, name: str, key: str, **kwargs):
         msg = f"{key}: could not load {name!r} ({type(e).__name__}: {first})"
         if "custom code" in str(e):
             msg += (". The model ships its own Python code, which runs only with "
-                    "model.trust_remote_code=true: set it only if you trust the source")
+                    "trust_remote_code=true (model.trust_remote_code in train, sft and "
+                    "train-reward configs): set it only if you trust the source")
         elif isinstance(e, OSError):
             msg += (". Expected a local folder with config.json and weights, a hub id (needs "
                     "network), or builtin:tiny")
         raise ModelLoadError(msg) from e
 
 
-def load_tokenizer(cfg: ModelConfig):
-    """The policy tokenizer, left-padding, with a pad token (EOS reused when there is none)."""
+def load_tokenizer(cfg: ModelConfig, key: str | None = None):
+    """The policy tokenizer, left-padding, with a pad token (EOS reused when there is none).
+    ``key``: the config key errors name (default ``model.tokenizer`` or ``model.name_or_path``)."""
     from transformers import AutoTokenizer
 
-    name = resolve(cfg.tokenizer or cfg.name_or_path,
-                   "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    key = key or ("model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    name = resolve(cfg.tokenizer or cfg.name_or_path, key)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     if cfg.gguf_file and not cfg.tokenizer:
         kwargs["gguf_file"] = cfg.gguf_file
-    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
     tok = load_pretrained(AutoTokenizer.from_pretrained, name, key, **kwargs)
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
-            raise ModelLoadError(f"model.tokenizer: {name!r} has neither a pad nor an EOS token")
+            raise ModelLoadError(f"{key}: tokenizer {name!r} has neither a pad nor an EOS token")
         # Reusing EOS as pad is safe here: masks come from stop positions, never from token ids.
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -29,7 +29,7 @@ from . import finetune as ft
 from .config import ModelConfig, PeftConfig, check, config_from_dict, save_config, validate_peft
 from .data import DataError, _is_messages, render_prompt
 from .finetune import TrainConfig
-from .models import ModelLoadError, is_peft, load_sequence_classifier, load_tokenizer, transformer
+from .models import is_peft, load_sequence_classifier, load_tokenizer, transformer
 from .rewards import score_sequences
 
 logger = logging.getLogger(__name__)
@@ -341,11 +341,9 @@ def save_reward_model(model: nn.Module, tokenizer, folder: Path) -> None:
 def _policy_tokenizer(cfg: RewardTrainConfig):
     if cfg.data.policy_tokenizer is None:
         return None
-    try:
-        return load_tokenizer(ModelConfig(name_or_path=cfg.data.policy_tokenizer,
-                                          trust_remote_code=cfg.model.trust_remote_code))
-    except ModelLoadError as e:
-        raise ModelLoadError(str(e).replace("model.name_or_path", "data.policy_tokenizer", 1)) from e
+    return load_tokenizer(ModelConfig(name_or_path=cfg.data.policy_tokenizer,
+                                      trust_remote_code=cfg.model.trust_remote_code),
+                          key="data.policy_tokenizer")
 
 
 # --------------------------------------------------------------------------- run

@@ -302,10 +302,18 @@ def test_lora_ppo_run_defaults_to_its_base_as_reference(tmp_path, tiny_policy_di
     (["policy=POLICY"], 2, "reference: no PPO run config"),
     (["policy=POLICY", "samples_per_prompt=0"], 2, "samples_per_prompt: expected an integer >= 1"),
     (["policy=EMPTY", "reference=POLICY"], 1, "holds neither config.json nor adapter_config.json"),
+    # tokenizer errors name evaluate's own keys, not the training config's model.*
+    (["policy=POLICY", "reference=POLICY", "tokenizer=EMPTY"], 1, "tokenizer: could not load"),
+    (["policy=NOTOK", "reference=POLICY"], 1, "policy: could not load"),
 ])
 def test_bad_inputs_give_clear_errors(tmp_path, capsys, tiny_policy_dir, args, code, message):
     (tmp_path / "empty").mkdir()
-    args = [a.replace("POLICY", tiny_policy_dir).replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    notok = shutil.copytree(tiny_policy_dir, tmp_path / "notok")  # weights, no tokenizer files
+    for f in notok.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            f.unlink()
+    args = [a.replace("POLICY", tiny_policy_dir).replace("EMPTY", str(tmp_path / "empty"))
+            .replace("NOTOK", str(notok)) for a in args]
     assert main(["evaluate", f"output_dir={tmp_path / 'out'}", *args]) == code
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "summary.json").exists()
