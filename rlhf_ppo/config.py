@@ -513,15 +513,18 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def iter_fields(cls: type = Config, prefix: str = ""):
-    """Yield (dotted key, type name, default, doc) for every leaf field, depth first."""
-    docs = field_docs(cls)
+def iter_fields(cls: type = Config, prefix: str = "", overrides: dict[str, str] | None = None):
+    """Yield (dotted key, type name, default, doc) for every leaf field, depth first. A class's
+    ``NESTED_DOCS`` (dotted keys relative to it) replaces the docs of fields of its sections that
+    mean something else in that command."""
+    docs = {**field_docs(cls), **getattr(cls, "NESTED_DOCS", {}), **(overrides or {})}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            yield from iter_fields(tp, key + ".")
+            sub = {k[len(f.name) + 1:]: v for k, v in docs.items() if k.startswith(f.name + ".")}
+            yield from iter_fields(tp, key + ".", sub)
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -103,6 +103,16 @@ class EvalConfig:
     """sampling settings, the same for both models; log-probs for the KL use `generation.temperature`"""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """reward sources; the score is their weighted sum before any penalty, normalisation or clipping"""
+
+    # Docs of section fields that mean something else here than in training (config reference).
+    NESTED_DOCS: ClassVar[dict[str, str]] = {
+        "data.shuffle": "draw the `num_prompts` prompts at random (seeded by `seed`) instead of "
+                        "taking the first ones",
+        "reward.missing_stop_penalty": "ignored: evaluate reports the raw weighted scores and "
+                                       "the stop rate separately",
+        "reward.normalize": "ignored: evaluate reports the raw weighted scores",
+        "reward.clip": "ignored: evaluate reports the raw weighted scores",
+    }
 
     def __post_init__(self) -> None:
         validate_eval(self)

@@ -31,3 +31,17 @@ def test_readme_starts_with_the_two_commands():
     assert "pytest" in blocks[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert blocks[1] in ci  # CI runs exactly the README's test command
+
+
+def test_a_command_can_redocument_a_section_field():
+    """evaluate's `data.shuffle` picks the prompt subset; in training it reshuffles every pass."""
+    from rlhf_ppo.config import Config, iter_fields
+    from rlhf_ppo.evaluate import EvalConfig
+
+    train = {k: doc for k, _, _, doc in iter_fields(Config)}
+    evaluate = {k: doc for k, _, _, doc in iter_fields(EvalConfig)}
+    assert "every pass" in train["data.shuffle"]
+    assert "num_prompts" in evaluate["data.shuffle"]
+    assert evaluate["reward.normalize"].startswith("ignored")
+    assert evaluate["data.path"] == train["data.path"]  # the others keep their docs
+    assert not set(EvalConfig.NESTED_DOCS) - set(evaluate)  # every override names a real key
