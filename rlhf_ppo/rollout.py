@@ -227,7 +227,8 @@ def draw(probs: torch.Tensor, method: str | None = None) -> torch.Tensor:
     Returns ``(B,)``."""
     if (method or ("cdf" if probs.device.type == "cpu" else "race")) == "race":
         e = torch.empty(probs.shape, dtype=torch.float32, device=probs.device).exponential_()
-        return (probs.float() / e).argmax(-1)
+        # never 0 / 0 (NaN, which argmax would pick): a zero-probability token can never win
+        return (probs.float() / e.clamp_(min=torch.finfo(torch.float32).tiny)).argmax(-1)
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total
