@@ -428,30 +428,35 @@ class PPOTrainer:
         update_metrics = self.update(rollout)
         t3 = time.perf_counter()
 
-        # step 7. metrics, as means over the whole (all-process) batch
-        ret_mean, ret_var = self.global_moments(rollout.returns, mask)
-        _, err_var = self.global_moments(rollout.returns - rollout.values, mask)
-        all_lengths = acc.gather(mask.sum(-1).to(acc.device)).cpu()
-        n_tokens = all_lengths.sum().item()
+        # step 7. metrics, as means over the whole (all-process) batch, in one reduction
+        inputs = {"returns": (rollout.returns, mask),
+                  "value_error": (rollout.returns - rollout.values, mask),
+                  "entropy": (entropy, mask), "values": (rollout.values, mask),
+                  "scores": (rollout.scores, None), "lengths": (mask.sum(-1), None),
+                  **{("reward", k): (torch.as_tensor(v, dtype=torch.float32), None)
+                     for k, v in reward_metrics.items()}}
+        stats = dict(zip(inputs, self.global_stats(list(inputs.values()))))  # (mean, var, n)
+        (ret_mean, ret_var, _), err_var = stats["returns"], stats["value_error"][1]
+        n_tokens = stats["lengths"][0] * stats["lengths"][2]
         return {
             "iteration": self.iteration,
             "score_mean": all_raw.mean().item(),
             "score_std": all_raw.std().item() if len(all_raw) > 1 else 0.0,
-            "score_processed_mean": self.global_mean(rollout.scores),
+            "score_processed_mean": stats["scores"][0],
             "kl": mean_kl,
             "kl_coef": kl_coef,
-            "entropy": self.global_moments(entropy, mask)[0],
+            "entropy": stats["entropy"][0],
             **update_metrics,
             "explained_variance": 1.0 - err_var / max(ret_var, 1e-8),
-            "value_mean": self.global_moments(rollout.values, mask)[0],
+            "value_mean": stats["values"][0],
             "return_mean": ret_mean,
             "reward_kl_penalty": -kl_coef * mean_kl,
-            "response_length": all_lengths.mean().item(),
+            "response_length": stats["lengths"][0],
             "stop_rate": all_stopped.float().mean().item(),
             "lr": self.scheduler.get_last_lr()[0],
             "nonfinite_skipped": float(update_metrics.pop("nonfinite_skipped")),
             "nonfinite_skips": self.nonfinite_skips,
-            **{k: self.global_mean(torch.tensor(v)) for k, v in reward_metrics.items()},
+            **{k: stats["reward", k][0] for k in reward_metrics},
             "time/rollout": t1 - t0,
             "time/score": t2 - t1,
             "time/update": t3 - t2,
@@ -490,20 +495,31 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ cross-process statistics
 
+    def global_stats(self, items: list[tuple[torch.Tensor, torch.Tensor | None]]
+                     ) -> list[tuple[float, float, float]]:
+        """``(mean, unbiased variance, count)`` of each ``(x, mask)`` over the valid elements
+        (``mask`` None: every element) of every process, all in one reduction."""
+        rows = []
+        for x, mask in items:
+            x = x.float()
+            m = torch.ones_like(x) if mask is None else mask.to(x.device).float()
+            rows.append(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]))
+        t = torch.stack(rows).double().to(self.accelerator.device)
+        out = []
+        for total, total_sq, n in self.accelerator.reduce(t, "sum").tolist():
+            mean = total / max(n, 1.0)
+            var = (total_sq - n * mean * mean) / max(n - 1.0, 1.0)
+            out.append((mean, max(var, 0.0), n))
+        return out
+
     def global_mean(self, x: torch.Tensor) -> float:
-        """Mean of ``x`` over every element of every process (equal-sized per process)."""
-        t = torch.stack([x.float().sum(), torch.tensor(float(x.numel()))]).to(self.accelerator.device)
-        total, count = self.accelerator.reduce(t, "sum").tolist()
-        return total / max(count, 1.0)
+        """Mean of ``x`` over every element of every process."""
+        return self.global_stats([(x, None)])[0][0]
 
     def global_moments(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
         """Mean and unbiased variance of ``x`` over the valid tokens of every process."""
-        m = mask.float()
-        t = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double()
-        total, total_sq, n = self.accelerator.reduce(t.to(self.accelerator.device), "sum").tolist()
-        mean = total / max(n, 1.0)
-        var = (total_sq - n * mean * mean) / max(n - 1.0, 1.0)
-        return mean, max(var, 0.0)
+        mean, var, _ = self.global_stats([(x, mask)])[0]
+        return mean, var
 
     # ------------------------------------------------------------------ the phases
 
