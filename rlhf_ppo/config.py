@@ -117,6 +117,12 @@ class DataConfig:
     """reshuffle the prompts every pass over the dataset"""
 
 
+# transformers' generate(cache_implementation=...) values (ALL_CACHE_IMPLEMENTATIONS, 5.x)
+CACHE_IMPLEMENTATIONS = ("dynamic", "static", "offloaded", "offloaded_static", "sliding_window",
+                         "hybrid", "hybrid_chunked", "offloaded_hybrid", "offloaded_hybrid_chunked",
+                         "quantized")
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 32
@@ -139,6 +145,8 @@ class GenerationConfig:
     """prompts per `generate` call; default: the whole rollout batch"""
     backend: Literal["native", "transformers"] = "native"
     """`native`: rlhf_ppo's KV-cached sampling loop; `transformers`: `model.generate` (static cache etc.)"""
+    cache_implementation: str | None = None
+    """`backend: transformers` only: generate's cache (`static`: compiled decoding on GPU), null: dynamic"""
 
 
 @dataclass
@@ -307,6 +315,12 @@ def validate(cfg: Config) -> None:
           "an integer >= 1 or null", g.batch_size)
     check(all(s != "" for s in g.stop_strings), "generation.stop_strings",
           "non-empty strings", g.stop_strings)
+    check(g.cache_implementation is None or g.cache_implementation in CACHE_IMPLEMENTATIONS,
+          "generation.cache_implementation", f"null or one of {', '.join(CACHE_IMPLEMENTATIONS)}",
+          g.cache_implementation)
+    check(g.cache_implementation is None or g.backend == "transformers",
+          "generation.cache_implementation", "null with generation.backend='native' (the cache is "
+          "a model.generate option: set generation.backend=transformers)", g.cache_implementation)
     check(p.old_logprobs != "generation" or g.backend == "native", "ppo.old_logprobs",
           "'auto' or 'recompute' with generation.backend='transformers' (only the native backend "
           "records log-probs while sampling)", p.old_logprobs)

@@ -102,8 +102,9 @@ def hf_generation_config(cfg: GenerationConfig, tokenizer, stop_ids: list[int]):
     distribution behind our back."""
     from transformers import GenerationConfig as HFGenerationConfig
 
+    extra = {"cache_implementation": cfg.cache_implementation} if cfg.cache_implementation else {}
     return HFGenerationConfig(
-        do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        **extra, do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         min_new_tokens=cfg.min_new_tokens, repetition_penalty=cfg.repetition_penalty,
         max_new_tokens=cfg.max_new_tokens, eos_token_id=stop_ids,
         pad_token_id=tokenizer.pad_token_id, use_cache=True, num_beams=1,

@@ -194,7 +194,8 @@ def rlhf_config(args, prompts: Path, output_dir: str):
         "data": {"path": str(prompts), "max_prompt_length": args.prompt_len},
         "generation": {"max_new_tokens": args.response_len,
                        "min_new_tokens": args.response_len if has_eos(args.policy) else 0,
-                       "backend": args.backend},
+                       "backend": args.backend,
+                       "cache_implementation": "static" if args.static_cache else None},
         "ppo": {"batch_size": B, "num_minibatches": M, "ppo_epochs": args.epochs,
                 "micro_batch_size": args.micro_batch or B // M,
                 "inference_batch_size": args.inference_batch or B},
@@ -305,8 +306,6 @@ def run_rlhf(args) -> dict:
             Path(tmp) / "prompts.jsonl", args.policy, args.n_prompts, args.prompt_len, args.seed)
         cfg = rlhf_config(args, prompts, str(Path(tmp) / "run"))
         trainer = PPOTrainer(cfg)
-        if args.static_cache:  # generate() fills unset fields from the model's generation config
-            trainer.unwrapped.policy.generation_config.cache_implementation = "static"
         iter_s, cpu_s, phases = [], [], []
         for _ in range(args.iters):
             _sync()

@@ -231,6 +231,9 @@ def test_literal_invalid_choice(override, key):
     ("reward.sources=[]", "reward.sources"),
     ("reward.clip=0", "reward.clip"),
     ("model.critic_name_or_path=some/model", "model.critic_name_or_path"),
+    ("generation.cache_implementation=statik", "generation.cache_implementation"),
+    # a model.generate option: refused with the native loop, not silently ignored
+    ("generation.cache_implementation=static", "generation.cache_implementation"),
 ])
 def test_invalid_values(override, key):
     _raises([override], key)

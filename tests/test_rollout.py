@@ -1,10 +1,12 @@
 """Generation, stop-token truncation and where the score lands."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from rlhf_ppo import ops
-from rlhf_ppo.config import GenerationConfig, ModelConfig
+from rlhf_ppo.config import GenerationConfig, ModelConfig, load_config
 from rlhf_ppo.data import Prompt
 from rlhf_ppo.models import ActorCritic, load_causal_lm, load_tokenizer
 from rlhf_ppo.rollout import (
@@ -121,6 +123,21 @@ def test_native_greedy_equals_transformers_generate(tiny_policy_dir):
     assert torch.equal(runs[0].input_ids, runs[1].input_ids)
     assert torch.equal(runs[0].response_mask, runs[1].response_mask)
     assert runs[0].response_texts == runs[1].response_texts
+
+
+def test_transformers_backend_with_a_static_cache(tiny_policy_dir):
+    """generation.cache_implementation reaches model.generate: a static cache gives the dynamic
+    cache's greedy tokens (on CPU; on CUDA transformers also compiles the decoding step)."""
+    model, tok = _tiny(tiny_policy_dir)
+    prompts = _prompts(tok, TEXTS * 2)
+    cfg = GenerationConfig(max_new_tokens=10, top_k=1, backend="transformers")
+    assert hf_generation_config(cfg, tok, []).cache_implementation is None
+    static = dataclasses.replace(cfg, cache_implementation="static")
+    assert hf_generation_config(static, tok, []).cache_implementation == "static"
+    runs = [generate(model, prompts, tok, c) for c in (cfg, static)]
+    assert torch.equal(runs[0].response_ids, runs[1].response_ids)
+    assert load_config(overrides=["generation.backend=transformers",
+                                  "generation.cache_implementation=static"]) is not None
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
