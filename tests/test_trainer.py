@@ -332,3 +332,18 @@ def test_eval_every_logs_fixed_greedy_samples_without_changing_the_run(tmp_path)
 
     assert [r["score"] for r in rows] == pytest.approx(
         keyword_share([], [r["response"] for r in rows]))
+
+
+def test_global_stats_mean_variance_and_count(tmp_path):
+    """The metrics' statistics, all in one reduction (one process here), against hand values."""
+    trainer = PPOTrainer(tiny_config(tmp_path, "iterations=1"))
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    (m1, v1, n1), (m2, v2, n2), (m3, v3, n3) = trainer.global_stats(
+        [(x, mask), (x, None), (torch.tensor(2.5), None)])
+    # valid 1, 2, 4: mean 7/3, unbiased variance (16/9 + 1/9 + 25/9) / 2 = 7/3
+    assert (m1, n1) == (pytest.approx(7 / 3), 3.0) and v1 == pytest.approx(7 / 3)
+    assert (m2, v2, n2) == (pytest.approx(3.5), pytest.approx(3.5), 6.0)  # 1..6
+    assert (m3, v3, n3) == (2.5, 0.0, 1.0)
+    assert trainer.global_moments(x, mask) == (pytest.approx(7 / 3), pytest.approx(7 / 3))
+    assert trainer.global_mean(x) == pytest.approx(3.5)
