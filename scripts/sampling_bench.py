@@ -5,9 +5,9 @@
 
 Prints one JSON line per variant (median seconds and generated tokens/s over ``--reps`` runs,
 the variants alternating), then the per-step cost of each token-drawing method on a ``(batch,
-vocab)`` probability matrix, and with ``--profile`` the busiest operators of the native loop
-(``torch.profiler``). Every response runs to ``--response-len`` tokens (no stop token), as in
-``scripts/benchmark.py``.
+vocab)`` probability matrix, and with ``--profile`` the busiest operators of both loops
+(``torch.profiler`` over ``--profile-steps`` tokens). Every response runs to
+``--response-len`` tokens (no stop token), as in ``scripts/benchmark.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--profile", action="store_true", help="also profile the native loop")
+    p.add_argument("--profile", action="store_true", help="also profile both loops (short runs)")
+    p.add_argument("--profile-steps", type=int, default=16, help="tokens per profiled run")
     args = p.parse_args(argv)
 
     import torch
@@ -46,9 +47,12 @@ def main(argv=None) -> int:
     ids = torch.randint(4, high, (args.batch, args.prompt_len), generator=g).to(dev)
     mask = torch.ones_like(ids)
     R = args.response_len
-    cfg = GenerationConfig(max_new_tokens=R, backend="native")
-    hf_cfg = rollout.hf_generation_config(cfg, tok, [])
-    hf_cfg.eos_token_id, hf_cfg.min_new_tokens = None, None
+
+    def configs(n: int):
+        cfg = GenerationConfig(max_new_tokens=n, backend="native")
+        hf_cfg = rollout.hf_generation_config(cfg, tok, [])
+        hf_cfg.eos_token_id, hf_cfg.min_new_tokens = None, None
+        return cfg, hf_cfg
 
     def sync():
         if dev.type == "cuda":
@@ -56,7 +60,9 @@ def main(argv=None) -> int:
 
     real_draw = rollout.draw
 
-    def native(method):
+    def native(method, n=R):
+        cfg = configs(n)[0]
+
         def run():
             rollout.draw = lambda probs: real_draw(probs, method)
             try:
@@ -64,15 +70,19 @@ def main(argv=None) -> int:
                     out = rollout.sample_native(model, ids, mask, cfg, [], tok, record=False)
             finally:
                 rollout.draw = real_draw
-            assert out["response_ids"].shape[1] == R
+            assert out["response_ids"].shape[1] == n
         return run
 
-    def hf():
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_cfg)
-        assert out.shape[1] == args.prompt_len + R
+    def hf(n=R):
+        hf_cfg = configs(n)[1]
 
-    variants = {"generate": hf, "native/cdf": native("cdf"), "native/race": native("race")}
+        def run():
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_cfg)
+            assert out.shape[1] == args.prompt_len + n
+        return run
+
+    variants = {"generate": hf(), "native/cdf": native("cdf"), "native/race": native("race")}
     times = {k: [] for k in variants}
     for fn in variants.values():  # warm-up
         fn()
@@ -108,9 +118,10 @@ def main(argv=None) -> int:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        for name in ("native/race", "generate"):
+        short = {"native/race": native("race", args.profile_steps), "generate": hf(args.profile_steps)}
+        for name, fn in short.items():
             with profile(activities=acts) as prof:
-                variants[name]()
+                fn()
                 sync()
             key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
             print(f"== {name}: by {key}")
