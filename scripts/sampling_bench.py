@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--response-len", type=int, default=32)
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="also profile both loops (short runs)")
@@ -38,7 +38,9 @@ def main(argv=None) -> int:
     from rlhf_ppo.config import GenerationConfig, ModelConfig
     from rlhf_ppo.models import load_tokenizer
 
-    dev = torch.device(args.device)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here")
     tok = load_tokenizer(ModelConfig(name_or_path=args.policy))
     model = AutoModelForCausalLM.from_pretrained(args.policy, dtype=getattr(torch, args.dtype)).to(dev)
     model.eval()
