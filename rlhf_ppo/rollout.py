@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -257,7 +258,7 @@ def native_supported(model) -> bool:
 
 def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                   cfg: GenerationConfig, stop_ids: list[int], tokenizer, record: bool = True,
-                  value_head: torch.nn.Module | None = None,
+                  value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   sync_every: int | None = None) -> dict[str, torch.Tensor]:
     """Sample responses with a KV cache, recording as it goes what PPO needs of the policy.
 
@@ -269,7 +270,8 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
 
     Args: ``prompt_ids``, ``prompt_mask`` ``(B, P)`` left-padded, on the model's device;
     ``record``: also return per-token ``logprobs`` and ``entropy``, and ``values`` from
-    ``value_head`` (a shared critic's head on the same hidden state) when given;
+    ``value_fn`` (last hidden states ``(b, H)`` -> values ``(b,)``: a shared critic's head, e.g.
+    ``ActorCritic.shared_values``) when given;
     ``sync_every``: steps between the host's checks of which rows stopped (default 1 on CPU, 8 on
     an accelerator; rows that stopped in between run on and are cut afterwards: the same tokens
     under greedy decoding, the same distribution when sampling).
@@ -288,7 +290,7 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     pad = tokenizer.pad_token_id
     tokens = torch.full((B, R), pad, dtype=torch.long, device=dev)
     out = {k: torch.zeros(B, R, device=dev) for k in
-           (("logprobs", "entropy") + (("values",) if value_head is not None else ()))
+           (("logprobs", "entropy") + (("values",) if value_fn is not None else ()))
            if record}
     stop_t = torch.tensor(stop_ids, dtype=torch.long, device=dev)
     seen = None  # (b, V) for the repetition penalty, made at the first step
@@ -326,9 +328,8 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
         if record:
             out["logprobs"][rows, t] = logp.gather(-1, tok[:, None]).squeeze(-1)
             out["entropy"][rows, t] = -(probs * logp).sum(-1)
-            if value_head is not None:
-                v = value_head(hidden.to(value_head.weight.dtype)).float().squeeze(-1)
-                out["values"][rows, t] = v
+            if value_fn is not None:
+                out["values"][rows, t] = value_fn(hidden)
         steps = t + 1
         stop = torch.isin(tok, stop_t) if stop_ids else torch.zeros_like(done)
         if on_strings is not None:
@@ -363,7 +364,7 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
 @torch.no_grad()
 def generate(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig,
              device: torch.device | str = "cpu", record: bool = False,
-             value_head: torch.nn.Module | None = None) -> Rollout:
+             value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Rollout:
     """Sample one response per prompt and build the (token-level) ``Rollout``.
 
     Prompts are left-padded so that every response starts at column P; generation runs with a
@@ -372,7 +373,7 @@ def generate(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig,
     first stop is replaced by padding and masked out.
 
     ``record`` (native backend only): fill ``logprobs`` and ``entropy`` (and ``values`` from
-    ``value_head``) from the sampling pass itself.
+    ``value_fn``, see :func:`sample_native`) from the sampling pass itself.
     """
     stop_ids = stop_token_ids(cfg, tokenizer)
     prompt_ids, prompt_mask = left_pad([p.input_ids for p in prompts], tokenizer.pad_token_id)
@@ -390,7 +391,7 @@ def generate(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig,
         ids = prompt_ids[start:start + chunk].to(device)
         mask = prompt_mask[start:start + chunk].to(device)
         if native:
-            part = sample_native(model, ids, mask, cfg, stop_ids, tokenizer, record, value_head)
+            part = sample_native(model, ids, mask, cfg, stop_ids, tokenizer, record, value_fn)
             parts.append({k: v.cpu() for k, v in part.items()})
             continue
         kwargs = {}

@@ -379,11 +379,12 @@ class PPOTrainer:
         # step 1. generate the trajectories (each process its own prompts), recording the
         # policy's log-probs (and a shared head's values) while sampling when they are exact
         if rollout is None:
-            head = self.unwrapped.value_head if self.unwrapped.shares_backbone else None
+            ac = self.unwrapped
+            values = ac.shared_values if ac.shares_backbone else None
             with generation_model(acc, self.model, self.unwrapped) as policy:
                 rollout = generate(policy, self.sampler.next_batch(), self.tokenizer,
                                    cfg.generation, acc.device, record=self.record_logprobs,
-                                   value_head=head)
+                                   value_fn=values)
         t1 = time.perf_counter()
 
         # step 2. what generation did not record: log-probs and values under the rollout

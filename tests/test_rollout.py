@@ -151,7 +151,7 @@ def test_native_records_the_full_forward_logprobs_values_and_entropy(tiny_policy
     torch.manual_seed(0)
     cfg = GenerationConfig(max_new_tokens=12, temperature=temperature)
     r = generate(model, _prompts(tok, TEXTS * 4), tok, cfg, record=True,
-                 value_head=ac.value_head)
+                 value_fn=ac.shared_values)
     assert r.stopped.any() and (~r.stopped).any()  # both cases, so rows left the batch
     with torch.no_grad():
         lp, ent, v = ac(r.input_ids, r.attention_mask, r.prompt_length, temperature)
