@@ -66,12 +66,16 @@ read -r -a SHAPE <<< "--batch 64 --mini-batches 2 --epochs 1 --prompt-len 64 --r
 --iters 3 --dtype bfloat16 --threads 8 --bare-repeats 1 --rounds 1 ${SHAPE:-}"  # later flags win
 
 # 3. eager generation (transformers' default dynamic cache): rlhf_ppo shared, separate, then TRL
-timeout 300 python3 scripts/benchmark.py --policy $M/policy --reward $M/reward "${SHAPE[@]}" \
-    --critics ${CRITICS:-shared separate} --compare-trl "$TRL_PYTHON" > "$OUT/compare.txt" 2> "$OUT/compare_stderr.log"
-echo "comparison done at $(elapsed) s"
-grep '^|' "$OUT/compare.txt"
-grep -h '"variant"' "$OUT/compare_stderr.log" > "$OUT/runs.jsonl" || true
-grep -h '"error"' "$OUT/compare_stderr.log" | cut -c1-1500
+# (COMPARE=0 skips it: step 4 alone, its runs appended to an earlier call's runs.jsonl)
+if [ "${COMPARE:-1}" = 1 ]; then
+    timeout 300 python3 scripts/benchmark.py --policy $M/policy --reward $M/reward "${SHAPE[@]}" \
+        --critics ${CRITICS:-shared separate} --compare-trl "$TRL_PYTHON" > "$OUT/compare.txt" \
+        2> "$OUT/compare_stderr.log"
+    echo "comparison done at $(elapsed) s"
+    grep '^|' "$OUT/compare.txt"
+    grep -h '"variant"' "$OUT/compare_stderr.log" > "$OUT/runs.jsonl" || true
+    grep -h '"error"' "$OUT/compare_stderr.log" | cut -c1-1500
+fi
 
 # 4. if time is left (STEP4=static|backend|none): static KV cache, so transformers compiles the
 # decoding step (both sides); or rlhf_ppo's shared run again with generation.backend=transformers

@@ -21,12 +21,7 @@ PYTHONPATH=/tmp/site_ds:/tmp/site:$PWD HF_HUB_OFFLINE=1 ONLY="deepspeed_zero3 fs
     timeout $(( $(left) - 10 )) bash scripts/gpu_check.sh /tmp/gpu_check
 echo "== engines done at $(( $(date +%s) - T0 )) s"
 if [ "$(left)" -gt 100 ]; then
-    M=/tmp/bench_models/${SIZE:-gpu-0.5b}
-    PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 timeout $(( $(left) - 5 )) python3 scripts/benchmark.py \
-        --policy $M/policy --reward $M/reward --batch 64 --mini-batches 2 --epochs 1 --prompt-len 64 \
-        --response-len 256 --iters 3 --dtype bfloat16 --threads 8 --bare-repeats 1 --critics shared \
-        --backend transformers ${SHAPE:-} > "${OUT:-/tmp}/backend.txt" 2>/dev/null
-    cat "${OUT:-/tmp}/backend.txt"
+    COMPARE=0 STEP4=backend timeout $(( $(left) - 5 )) bash scripts/gpu_bench.sh
 else
     echo "skipped the transformers-backend run: $(left) s left"
 fi
