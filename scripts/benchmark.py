@@ -168,6 +168,7 @@ def run_header(args, side: str) -> dict:
     import torch
 
     return {"side": side, "critic": args.critic, "static_cache": args.static_cache,
+            "gradient_checkpointing": args.gradient_checkpointing and side != "trl",
             "backend": "transformers" if side == "trl" else args.backend,
             "policy": args.policy, "batch": args.batch,
             "mini_batches": args.mini_batches, "epochs": args.epochs,
@@ -184,7 +185,8 @@ def rlhf_config(args, prompts: Path, output_dir: str):
     from rlhf_ppo.config import config_from_dict
 
     B, M = args.batch, args.mini_batches
-    model = {"name_or_path": args.policy, "dtype": args.dtype, "critic": args.critic}
+    model = {"name_or_path": args.policy, "dtype": args.dtype, "critic": args.critic,
+             "gradient_checkpointing": args.gradient_checkpointing}
     if args.critic == "separate":  # TRL's value model also starts from the reward model
         model["critic_name_or_path"] = args.reward
     return config_from_dict({
@@ -368,9 +370,14 @@ def compare(args, policy: str, reward: str, critics: list[str]) -> dict:
         common = ["--policy", policy, "--reward", reward, "--prompts", str(prompts),
                   *shape_flags(args)]
         for r in range(args.rounds):
-            variants = [(f"rlhf_ppo/{c}", [sys.executable, __file__, *common, "--critic", c,
-                                           "--bare-repeats", str(args.bare_repeats)])
-                        for c in critics]
+            variants = []
+            for c in critics:  # "shared", "separate", or either with "+ckpt"
+                critic, _, opt = c.partition("+")
+                ckpt = opt == "ckpt" or args.gradient_checkpointing
+                variants.append((f"rlhf_ppo/{critic}" + ("+ckpt" if ckpt else ""),
+                                 [sys.executable, __file__, *common, "--critic", critic,
+                                  "--bare-repeats", str(args.bare_repeats)]
+                                 + (["--gradient-checkpointing"] if ckpt else [])))
             if args.compare_trl:
                 variants.append(("trl", [args.compare_trl, str(HERE / "trl_bench.py"), *common]))
             for name, cmd in variants:
@@ -473,6 +480,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--static-cache", action="store_true",
                    help="generate with a static KV cache (on CUDA, transformers then compiles the "
                         "decoding step with torch.compile); both sides")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="rlhf_ppo side only: model.gradient_checkpointing (recompute the policy's "
+                        "activations in backward: less memory, a slower update); TRL runs its "
+                        "default (off). In comparison mode: every rlhf_ppo variant")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on every side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-prompts", type=int, default=256)
@@ -485,8 +496,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="memory bandwidth for the generation bound (default: from the GPU's name)")
     p.add_argument("--compare-trl", default=None, metavar="PYTHON",
                    help="python of a venv with trl==1.12.0: run TRL's PPO on the same models")
-    p.add_argument("--critics", nargs="+", default=None, choices=["shared", "separate"],
-                   help="rlhf_ppo variants in comparison mode (default: --critic; table: both)")
+    p.add_argument("--critics", nargs="+", default=None,
+                   choices=["shared", "separate", "shared+ckpt", "separate+ckpt"],
+                   help="rlhf_ppo variants in comparison mode (default: --critic; table: shared "
+                        "and separate); +ckpt: with --gradient-checkpointing")
     p.add_argument("--rounds", type=int, default=2, help="A B A B rounds in comparison mode")
     p.add_argument("--table", default=None, metavar="MODELS_DIR",
                    help="folder of make_bench_models.py: compare on each of --sizes")

@@ -106,3 +106,33 @@ def test_pool_and_table_ratios():
     # RSS: 120 / 200
     assert "| 0.45x |" in row and "| 0.60x |" in row
     assert "0.44x" not in row
+
+
+def test_checkpointing_variants_run_with_the_flag_and_trl_without(monkeypatch, tmp_path):
+    """``--critics shared shared+ckpt``: one process per variant, only the ``+ckpt`` one with
+    ``--gradient-checkpointing`` (which the rlhf_ppo config turns into
+    model.gradient_checkpointing); TRL's command never gets it."""
+    cmds = []
+
+    def child(cmd):
+        cmds.append(cmd)
+        return {"error": "not run", "cmd": " ".join(cmd)}
+
+    monkeypatch.setattr(benchmark, "_child", child)
+    monkeypatch.setattr(benchmark, "write_prompts", lambda path, *a: path)
+    monkeypatch.setattr(benchmark, "has_eos", lambda policy: False)
+    args = benchmark.parse_args(["--policy", "p", "--reward", "r", "--rounds", "1",
+                                 "--critics", "shared", "shared+ckpt",
+                                 "--compare-trl", "/trl/python"])
+    res = benchmark.compare(args, "p", "r", args.critics)
+    assert list(res) == ["rlhf_ppo/shared", "rlhf_ppo/shared+ckpt", "trl"]
+    plain, ckpt, trl = cmds
+    assert "--gradient-checkpointing" not in plain and "--gradient-checkpointing" in ckpt
+    assert ckpt[ckpt.index("--critic") + 1] == "shared"
+    assert trl[0] == "/trl/python" and "--gradient-checkpointing" not in trl
+    for argv, flag in ((ckpt, True), (plain, False)):
+        cfg = benchmark.rlhf_config(benchmark.parse_args(argv[2:]), tmp_path / "p.jsonl",
+                                    str(tmp_path / "run"))
+        assert cfg.model.gradient_checkpointing is flag
+    with pytest.raises(SystemExit):  # an unknown variant is a usage error
+        benchmark.parse_args(["--policy", "p", "--reward", "r", "--critics", "shared+fast"])
