@@ -336,3 +336,13 @@ def test_field_docs_and_iter_fields_content():
     assert rows["optim.adam_betas"][2] == [0.9, 0.999]
     # list-of-dataclass defaults are shown as plain dicts
     assert rows["reward.sources"][2] == [dataclasses.asdict(s) for s in Config().reward.sources]
+
+
+def test_cache_implementations_match_transformers():
+    """config.py stays free of transformers imports, so it keeps its own copy of generate's
+    cache_implementation values: this fails when transformers' list changes."""
+    from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
+
+    from rlhf_ppo.config import CACHE_IMPLEMENTATIONS
+
+    assert sorted(CACHE_IMPLEMENTATIONS) == sorted(ALL_CACHE_IMPLEMENTATIONS)
