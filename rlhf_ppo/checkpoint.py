@@ -193,10 +193,10 @@ def load_weights(model, folder: Path) -> None:
 
         set_peft_model_state_dict(model.policy, load_file(folder / "adapter_model.safetensors"),
                                   adapter_name="default")
-        if model.critic_adapter is not None:
+        if model.critic_adapter is not None:  # on the policy's or the reward model's base
             name = model.critic_adapter
-            set_peft_model_state_dict(model.policy,
-                                      load_file(folder / name / "adapter_model.safetensors"),
+            host = model.critic if model.critic_on_reward_model else model.policy
+            set_peft_model_state_dict(host, load_file(folder / name / "adapter_model.safetensors"),
                                       adapter_name=name)
             folder = folder / name  # its value head lies beside it
     else:

@@ -45,7 +45,11 @@ class ModelConfig:
     critic: Literal["shared", "separate"] = "shared"
     """`shared`: a value head on the policy's last hidden state; `separate`: its own model"""
     critic_name_or_path: str | None = None
-    """separate critic's initial weights (e.g. the reward model); default: the policy's"""
+    """separate critic's initial weights (a folder or hub id); default: see `critic_init`"""
+    critic_init: Literal["policy", "reward"] = "policy"
+    """separate critic's starting point when `critic_name_or_path` is null: the `policy`, or the
+    `reward` model (the first reward-model source: its score head predicts the score from the
+    start; with LoRA the critic is an adapter on the reward model's base)"""
     disable_dropout: bool = True
     """turn dropout off in every model, so rollout and update see the same function"""
     gradient_checkpointing: bool = False
@@ -172,7 +176,13 @@ class PPOConfig:
     gamma: float = 1.0
     """discount factor"""
     lam: float = 0.95
-    """GAE lambda"""
+    """GAE lambda of the policy's advantages"""
+    critic_lam: float | None = None
+    """GAE lambda of the critic's value targets (returns); null: `lam`. 1.0: Monte-Carlo
+    returns (VC-PPO's decoupled GAE)"""
+    lam_length_alpha: float | None = None
+    """VAPO's length-adaptive policy lambda `1 - 1/(alpha * response_length)` per sequence,
+    replacing `lam` (VAPO: 0.05); null: off"""
     kl_coef: float = 0.05
     """initial KL penalty coefficient beta"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
@@ -190,7 +200,11 @@ class PPOConfig:
     target_kl: float | None = None
     """stop this iteration's updates when approx KL(old || new) exceeds it (null: never)"""
     critic_warmup: int = 0
-    """the first N iterations train only the value head / critic"""
+    """value pretraining: the first N iterations (counted in `iterations`) train only the value
+    head / critic, on rollouts of the initial policy, toward `critic_lam` returns"""
+    value_backbone_grad: float = 1.0
+    """shared value head: scale of the value loss's gradient that reaches the policy's backbone
+    (1: all of it, 0: the head alone learns)"""
     old_logprobs: Literal["auto", "generation", "recompute"] = "auto"
     """log pi_old from `generation` (native backend) or a `recompute` pass; `auto`: generation in float32"""
 
@@ -209,6 +223,10 @@ class OptimConfig:
     """AdamW epsilon"""
     max_grad_norm: float | None = 1.0
     """clip the global gradient norm (null: off)"""
+    separate_grad_clip: bool = False
+    """clip the policy's and the critic's gradient norms to `max_grad_norm` each (as two
+    optimizers would, OpenRLHF), so a large value-loss gradient cannot shrink the policy's step;
+    false: their joint norm (TRL). Not under DeepSpeed / FSDP"""
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """learning-rate schedule after warmup, over all optimizer steps"""
     warmup_steps: int = 0
@@ -296,6 +314,12 @@ def validate(cfg: Config) -> None:
         check(getattr(p, key) >= 0, f"ppo.{key}", "a number >= 0", getattr(p, key))
     check(0 <= p.gamma <= 1, "ppo.gamma", "a number in [0, 1]", p.gamma)
     check(0 <= p.lam <= 1, "ppo.lam", "a number in [0, 1]", p.lam)
+    check(p.critic_lam is None or 0 <= p.critic_lam <= 1, "ppo.critic_lam",
+          "a number in [0, 1] or null", p.critic_lam)
+    check(p.lam_length_alpha is None or p.lam_length_alpha > 0, "ppo.lam_length_alpha",
+          "a number > 0 or null", p.lam_length_alpha)
+    check(0 <= p.value_backbone_grad <= 1, "ppo.value_backbone_grad", "a number in [0, 1]",
+          p.value_backbone_grad)
     check(p.kl_target > 0, "ppo.kl_target", "a number > 0", p.kl_target)
     check(p.kl_horizon >= 1, "ppo.kl_horizon", "an integer >= 1", p.kl_horizon)
     check(p.target_kl is None or p.target_kl > 0, "ppo.target_kl", "a number > 0 or null",
@@ -346,9 +370,18 @@ def validate(cfg: Config) -> None:
           d.max_prompt_length)
     check(d.prompt_column != "", "data.prompt_column", "a column name", d.prompt_column)
     validate_peft(cfg.peft)
-    check(cfg.model.critic == "separate" or cfg.model.critic_name_or_path is None,
+    m = cfg.model
+    check(m.critic == "separate" or m.critic_name_or_path is None,
           "model.critic_name_or_path", "null unless model.critic is 'separate'",
-          cfg.model.critic_name_or_path)
+          m.critic_name_or_path)
+    check(m.critic_init == "policy" or m.critic == "separate", "model.critic_init",
+          "'policy' unless model.critic is 'separate' (a shared value head sits on the policy)",
+          m.critic_init)
+    check(m.critic_init == "policy" or m.critic_name_or_path is None, "model.critic_init",
+          "'policy' when model.critic_name_or_path is set (that path is the critic's start)",
+          m.critic_init)
+    check(m.critic_init == "policy" or any(s.model for s in r.sources), "model.critic_init",
+          "'policy' unless a reward.sources entry is a reward model (`model: ...`)", m.critic_init)
 
 
 def validate_peft(pe: PeftConfig) -> None:

@@ -193,3 +193,39 @@ def full_state_dict(acc, model: nn.Module) -> dict[str, torch.Tensor]:
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
     return acc.get_state_dict(model)
+
+
+def clip_grad_norms(acc, groups: list[list[torch.nn.Parameter]], max_norm: float | None,
+                    separate: bool = False) -> tuple:
+    """Clip gradients to ``max_norm`` (None: only measure) and return ``(total, *per group)``
+    norms before clipping (floats or 0-d tensors; None where the engine clips by itself, as
+    DeepSpeed does). ``separate``: each group (policy, critic) is clipped to ``max_norm`` on its
+    own, as two optimizers would be, so a large value-loss gradient cannot shrink the policy's
+    step; otherwise their joint norm is clipped. The per-group norms are measured either way."""
+    limit = max_norm or float("inf")
+    if is_deepspeed(acc):  # the engine clips (gradient_clipping) and returns no norm
+        acc.clip_grad_norm_([q for g in groups for q in g], limit)
+        return (None,) * (len(groups) + 1)
+    if separate:
+        norms = [_as_tensor(acc.clip_grad_norm_(g, limit)) for g in groups]
+        total = torch.stack([n.float() for n in norms]).square().sum().sqrt()
+        return (total, *norms)
+    norms = [_group_norm(g) for g in groups]
+    total = _as_tensor(acc.clip_grad_norm_([q for g in groups for q in g], limit))
+    return (total, *norms)
+
+
+def _as_tensor(norm) -> torch.Tensor:
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return torch.as_tensor(norm)
+
+
+def _group_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """L2 norm of the (local) gradients of ``params``, measured before clipping."""
+    grads = [q.grad for q in params if q.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    grads = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                 for g in grads]))

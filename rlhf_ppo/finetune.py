@@ -83,7 +83,7 @@ def validate_model_keys(m: ModelConfig, command: str, gguf: bool = True) -> None
     """Refuse the PPO-only ``model.*`` keys (reference, critic, sharding) when set: a stage that
     trains one model would silently ignore them."""
     defaults = ModelConfig()
-    unused = ["ref_name_or_path", "ref_gguf_file", "critic", "critic_name_or_path",
+    unused = ["ref_name_or_path", "ref_gguf_file", "critic", "critic_name_or_path", "critic_init",
               "shard_frozen_models"] + ([] if gguf else ["gguf_file"])
     for key in unused:
         value, default = getattr(m, key), getattr(defaults, key)

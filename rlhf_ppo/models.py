@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from . import builtin
+from . import builtin, ops
 from .config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -308,23 +308,26 @@ class ActorCritic(nn.Module):
 
     ``critic="shared"``: a linear value head on the policy's last hidden state (one backbone pass).
     ``critic="separate"``: a sequence-classification model whose ``score`` head is applied to
-    every position; with LoRA (``critic_adapter``), a second adapter of the policy's base with a
-    value head on its last hidden state, so the critic costs no second copy of the weights.
+    every position. With LoRA (``critic_adapter``), a second adapter with a value head on its
+    last hidden state, so the critic costs no second copy of the weights: on the policy's base
+    (``critic`` None), or on the reward model's base (``critic`` is the reward model wrapped by
+    PEFT, whose scoring runs with the adapter off; ``value_head`` starts as a copy of its score
+    head).
     """
 
     def __init__(self, policy: nn.Module, critic: nn.Module | None = None,
-                 critic_adapter: str | None = None):
+                 critic_adapter: str | None = None, value_head: nn.Linear | None = None):
         super().__init__()
         self.policy = policy
         self.critic = critic
         self.critic_adapter = critic_adapter
-        hidden_size = transformer(policy).config.get_text_config().hidden_size
-        # Zero init: values start at 0, as in lm-human-preferences (value head init_scale=0).
-        self.value_head = nn.Linear(hidden_size, 1) if critic is None else None
-        if self.value_head is not None:
-            nn.init.zeros_(self.value_head.weight)
-            nn.init.zeros_(self.value_head.bias)
-            self.value_head.float()
+        if value_head is None and (critic is None or critic_adapter is not None):
+            hidden_size = transformer(critic or policy).config.get_text_config().hidden_size
+            # Zero init: values start at 0, as in lm-human-preferences (value head init_scale=0).
+            value_head = nn.Linear(hidden_size, 1)
+            nn.init.zeros_(value_head.weight)
+            nn.init.zeros_(value_head.bias)
+        self.value_head = None if value_head is None else value_head.float()
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -334,6 +337,11 @@ class ActorCritic(nn.Module):
     def _is_critic_adapter(self, name: str) -> bool:
         return self.critic_adapter is not None and f".{self.critic_adapter}." in name
 
+    @property
+    def critic_on_reward_model(self) -> bool:
+        """True for a LoRA critic adapter on the reward model's base (``critic_init: reward``)."""
+        return self.critic is not None and self.critic_adapter is not None
+
     def policy_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the policy loss."""
         return [p for n, p in self.policy.named_parameters()
@@ -341,19 +349,21 @@ class ActorCritic(nn.Module):
 
     def critic_parameters(self) -> list[nn.Parameter]:
         """Parameters of the value head (and critic adapter) or separate critic."""
-        module = self.value_head if self.critic is None else self.critic
+        modules = [m for m in (self.value_head, self.critic) if m is not None]
         adapter = [p for n, p in self.policy.named_parameters()
                    if p.requires_grad and self._is_critic_adapter(n)]
-        return [p for p in module.parameters() if p.requires_grad] + adapter
+        return [p for m in modules for p in m.parameters() if p.requires_grad] + adapter
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                temperature: float = 1.0, with_entropy: bool = True, detach_backbone: bool = False
+                temperature: float = 1.0, with_entropy: bool = True,
+                backbone_value_grad: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log-probs, entropies and values of the response tokens ``input_ids[:, P:]``.
 
         Args:
             input_ids, attention_mask: ``[B, L]``, prompt left-padded to ``P = prompt_length``.
-            detach_backbone: train only the value head (critic warmup with a shared backbone).
+            backbone_value_grad: shared head: scale of the value gradient that reaches the
+                policy's backbone (0: the head alone learns, as in critic warmup).
         Returns:
             ``(logprobs, entropy, values)``, each ``[B, R]`` float32. ``values[:, t]`` is V of the
             state before response token t (read at the position that predicts it).
@@ -366,8 +376,7 @@ class ActorCritic(nn.Module):
         logprobs, entropy = token_logprobs(lm.get_output_embeddings(), lm.config,
                                            h_resp, tokens, temperature, with_entropy)
         if self.shares_backbone:
-            h_v = h_resp.detach() if detach_backbone else h_resp
-            values = self.shared_values(h_v)
+            values = self.shared_values(ops.scale_gradient(h_resp, backbone_value_grad))
         else:
             values = self.values(input_ids, attention_mask, prompt_length)
         return logprobs, entropy, values
@@ -387,6 +396,10 @@ class ActorCritic(nn.Module):
                ) -> torch.Tensor:
         """Values ``[B, R]`` of the response states from the critic's own backbone pass (a
         separate critic or the critic adapter; the shared head: one policy backbone pass)."""
+        if self.critic_on_reward_model:
+            with active_adapter(self.critic, self.critic_adapter):
+                c_hidden = backbone_hidden(self.critic, input_ids, attention_mask)
+            return self.shared_values(c_hidden[:, prompt_length - 1:-1])
         if self.critic is not None:
             c_hidden = backbone_hidden(self.critic, input_ids, attention_mask)
             h_c = c_hidden[:, prompt_length - 1:-1]  # (B, R, H)
@@ -478,6 +491,28 @@ def add_critic_adapter(model: nn.Module, peft_cfg) -> str:
     return CRITIC_ADAPTER
 
 
+def add_reward_critic_adapter(reward_model: nn.Module, peft_cfg) -> tuple[nn.Module, nn.Linear]:
+    """Wrap the (frozen) reward model with a trainable LoRA critic adapter (the policy's rank and
+    targets, never its ``score`` head) and return it with a trainable value head that starts as
+    a copy of the score head, so the critic's first values are the reward model's scores of each
+    prefix. The reward model's weights stay one copy: scoring runs with the adapter off."""
+    from peft import get_peft_model
+
+    config = lora_config(peft_cfg)
+    config.task_type = None  # no task head handling: the value head is our own copy
+    config.exclude_modules = ["score"]
+    model = get_peft_model(reward_model, config, adapter_name=CRITIC_ADAPTER)
+    head = copy.deepcopy(transformer(model).score)
+    head.requires_grad_(True)
+    if head.bias is None:  # reward models usually have no bias; the value head gets one at 0
+        bias_head = nn.Linear(head.in_features, 1)
+        with torch.no_grad():
+            bias_head.weight.copy_(head.weight)
+            bias_head.bias.zero_()
+        head = bias_head
+    return model, head
+
+
 def apply_lora(base: nn.Module, peft_cfg) -> tuple[nn.Module, str | None]:
     """Wrap ``base`` with a trainable LoRA adapter ("default"). With ``peft.adapter_path`` the
     existing adapter is loaded twice: frozen as "reference" and trainable as "default" (a copy
@@ -497,9 +532,17 @@ def apply_lora(base: nn.Module, peft_cfg) -> tuple[nn.Module, str | None]:
     return model, "reference"
 
 
-def build_actor_critic(cfg: ModelConfig, peft_cfg=None) -> tuple[ActorCritic, ReferenceModel]:
+def build_actor_critic(cfg: ModelConfig, peft_cfg=None, reward_model: nn.Module | None = None,
+                       reward_path: str | None = None) -> tuple[ActorCritic, ReferenceModel]:
     """Load the policy (with its value head when present) and the reference; return both.
-    ``peft_cfg`` (a ``PeftConfig`` with ``enabled``): LoRA, with the reference on the same base."""
+    ``peft_cfg`` (a ``PeftConfig`` with ``enabled``): LoRA, with the reference on the same base.
+    ``model.critic_init: reward`` needs the reward model: ``reward_path`` (its folder or hub id,
+    the critic's starting weights) and, with LoRA, ``reward_model`` itself (the loaded module,
+    which receives the critic adapter)."""
+    from_reward = cfg.critic == "separate" and cfg.critic_init == "reward"
+    if from_reward and reward_path is None:
+        raise ModelLoadError("model.critic_init: 'reward' needs a reward model source "
+                             "(reward.sources[].model)")
     policy = load_causal_lm(cfg.name_or_path, cfg, "model.name_or_path", cfg.gguf_file)
     if peft_cfg is not None and peft_cfg.enabled:
         if cfg.ref_name_or_path is not None:
@@ -510,7 +553,14 @@ def build_actor_critic(cfg: ModelConfig, peft_cfg=None) -> tuple[ActorCritic, Re
         if cfg.critic == "separate":
             if cfg.critic_name_or_path is not None:
                 raise ModelLoadError("model.critic_name_or_path: with peft.enabled the separate "
-                                     "critic is a second adapter on the policy's base; expected null")
+                                     "critic is a second adapter on the policy's base (or, with "
+                                     "model.critic_init=reward, the reward model's); expected null")
+            if from_reward:
+                if reward_model is None:
+                    raise ModelLoadError("model.critic_init: 'reward' with peft.enabled needs "
+                                         "the loaded reward model")
+                critic, head = add_reward_critic_adapter(reward_model, peft_cfg)
+                return ActorCritic(policy, critic, CRITIC_ADAPTER, value_head=head), ref
             ac = ActorCritic(policy, critic_adapter=add_critic_adapter(policy, peft_cfg))
             return ac, ref
     elif cfg.ref_name_or_path is None and not is_partitioned(policy):
@@ -529,8 +579,11 @@ def build_actor_critic(cfg: ModelConfig, peft_cfg=None) -> tuple[ActorCritic, Re
         ref = ReferenceModel(ref).eval()
     critic = None
     if cfg.critic == "separate":
-        critic = load_sequence_classifier(cfg.critic_name_or_path or cfg.name_or_path, cfg,
-                                          "model.critic_name_or_path", trainable=True)
+        if from_reward:
+            start, key = reward_path, "model.critic_init (the reward model)"
+        else:
+            start, key = cfg.critic_name_or_path or cfg.name_or_path, "model.critic_name_or_path"
+        critic = load_sequence_classifier(start, cfg, key, trainable=True)
         critic.score.float()
     ac = ActorCritic(policy, critic)
     head_file = Path(builtin.resolve_model(cfg.name_or_path)) / VALUE_HEAD_FILE
@@ -562,8 +615,10 @@ def save_actor_critic(ac: ActorCritic, tokenizer, folder: str | Path,
         ac.policy.save_pretrained(folder, selected_adapters=["default"],
                                   state_dict=_sub_state(state, "policy."))
         if ac.critic_adapter is not None:  # PEFT writes a named adapter to folder/NAME
-            ac.policy.save_pretrained(folder, selected_adapters=[ac.critic_adapter],
-                                      state_dict=_sub_state(state, "policy."))
+            host, prefix = (ac.critic, "critic.") if ac.critic_on_reward_model else (ac.policy,
+                                                                                      "policy.")
+            host.save_pretrained(folder, selected_adapters=[ac.critic_adapter],
+                                 state_dict=_sub_state(state, prefix))
     else:
         ac.policy.save_pretrained(folder, state_dict=_sub_state(state, "policy."))
     tokenizer.save_pretrained(folder)

@@ -11,6 +11,9 @@ References
 - KL-shaped reward, adaptive KL: Ziegler et al. 2019, https://arxiv.org/abs/1909.08593 (sec. 2.2),
   following openai/lm-human-preferences (lm_human_preferences/train_policy.py, AdaptiveKLController).
 - KL estimators k1/k2/k3: J. Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+- Decoupled GAE (critic lambda 1, policy lambda < 1) and value pretraining: Yuan et al. 2025,
+  VC-PPO, https://arxiv.org/abs/2503.01491; length-adaptive lambda: Yue et al. 2025, VAPO,
+  https://arxiv.org/abs/2504.05118.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+                lam: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the valid tokens of each row.
 
     ``delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)``, ``A_t = delta_t + gamma * lam * A_{t+1}``
@@ -156,24 +159,52 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 
     Args:
         rewards, values, mask: ``[B, T]``.
+        lam: a number, or ``[B]`` (one lambda per row, e.g. :func:`length_adaptive_lam`).
     Returns:
         ``(advantages, returns)``, each ``[B, T]``, with ``returns = advantages + values`` (the
         lambda-return target of the value function); 0 at masked positions.
     """
     B, T = rewards.shape
     valid = mask.bool()
+    gl = gamma * torch.as_tensor(lam, dtype=rewards.dtype, device=rewards.device)  # () or (B,)
     advantages = torch.zeros_like(rewards)
     next_value = rewards.new_zeros(B)
     next_adv = rewards.new_zeros(B)
     # Reverse-time recursion; the loop over T is short (response tokens) and vectorised over B.
     for t in reversed(range(T)):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        adv_t = delta + gamma * lam * next_adv
+        adv_t = delta + gl * next_adv
         advantages[:, t] = torch.where(valid[:, t], adv_t, 0.0)
         next_value = torch.where(valid[:, t], values[:, t], next_value)
         next_adv = torch.where(valid[:, t], adv_t, next_adv)
     returns = (advantages + values) * valid.to(values.dtype)
     return advantages, returns
+
+
+def length_adaptive_lam(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """VAPO's length-adaptive GAE lambda for the policy: ``lam = 1 - 1 / (alpha * l)`` per
+    sequence of ``l`` valid tokens (Yue et al. 2025, https://arxiv.org/abs/2504.05118, "Length-Adaptive GAE";
+    alpha 0.05 there), so that the sum of the TD-error weights, ``1 / (1 - lam) = alpha * l``,
+    grows with the length and a long response's final reward is not discounted away. Clamped to
+    ``[0, 1]`` (a response shorter than ``1 / alpha`` tokens gets 0: one-step TD).
+
+    Args:
+        lengths: ``[B]`` valid tokens per sequence.
+    Returns:
+        ``[B]`` float32 lambdas.
+    """
+    lengths = lengths.float().clamp(min=1)
+    return (1.0 - 1.0 / (alpha * lengths)).clamp(0.0, 1.0)
+
+
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` in the forward pass; in backward the gradient flowing into ``x`` is multiplied by
+    ``scale`` (0: ``x.detach()``, 1: ``x``)."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    return x.detach() + scale * (x - x.detach())
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor,

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from . import builtin
 from .config import ModelConfig, RewardConfig, RewardSource
 from .models import (
+    active_adapter,
     backbone_hidden,
     load_pretrained,
     load_sequence_classifier,
@@ -180,6 +182,7 @@ class ModelReward:
             self.model = load_sequence_classifier(source.model, model_cfg, f"{key}.model")
         self.scorer = SequenceScorer(self.model)
         path = resolve(source.model, f"{key}.model")
+        self.path = path
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, f"{key}.model",
                                trust_remote_code=model_cfg.trust_remote_code)
         if self.tokenizer.pad_token_id is None:
@@ -249,9 +252,11 @@ class SequenceScorer(torch.nn.Module):
         super().__init__()
         self.model = model
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
+        self.adapters_off = False
+        """True when the model also carries a trained LoRA critic adapter: scoring runs without it"""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), active_adapter(self.model, None) if self.adapters_off else nullcontext():
             return score_sequences(self.model, input_ids, attention_mask)
 
 

@@ -22,6 +22,7 @@ from . import ops
 from .config import Config, ConfigError, config_from_dict, save_config
 from .data import PromptSampler, load_prompts
 from .distributed import (
+    clip_grad_norms,
     full_state_dict,
     generation_model,
     is_deepspeed,
@@ -52,6 +53,40 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     end = prompt_length + r
     return (input_ids[:, p0:end], attention_mask[:, p0:end], response_mask[:, :r],
             prompt_length - p0)
+
+
+def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                           p) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages for the policy (lambda ``p.lam``, or VAPO's length-adaptive lambda with
+    ``p.lam_length_alpha``) and value targets for the critic (lambda ``p.critic_lam``, default
+    the policy's): decoupled lambdas as in VC-PPO. ``[B, R]`` each; ``p`` is the ``ppo`` section.
+    """
+    lam = p.lam
+    if p.lam_length_alpha is not None:
+        lam = ops.length_adaptive_lam(mask.sum(-1), p.lam_length_alpha)  # (B,)
+    advantages, returns = ops.compute_gae(rewards, values, mask, p.gamma, lam)
+    if p.critic_lam is not None and (p.critic_lam != p.lam or p.lam_length_alpha is not None):
+        _, returns = ops.compute_gae(rewards, values, mask, p.gamma, p.critic_lam)
+    return advantages, returns
+
+
+def metric_jumps(history: list[dict], metrics: dict, keys: tuple[str, ...],
+                 factor: float = 10.0, window: int = 10, min_history: int = 3
+                 ) -> list[tuple[str, float, float]]:
+    """``(key, value, median)`` for each of ``keys`` whose value in ``metrics`` is more than
+    ``factor`` times its median over the last ``window`` iterations of ``history`` (at least
+    ``min_history`` finite values needed; non-finite values are ignored)."""
+    out = []
+    for key in keys:
+        value = metrics.get(key)
+        past = [m[key] for m in history[-window:]
+                if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])]
+        if value is None or not math.isfinite(value) or len(past) < min_history:
+            continue
+        median = sorted(past)[len(past) // 2]
+        if median > 0 and value > factor * median:
+            out.append((key, float(value), float(median)))
+    return out
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -205,6 +240,9 @@ class PPOTrainer:
     def _load(self, resume: Path | None) -> ActorCritic:
         """Tokenizer, prompts, models and rewards; the checkpoint's weights when resuming."""
         cfg, acc = self.cfg, self.accelerator
+        if cfg.optim.separate_grad_clip and acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+            raise ConfigError("optim.separate_grad_clip: not supported under DeepSpeed or FSDP "
+                              "(the engine clips the joint norm); set it to false")
         if cfg.peft.enabled and acc.distributed_type.name == "FSDP":
             # The reference pass runs the policy's own modules with the adapter off, outside the
             # FSDP root's forward; not supported yet.
@@ -216,11 +254,19 @@ class PPOTrainer:
                                      acc.process_index, acc.num_processes)
         from accelerate.utils import set_seed
 
+        self.rewards = RewardSum(cfg.reward, cfg.model, self.tokenizer)
+        # critic_init: reward starts the critic from the first reward model (with LoRA: an
+        # adapter on that very module, whose scoring then runs with the adapter off)
+        rm = next(iter(self.rewards.model_sources()), None)
         set_seed(cfg.seed)  # fresh weights (LoRA, a new critic head) are the same on every run
-        model, self.ref = build_actor_critic(cfg.model, cfg.peft)
+        model, self.ref = build_actor_critic(
+            cfg.model, cfg.peft, reward_model=rm.model if rm else None,
+            reward_path=rm.path if rm else None)
+        self._critic_scorer = rm.scorer if model.critic_on_reward_model else None
+        if self._critic_scorer is not None:
+            self._critic_scorer.adapters_off = True
         check_lengths(cfg, model.policy.config, max(len(x.input_ids) for x in prompts),
                       len(self.tokenizer))
-        self.rewards = RewardSum(cfg.reward, cfg.model, self.tokenizer)
         if resume is not None:
             if is_deepspeed(acc) or acc.distributed_type.name == "FSDP":
                 raise ckpt.CheckpointError("resume_from: resuming under DeepSpeed or FSDP is not "
@@ -248,7 +294,8 @@ class PPOTrainer:
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.ref = prepare_frozen(acc, self.ref, cfg.model.shard_frozen_models)
         for source in self.rewards.model_sources():
-            source.scorer = prepare_frozen(acc, source.scorer, cfg.model.shard_frozen_models)
+            if source.scorer is not self._critic_scorer:  # that one is inside self.model
+                source.scorer = prepare_frozen(acc, source.scorer, cfg.model.shard_frozen_models)
         self.kl_ctl = (ops.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
                        if p.adaptive_kl else ops.FixedKLController(p.kl_coef))
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
@@ -306,6 +353,7 @@ class PPOTrainer:
                 self.log_samples()  # the starting point
             while self.iteration < cfg.iterations:
                 metrics = self.step()
+                self._warn_on_jumps(metrics)
                 self.history.append(metrics)
                 self.log(metrics)
                 bar.update(1)
@@ -330,6 +378,18 @@ class PPOTrainer:
         if cfg.report_to:
             acc.end_training()
         return self.history
+
+    def _warn_on_jumps(self, metrics: dict) -> None:
+        """Warn when the value loss or the gradient norm jumps by an order of magnitude, the
+        first sign of a critic (and then a policy) going off the rails."""
+        if not self.accelerator.is_main_process:
+            return
+        for key, value, median in metric_jumps(self.history, metrics, ("value_loss", "grad_norm")):
+            logger.warning(
+                "iteration %d: %s %.4g is %.0fx its median %.4g over the last iterations: the "
+                "critic may be diverging (see docs/critic.md: a separate critic, "
+                "ppo.value_backbone_grad, a lower optim.critic_lr or ppo.vf_coef)",
+                metrics["iteration"], key, value, value / median, median)
 
     def _install_signal_handlers(self) -> dict:
         import threading
@@ -418,8 +478,8 @@ class PPOTrainer:
         # step 5. advantages and returns (GAE, per sequence: local), advantages whitened over the
         # valid tokens of all processes (a global statistic: the result must not depend on how
         # the batch is split)
-        advantages, rollout.returns = ops.compute_gae(rollout.rewards, rollout.values, mask,
-                                                      p.gamma, p.lam)
+        advantages, rollout.returns = advantages_and_returns(rollout.rewards, rollout.values,
+                                                             mask, p)
         if p.whiten_advantages:
             mean, var = self.global_moments(advantages, mask)
             advantages = ops.whiten(advantages, mask, mean, var)
@@ -437,7 +497,8 @@ class PPOTrainer:
                   **{("reward", k): (torch.as_tensor(v, dtype=torch.float32), None)
                      for k, v in reward_metrics.items()}}
         stats = dict(zip(inputs, self.global_stats(list(inputs.values()))))  # (mean, var, n)
-        (ret_mean, ret_var, _), err_var = stats["returns"], stats["value_error"][1]
+        (ret_mean, ret_var, _), (err_mean, err_var, err_n) = stats["returns"], stats["value_error"]
+        err_ms = err_var * (err_n - 1) / max(err_n, 1.0) + err_mean * err_mean  # mean square
         n_tokens = stats["lengths"][0] * stats["lengths"][2]
         return {
             "iteration": self.iteration,
@@ -451,6 +512,7 @@ class PPOTrainer:
             "explained_variance": 1.0 - err_var / max(ret_var, 1e-8),
             "value_mean": stats["values"][0],
             "return_mean": ret_mean,
+            "value_error": math.sqrt(max(err_ms, 0.0)),
             "reward_kl_penalty": -kl_coef * mean_kl,
             "response_length": stats["lengths"][0],
             "stop_rate": all_stopped.float().mean().item(),
@@ -578,11 +640,12 @@ class PPOTrainer:
         B = len(rollout.prompts)
         mini = B // p.num_minibatches
         critic_only = self.iteration <= p.critic_warmup
-        shared = self.unwrapped.critic is None
-        params = [q for g in self.optimizer.param_groups for q in g["params"]]
+        # param_groups[0] is the policy's, [1] the critic's (value head, adapter or model)
+        groups = [g["params"] for g in self.optimizer.param_groups]
+        norm_keys = ("grad_norm", "grad_norm_policy", "grad_norm_critic")
         stats: dict[str, list[torch.Tensor]] = {k: [] for k in (
-            "policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "grad_norm",
-            "entropy_loss")}
+            "policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy_loss",
+            *norm_keys)}
         steps, early_stop, nonfinite = 0, False, False
         for _epoch in range(p.ppo_epochs):
             order = torch.randperm(B, generator=self.shuffle_gen)
@@ -595,13 +658,14 @@ class PPOTrainer:
                 g_tokens, g_seqs = (acc.reduce(counts, "sum") / acc.num_processes).tolist()
                 mb_tokens = torch.tensor(max(g_tokens, 1e-8))
                 normalizer = mb_tokens if p.loss_aggregation == "token-mean" else g_seqs
-                mb_stats = {k: torch.zeros((), device=acc.device) for k in stats if k != "grad_norm"}
+                mb_stats = {k: torch.zeros((), device=acc.device) for k in stats
+                            if k not in norm_keys}
                 # accelerate counts micro-batches and syncs gradients (DDP no_sync, DeepSpeed
                 # accumulation boundary) only on the last one of each minibatch.
                 for rows in torch.arange(len(mb_idx)).split(p.micro_batch_size):
                     with acc.accumulate(self.model):
                         s = self._micro_step(mb, rows, rollout.prompt_length, normalizer,
-                                             mb_tokens, critic_only, shared)
+                                             mb_tokens, critic_only)
                     for name, value in s.items():
                         mb_stats[name] += value
                 if p.target_kl is not None:
@@ -614,9 +678,9 @@ class PPOTrainer:
                         break
                 # The norm is computed (max_norm inf: no clipping) even without clipping: a
                 # non-finite one means a NaN/inf loss or gradient, and that step is never taken.
-                grad_norm = acc.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf"))
-                if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-                    grad_norm = grad_norm.full_tensor()
+                norms = clip_grad_norms(acc, groups, cfg.optim.max_grad_norm,
+                                        cfg.optim.separate_grad_clip)
+                grad_norm = norms[0]
                 if grad_norm is not None and not self._finite(
                         "update", "the loss or its gradient", torch.as_tensor(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -628,9 +692,10 @@ class PPOTrainer:
                 steps += 1
                 for name, value in mb_stats.items():
                     stats[name].append(value.detach())
-                stats["grad_norm"].append(torch.as_tensor(
-                    float("nan") if grad_norm is None else grad_norm, dtype=torch.float32,
-                    device=acc.device))
+                for key, norm in zip(norm_keys, norms):
+                    stats[key].append(torch.as_tensor(
+                        float("nan") if norm is None else norm, dtype=torch.float32,
+                        device=acc.device))
             if early_stop or nonfinite:
                 break
         # Each process holds its share of each minibatch mean; the mean over processes is the
@@ -647,7 +712,7 @@ class PPOTrainer:
         return out
 
     def _micro_step(self, mb: dict[str, torch.Tensor], rows: torch.Tensor, prompt_length: int,
-                    normalizer, mb_tokens: torch.Tensor, critic_only: bool, shared: bool
+                    normalizer, mb_tokens: torch.Tensor, critic_only: bool
                     ) -> dict[str, torch.Tensor]:
         """Forward + backward of one micro-batch. Returns its loss terms (normalised, so they
         sum to the minibatch's) and its token-weighted share of the minibatch's token means."""
@@ -662,7 +727,7 @@ class PPOTrainer:
         normalizer = torch.as_tensor(normalizer, device=dev)
         logprobs, entropy, values = self.model(
             ids, am, P, self.cfg.generation.temperature, with_entropy=p.entropy_coef > 0,
-            detach_backbone=critic_only and shared)
+            backbone_value_grad=0.0 if critic_only else p.value_backbone_grad)
         pg_loss, pg_stats = ops.policy_loss(logprobs, old_lp, adv, mask, p.clip_range,
                                             p.loss_aggregation, normalizer)
         vf_loss, vf_stats = ops.value_loss(values, old_v, ret, mask, p.clip_range_value,

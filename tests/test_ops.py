@@ -282,6 +282,39 @@ def test_compute_gae_gamma_lambda_one_is_reward_to_go_minus_value():
     assert_close(adv, torch.tensor([[6.0 - 0.5, 5.0 + 1.0, 3.0 - 2.0, 0.0]]))
 
 
+def test_compute_gae_per_row_lambda_equals_each_row_alone():
+    # lam as a [B] tensor: row 0 uses 0.5, row 1 uses 1.0 (Monte-Carlo)
+    rewards = torch.tensor([[1.0, -0.5, 2.0], [0.2, 1.5, JUNK]])
+    values = torch.tensor([[0.3, 0.7, -0.4], [-0.1, 0.5, JUNK]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv, ret = ops.compute_gae(rewards, values, mask, G, torch.tensor([0.5, 1.0]))
+    # row 0 by hand with lam 0.5
+    a2 = 2.0 - (-0.4)
+    a1 = -0.5 + G * (-0.4) - 0.7 + G * 0.5 * a2
+    a0 = 1.0 + G * 0.7 - 0.3 + G * 0.5 * a1
+    # row 1 with lam 1: a1 = r1 - v1, a0 = r0 + g*v1 - v0 + g*a1 = r0 + g*r1 - v0
+    b1 = 1.5 - 0.5
+    b0 = 0.2 + G * 1.5 - (-0.1)
+    assert_close(adv, torch.tensor([[a0, a1, a2], [b0, b1, 0.0]]))
+    assert_close(ret[1], torch.tensor([0.2 + G * 1.5, 1.5, 0.0]))  # MC returns: reward-to-go
+
+
+def test_length_adaptive_lam():
+    # lam = 1 - 1 / (alpha * l): alpha 0.05 -> l=40: 1 - 1/2; l=100: 1 - 1/5; l=10: 1 - 2 -> 0
+    lam = ops.length_adaptive_lam(torch.tensor([40, 100, 10, 0]), 0.05)
+    assert_close(lam, torch.tensor([0.5, 0.8, 0.0, 0.0]))
+
+
+def test_scale_gradient():
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    for scale in (0.0, 0.25, 1.0):
+        x.grad = None
+        y = ops.scale_gradient(x, scale)
+        assert_close(y, x.detach())  # the forward value is x
+        ((3.0 * y).sum() + 0.0 * x.sum()).backward()  # (the 0 * x term: scale 0 detaches)
+        assert_close(x.grad, torch.full((2,), 3.0 * scale))
+
+
 # --------------------------------------------------------------------------- loss aggregation
 
 def test_aggregate_loss_token_and_seq_mean():
