@@ -486,7 +486,10 @@ class PPOTrainer:
         rollout.advantages = advantages
 
         # step 6. PPO epochs over shuffled minibatches
-        update_metrics = self.update(rollout)
+        value_loss_scale = 1.0
+        if p.scale_value_loss:  # the returns' variance over every process's valid tokens
+            value_loss_scale = 1.0 / max(self.global_moments(rollout.returns, mask)[1], 1.0)
+        update_metrics = self.update(rollout, value_loss_scale)
         t3 = time.perf_counter()
 
         # step 7. metrics, as means over the whole (all-process) batch, in one reduction
@@ -632,10 +635,11 @@ class PPOTrainer:
         rollout.ref_logprobs = torch.cat(out["ref"]) * mask
         return rollout.entropy
 
-    def update(self, rollout: Rollout) -> dict[str, float]:
+    def update(self, rollout: Rollout, value_loss_scale: float = 1.0) -> dict[str, float]:
         """``ppo_epochs`` passes of shuffled minibatches; gradient accumulation over
         micro-batches with losses normalised by the minibatch's token (or sequence) count, so the
-        gradient does not depend on the micro-batch size."""
+        gradient does not depend on the micro-batch size. The value loss enters the objective
+        times ``vf_coef * value_loss_scale`` (its metric is unscaled)."""
         cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
         B = len(rollout.prompts)
         mini = B // p.num_minibatches
@@ -665,7 +669,7 @@ class PPOTrainer:
                 for rows in torch.arange(len(mb_idx)).split(p.micro_batch_size):
                     with acc.accumulate(self.model):
                         s = self._micro_step(mb, rows, rollout.prompt_length, normalizer,
-                                             mb_tokens, critic_only)
+                                             mb_tokens, critic_only, value_loss_scale)
                     for name, value in s.items():
                         mb_stats[name] += value
                 if p.target_kl is not None:
@@ -712,7 +716,8 @@ class PPOTrainer:
         return out
 
     def _micro_step(self, mb: dict[str, torch.Tensor], rows: torch.Tensor, prompt_length: int,
-                    normalizer, mb_tokens: torch.Tensor, critic_only: bool
+                    normalizer, mb_tokens: torch.Tensor, critic_only: bool,
+                    value_loss_scale: float = 1.0
                     ) -> dict[str, torch.Tensor]:
         """Forward + backward of one micro-batch. Returns its loss terms (normalised, so they
         sum to the minibatch's) and its token-weighted share of the minibatch's token means."""
@@ -733,7 +738,7 @@ class PPOTrainer:
         vf_loss, vf_stats = ops.value_loss(values, old_v, ret, mask, p.clip_range_value,
                                            p.loss_aggregation, normalizer)
         ent_loss = ops.aggregate_loss(entropy, mask, p.loss_aggregation, normalizer)
-        loss = p.vf_coef * vf_loss
+        loss = p.vf_coef * value_loss_scale * vf_loss
         if not critic_only:
             loss = loss + pg_loss - p.entropy_coef * ent_loss
         # accelerate (and DeepSpeed) divide by the accumulation steps; our normaliser already

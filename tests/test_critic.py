@@ -231,3 +231,39 @@ def test_lora_critic_adapter_on_the_reward_models_base(tmp_path, tiny_reward_dir
     for (n, p), (n2, q) in zip(ac.critic.named_parameters(), rac.critic.named_parameters()):
         assert n == n2 and torch.equal(p, q), n
     assert torch.equal(ac.value_head.weight, rac.value_head.weight)
+
+
+def _critic_grads(tmp_path, scale_value_loss):
+    """Value-head gradient of the first optimizer step (critic warmup: the loss is the value
+    loss alone), the scale the update got, and the rollout's returns and mask."""
+    trainer = PPOTrainer(config(tmp_path, "iterations=1", "ppo.critic_warmup=1",
+                                "ppo.num_minibatches=1", "ppo.micro_batch_size=32",
+                                "optim.max_grad_norm=null",  # clipping would mask the scale
+                                f"ppo.scale_value_loss={str(scale_value_loss).lower()}",
+                                "reward.sources=[{function: rlhf_ppo.rewards:response_length}]"))
+    seen, grads = {}, []
+    update = trainer.update
+
+    def spy(rollout, value_loss_scale=1.0):
+        seen.update(scale=value_loss_scale, returns=rollout.returns.clone(),
+                    mask=rollout.response_mask.clone())
+        return update(rollout, value_loss_scale)
+
+    trainer.update = spy
+    head = trainer.unwrapped.value_head
+    getattr(trainer.optimizer, "optimizer", trainer.optimizer).register_step_pre_hook(
+        lambda *a: grads.append(head.weight.grad.clone()) if not grads else None)
+    trainer.step()
+    return grads[0], seen
+
+
+def test_scale_value_loss_divides_by_the_return_variance(tmp_path):
+    # response_length rewards: returns of ~10 words, variance well above 1
+    g_plain, plain = _critic_grads(tmp_path / "a", False)
+    g_scaled, scaled = _critic_grads(tmp_path / "b", True)
+    assert plain["scale"] == 1.0
+    torch.testing.assert_close(scaled["returns"], plain["returns"])  # same rollout (same seed)
+    var = ops.masked_var(plain["returns"], plain["mask"]).item()
+    assert var > 1.0
+    assert scaled["scale"] == pytest.approx(1.0 / var, rel=1e-5)
+    assert_close(g_scaled, g_plain / var, rtol=1e-4, atol=1e-7)
