@@ -146,7 +146,7 @@ def test_divergence_flags():
     assert not any(flags[("rlhf_ppo/shipped", 0.5, s)]["diverged"] for s in (0, 1, 2))
     assert not flags[("trl/default", 0.5, 0)]["diverged"]
     assert "KL" in flags[("trl/default", 0.5, 1)]["diverged_reason"]
-    assert flags[("trl/default", 0.5, 2)]["diverged_reason"] == "score below reference"
+    assert flags[("trl/default", 0.5, 2)]["diverged_reason"] == "J below the reference's"
     assert flags[("trl/default", 2.5, 0)]["diverged_reason"] == "non-finite"
     assert flags[("trl/default", 2.5, 0)]["J"] is None
     # near-zero KLs of the other seeds: the floor keeps a small KL from counting as a blow-up
@@ -167,7 +167,7 @@ def test_report_only_writes_table_and_png(tmp_path, capsys):
     assert "### kl_coef 0.5" in table and "### kl_coef 2.5" in table
     assert "| rlhf_ppo/shipped | 4.000 ± 0.500 | 3.500 |" in table
     assert "torch x, transformers y, trl z" in table and "- a note" in table
-    assert "score below reference" in table
+    assert "J below the reference's" in table
     png = (tmp_path / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "wrote" in capsys.readouterr().out
