@@ -202,7 +202,7 @@ class PPOConfig:
     critic_warmup: int = 0
     """value pretraining: the first N iterations (counted in `iterations`) train only the value
     head / critic, on rollouts of the initial policy, toward `critic_lam` returns"""
-    scale_value_loss: bool = False
+    scale_value_loss: bool = True
     """divide the value loss by the variance of the batch's returns when it exceeds 1, so the value
     gradient (through a shared backbone, the policy's) cannot grow with the reward scale or kl_coef"""
     value_backbone_grad: float = 1.0

@@ -172,12 +172,15 @@ def stage_configs(out: Path, data: dict) -> dict[str, dict]:
             train=dict(train, epochs=3, batch_size=32, lr=1e-3)),
         "ppo": dict(
             output_dir=str(out / "ppo"), overwrite=True, iterations=40, eval_every=10,
-            model=dict(name_or_path=str(out / "sft" / "final")),
+            # A critic started from the reward model, trained toward Monte-Carlo returns (critic
+            # lambda 1): the best of the critics on the learning benchmark (docs/critic.md).
+            model=dict(name_or_path=str(out / "sft" / "final"), critic="separate",
+                       critic_init="reward"),
             reward=dict(sources=[dict(model=str(out / "reward" / "final"))]),
             data=dict(path=data["prompts"]),
             generation=dict(max_new_tokens=28),
             ppo=dict(batch_size=32, num_minibatches=2, micro_batch_size=16, ppo_epochs=2,
-                     kl_coef=0.5, vf_coef=0.5),
+                     kl_coef=0.5, vf_coef=0.5, critic_lam=1.0),
             optim=dict(lr=5e-4, critic_lr=3e-3)),
         "eval": dict(
             output_dir=str(out / "eval"), policy=str(out / "ppo" / "final"),
