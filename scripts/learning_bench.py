@@ -660,6 +660,15 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> Path:
     if refs:
         ax.scatter([0.0], [sum(refs) / len(refs)], marker="*", s=220, color="black",
                    label="reference (SFT)", zorder=5)
+    # Diverged runs (KL of 100+) would squeeze every other point against the axis: the view ends
+    # past the healthy runs, and the diverged ones are counted in the title instead.
+    healthy = [r["kl"] for r in ann if not r["diverged"]]
+    off = [r for r in ann if r["diverged"] and healthy and r["kl"] > 1.25 * max(healthy)]
+    if off:
+        ax.set_xlim(-0.03 * max(healthy), 1.25 * max(healthy))
+        title += f"\n{len(off)} diverged run(s) beyond the right edge: " + ", ".join(
+            f"{label} {sum(r['label'] == label for r in off)}"
+            for label in dict.fromkeys(r["label"] for r in off))
     ax.set_xlabel("KL(policy ‖ reference), nats per response")
     ax.set_ylabel("reward-model score")
     ax.set_title(title, fontsize=10)

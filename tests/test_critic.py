@@ -267,3 +267,33 @@ def test_scale_value_loss_divides_by_the_return_variance(tmp_path):
     assert var > 1.0
     assert scaled["scale"] == pytest.approx(1.0 / var, rel=1e-5)
     assert_close(g_scaled, g_plain / var, rtol=1e-4, atol=1e-7)
+
+
+def test_value_pretraining_trains_the_critic_toward_monte_carlo_returns(tmp_path,
+                                                                         tiny_reward_dir):
+    """critic_warmup=1 with critic_lam=1: iteration 1 trains only the (reward-model) critic, on
+    the initial policy's rollouts, toward reward-to-go; iteration 2 trains the policy too."""
+    trainer = PPOTrainer(config(tmp_path, "iterations=2", "ppo.critic_warmup=1",
+                                "ppo.critic_lam=1.0", "ppo.lam=0.5",
+                                *rm_overrides(tiny_reward_dir)))
+    seen = {}
+    update = trainer.update
+
+    def spy(rollout, value_loss_scale=1.0):
+        seen.update(rewards=rollout.rewards.clone(), returns=rollout.returns.clone(),
+                    mask=rollout.response_mask.clone())
+        return update(rollout, value_loss_scale)
+
+    trainer.update = spy
+    ac = trainer.unwrapped
+    policy0 = {k: v.clone() for k, v in ac.policy.state_dict().items()}
+    critic0 = {k: v.clone() for k, v in ac.critic.state_dict().items()}
+    trainer.step()
+    assert all(torch.equal(policy0[k], v) for k, v in ac.policy.state_dict().items())
+    assert any(not torch.equal(critic0[k], v) for k, v in ac.critic.state_dict().items())
+    # gamma 1, critic lambda 1: R_t = sum of the rewards from t to the end of the response
+    m = seen["mask"].float()
+    to_go = (seen["rewards"] * m).flip(-1).cumsum(-1).flip(-1) * m
+    assert_close(seen["returns"], to_go, rtol=1e-5, atol=1e-5)
+    trainer.step()
+    assert any(not torch.equal(policy0[k], v) for k, v in ac.policy.state_dict().items())
