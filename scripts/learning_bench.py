@@ -256,6 +256,9 @@ def trl_unmatched(cfg: dict) -> list[str]:
                                 ("ppo.loss_aggregation", p["loss_aggregation"], "token-mean"),
                                 ("ppo.target_kl", p["target_kl"], None),
                                 ("ppo.critic_warmup", p["critic_warmup"], 0),
+                                ("ppo.critic_lam", p.get("critic_lam"), None),
+                                ("ppo.lam_length_alpha", p.get("lam_length_alpha"), None),
+                                ("optim.separate_grad_clip", o.get("separate_grad_clip"), False),
                                 ("reward.normalize", r["normalize"], False),
                                 ("reward.clip", r["clip"], None),
                                 ("generation.top_k", g["top_k"], 0),
@@ -268,6 +271,9 @@ def trl_unmatched(cfg: dict) -> list[str]:
                                 ("mixed_precision", full["mixed_precision"], None)):
         if value != neutral:
             notes.append(f"{key}={value!r}: no TRL equivalent, TRL runs without it")
+    if p.get("scale_value_loss"):
+        notes.append("ppo.scale_value_loss=true: rlhf_ppo divides the value loss by the returns' "
+                     "variance when above 1; TRL does not")
     if p["clip_range_value"] is None:
         notes.append("ppo.clip_range_value=null: TRL always clips; cliprange_value=1e10 instead")
     notes.append("TRL adds the score one position after the EOS (the first padding token) when "

@@ -3,6 +3,7 @@ the report writer (no training, no TRL needed)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -56,7 +57,13 @@ def test_trl_settings_match_the_quickstart_config(quickstart_ppo):
     assert s["gradient_checkpointing"] is False
     assert s["seed"] == 3
     notes = " ".join(lb.trl_unmatched(cfg))
-    assert "critic_lr" in notes and "never clips" in notes and "critic=shared" in notes
+    assert "critic_lr" in notes and "never clips" in notes and "scale_value_loss" in notes
+    # the quickstart's critic starts from the reward model, as TRL's value model does ...
+    assert "model.critic" not in notes and "ppo.critic_lam=1.0" in notes
+    # ... a shared head is reported as a difference
+    shared = copy.deepcopy(cfg)
+    shared["model"].update(critic="shared", critic_init="policy")
+    assert "model.critic=shared" in " ".join(lb.trl_unmatched(shared))
 
 
 def test_trl_settings_other_values_and_refusals(quickstart_ppo):
@@ -76,7 +83,8 @@ def test_trl_settings_other_values_and_refusals(quickstart_ppo):
                                         ["ppo.kl_estimator=k2"]))
     with pytest.raises(ValueError, match="one reward model"):
         lb.trl_settings(apply_overrides(json.loads(json.dumps(quickstart_ppo)),
-                                        ["reward.sources=[{function: a.b:c}]"]))
+                                        ["reward.sources=[{function: a.b:c}]",
+                                         "model.critic_init=policy"]))
 
 
 def test_run_config_and_variants(quickstart_ppo, tmp_path):
