@@ -173,7 +173,8 @@ def stage_configs(out: Path, data: dict) -> dict[str, dict]:
         "ppo": dict(
             output_dir=str(out / "ppo"), overwrite=True, iterations=40, eval_every=10,
             # A critic started from the reward model, trained toward Monte-Carlo returns (critic
-            # lambda 1): the best of the critics on the learning benchmark (docs/critic.md).
+            # lambda 1), its gradient clipped apart from the policy's: the best of the critics on
+            # the learning benchmark against TRL (docs/critic.md).
             model=dict(name_or_path=str(out / "sft" / "final"), critic="separate",
                        critic_init="reward"),
             reward=dict(sources=[dict(model=str(out / "reward" / "final"))]),
@@ -181,7 +182,7 @@ def stage_configs(out: Path, data: dict) -> dict[str, dict]:
             generation=dict(max_new_tokens=28),
             ppo=dict(batch_size=32, num_minibatches=2, micro_batch_size=16, ppo_epochs=2,
                      kl_coef=0.5, vf_coef=0.5, critic_lam=1.0),
-            optim=dict(lr=5e-4, critic_lr=3e-3)),
+            optim=dict(lr=5e-4, critic_lr=3e-3, separate_grad_clip=True)),
         "eval": dict(
             output_dir=str(out / "eval"), policy=str(out / "ppo" / "final"),
             reference=str(out / "sft" / "final"), metrics_path=str(out / "ppo" / "metrics.jsonl"),

@@ -407,7 +407,8 @@ def stage_configs(out: Path, data: dict[str, str]) -> dict[str, dict]:
       (held-out 0.995-1.0 after 3 epochs, every run since) and keeps it while learning the rest.
     * ``ppo``: the quickstart's settings (a separate critic initialised from the reward model,
       ``model.critic: separate, critic_init: reward``, toward Monte-Carlo returns,
-      ``ppo.critic_lam: 1.0``), with 32 new tokens. Bradley-Terry pairs leave each prompt's
+      ``ppo.critic_lam: 1.0``, ``optim.separate_grad_clip: true``), with 32 new tokens.
+      Bradley-Terry pairs leave each prompt's
       score level free, and the reward model's levels differ by condition (mean score of the
       SFT corpus's forecasts: windy -4.1, foggy +2.7). The quickstart's zero-initialised shared
       value head explains little of the return (explained variance ~0.0-0.3 over the 40
@@ -442,7 +443,7 @@ def stage_configs(out: Path, data: dict[str, str]) -> dict[str, dict]:
             generation=dict(max_new_tokens=MAX_NEW_TOKENS),
             ppo=dict(batch_size=32, num_minibatches=2, micro_batch_size=16, ppo_epochs=2,
                      kl_coef=0.5, vf_coef=0.5, critic_lam=1.0),
-            optim=dict(lr=5e-4, critic_lr=3e-3)),
+            optim=dict(lr=5e-4, critic_lr=3e-3, separate_grad_clip=True)),
     }
 
 
