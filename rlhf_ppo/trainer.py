@@ -29,6 +29,7 @@ from .distributed import (
     make_accelerator,
     match_partitioned_dtype,
     prepare_frozen,
+    zero_stage,
 )
 from .models import (
     ActorCritic,
@@ -243,6 +244,13 @@ class PPOTrainer:
         if cfg.optim.separate_grad_clip and acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
             raise ConfigError("optim.separate_grad_clip: not supported under DeepSpeed or FSDP "
                               "(the engine clips the joint norm); set it to false")
+        if (cfg.peft.enabled and cfg.model.critic == "separate"
+                and cfg.model.critic_init == "reward" and zero_stage(acc) == 3):
+            # The reward model would be partitioned inside the trained engine while its scoring
+            # runs outside the engine's forward; not supported yet.
+            raise ConfigError("model.critic_init: 'reward' with peft.enabled (a critic adapter on "
+                              "the reward model) is not supported under DeepSpeed ZeRO-3 yet; use "
+                              "ZeRO-2, DDP, or model.critic_init=policy")
         if cfg.peft.enabled and acc.distributed_type.name == "FSDP":
             # The reference pass runs the policy's own modules with the adapter off, outside the
             # FSDP root's forward; not supported yet.

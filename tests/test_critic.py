@@ -297,3 +297,15 @@ def test_value_pretraining_trains_the_critic_toward_monte_carlo_returns(tmp_path
     assert_close(seen["returns"], to_go, rtol=1e-5, atol=1e-5)
     trainer.step()
     assert any(not torch.equal(policy0[k], v) for k, v in ac.policy.state_dict().items())
+
+
+def test_lora_critic_on_the_reward_model_refused_under_zero3(tmp_path, tiny_reward_dir,
+                                                             monkeypatch):
+    from accelerate import Accelerator
+
+    import rlhf_ppo.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "zero_stage", lambda acc: 3)
+    cfg = config(tmp_path, "peft.enabled=true", *rm_overrides(tiny_reward_dir))
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        PPOTrainer(cfg, accelerator=Accelerator(cpu=True))
