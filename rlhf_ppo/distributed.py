@@ -198,14 +198,15 @@ def full_state_dict(acc, model: nn.Module) -> dict[str, torch.Tensor]:
 def clip_grad_norms(acc, groups: list[list[torch.nn.Parameter]], max_norm: float | None,
                     separate: bool = False) -> tuple:
     """Clip gradients to ``max_norm`` (None: only measure) and return ``(total, *per group)``
-    norms before clipping (floats or 0-d tensors; None where the engine clips by itself, as
-    DeepSpeed does). ``separate``: each group (policy, critic) is clipped to ``max_norm`` on its
-    own, as two optimizers would be, so a large value-loss gradient cannot shrink the policy's
-    step; otherwise their joint norm is clipped. The per-group norms are measured either way."""
+    norms before clipping (0-d tensors; under DeepSpeed, whose engine clips by itself, the
+    per-group ones are None and the joint one is what accelerate reports). ``separate``: each
+    group (policy, critic) is clipped to ``max_norm`` on its own, as two optimizers would be, so
+    a large value-loss gradient cannot shrink the policy's step; otherwise their joint norm is
+    clipped. The per-group norms are measured either way."""
     limit = max_norm or float("inf")
-    if is_deepspeed(acc):  # the engine clips (gradient_clipping) and returns no norm
-        acc.clip_grad_norm_([q for g in groups for q in g], limit)
-        return (None,) * (len(groups) + 1)
+    if is_deepspeed(acc):  # the engine clips (gradient_clipping); accelerate reports its norm
+        total = acc.clip_grad_norm_([q for g in groups for q in g], limit)
+        return (None if total is None else _as_tensor(total), *(None,) * len(groups))
     if separate:
         norms = [_as_tensor(acc.clip_grad_norm_(g, limit)) for g in groups]
         total = torch.stack([n.float() for n in norms]).square().sum().sqrt()
