@@ -36,6 +36,7 @@ quickstart and why.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -418,33 +419,22 @@ def stage_configs(out: Path, data: dict[str, str]) -> dict[str, dict]:
       stayed stable, but learnt less (training score +5.0/+6.1 against +7.1/+8.3 with the
       separate critic, whose explained variance reaches 0.5-0.9).
     """
-    train = dict(micro_batch_size=32, eval_batch_size=128, scheduler="constant", warmup_steps=0)
-    sft = out / "sft" / "final"
-    return {
-        "sft": dict(
-            output_dir=str(out / "sft"), overwrite=True, model=dict(name_or_path=str(out / "base")),
-            data=dict(path=data["sft"], eval_fraction=0.05, max_length=48),
-            train=dict(train, epochs=3, batch_size=32, lr=3e-3)),
-        "reward_warmup": dict(
-            output_dir=str(out / "reward_warmup"), overwrite=True,
-            model=dict(name_or_path=str(sft)),
-            data=dict(path=data["warmup_pairs"], eval_fraction=0.1, max_length=48),
-            train=dict(train, epochs=3, batch_size=32, lr=1e-3)),
-        "reward": dict(
-            output_dir=str(out / "reward"), overwrite=True,
-            model=dict(name_or_path=str(out / "reward_warmup" / "final")),
-            data=dict(path=data["pairs"], eval_fraction=0.1, max_length=48),
-            train=dict(train, epochs=2, batch_size=32, lr=1e-3)),
-        "ppo": dict(
-            iterations=40, eval_every=10,
-            model=dict(name_or_path=str(sft), critic="separate", critic_init="reward"),
-            reward=dict(sources=[dict(model=str(out / "reward" / "final"))]),
-            data=dict(path=data["prompts"]),
-            generation=dict(max_new_tokens=MAX_NEW_TOKENS),
-            ppo=dict(batch_size=32, num_minibatches=2, micro_batch_size=16, ppo_epochs=2,
-                     kl_coef=0.5, vf_coef=0.5, critic_lam=1.0),
-            optim=dict(lr=5e-4, critic_lr=3e-3, separate_grad_clip=True)),
-    }
+    from rlhf_ppo.quickstart import stage_configs as quickstart_stages
+
+    # The quickstart's stages (its paths are this task's: OUT/sft/final, OUT/reward/final) with
+    # the changes above, so the PPO settings stay the quickstart's whatever it ships.
+    q = quickstart_stages(out, {"sft": data["sft"], "pairs": data["warmup_pairs"],
+                                "prompts": data["prompts"]})
+    q["sft"]["train"]["epochs"] = 3
+    warmup = dict(q["reward"], output_dir=str(out / "reward_warmup"))
+    reward = copy.deepcopy(warmup)
+    reward.update(output_dir=str(out / "reward"),
+                  model=dict(name_or_path=str(out / "reward_warmup" / "final")))
+    reward["data"]["path"] = data["pairs"]
+    reward["train"]["epochs"] = 2
+    ppo = {k: v for k, v in q["ppo"].items() if k not in ("output_dir", "overwrite")}
+    ppo["generation"]["max_new_tokens"] = MAX_NEW_TOKENS
+    return {"sft": q["sft"], "reward_warmup": warmup, "reward": reward, "ppo": ppo}
 
 
 WARMUP_TARGET = 0.95
