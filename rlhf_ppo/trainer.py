@@ -494,21 +494,20 @@ class PPOTrainer:
         rollout.advantages = advantages
 
         # step 6. PPO epochs over shuffled minibatches
-        value_loss_scale = 1.0
-        if p.scale_value_loss:  # the returns' variance over every process's valid tokens
-            value_loss_scale = 1.0 / max(self.global_moments(rollout.returns, mask)[1], 1.0)
+        # the returns' moments over every process's valid tokens (also step 7's metrics)
+        ret_mean, ret_var = self.global_moments(rollout.returns, mask)
+        value_loss_scale = 1.0 / max(ret_var, 1.0) if p.scale_value_loss else 1.0
         update_metrics = self.update(rollout, value_loss_scale)
         t3 = time.perf_counter()
 
         # step 7. metrics, as means over the whole (all-process) batch, in one reduction
-        inputs = {"returns": (rollout.returns, mask),
-                  "value_error": (rollout.returns - rollout.values, mask),
+        inputs = {"value_error": (rollout.returns - rollout.values, mask),
                   "entropy": (entropy, mask), "values": (rollout.values, mask),
                   "scores": (rollout.scores, None), "lengths": (mask.sum(-1), None),
                   **{("reward", k): (torch.as_tensor(v, dtype=torch.float32), None)
                      for k, v in reward_metrics.items()}}
         stats = dict(zip(inputs, self.global_stats(list(inputs.values()))))  # (mean, var, n)
-        (ret_mean, ret_var, _), (err_mean, err_var, err_n) = stats["returns"], stats["value_error"]
+        err_mean, err_var, err_n = stats["value_error"]
         err_ms = err_var * (err_n - 1) / max(err_n, 1.0) + err_mean * err_mean  # mean square
         n_tokens = stats["lengths"][0] * stats["lengths"][2]
         return {
