@@ -195,7 +195,7 @@ def load_weights(model, folder: Path) -> None:
                                   adapter_name="default")
         if model.critic_adapter is not None:  # on the policy's or the reward model's base
             name = model.critic_adapter
-            host = model.critic if model.critic_on_reward_model else model.policy
+            _, host = model.critic_adapter_host
             set_peft_model_state_dict(host, load_file(folder / name / "adapter_model.safetensors"),
                                       adapter_name=name)
             folder = folder / name  # its value head lies beside it

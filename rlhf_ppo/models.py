@@ -342,6 +342,13 @@ class ActorCritic(nn.Module):
         """True for a LoRA critic adapter on the reward model's base (``critic_init: reward``)."""
         return self.critic is not None and self.critic_adapter is not None
 
+    @property
+    def critic_adapter_host(self) -> tuple[str, nn.Module]:
+        """``(attribute name, PEFT model)`` that carries the critic adapter: ``critic`` (the
+        reward model) or ``policy``; the name prefixes its keys in this module's state dict."""
+        name = "critic" if self.critic_on_reward_model else "policy"
+        return name, getattr(self, name)
+
     def policy_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by the policy loss."""
         return [p for n, p in self.policy.named_parameters()
@@ -615,10 +622,9 @@ def save_actor_critic(ac: ActorCritic, tokenizer, folder: str | Path,
         ac.policy.save_pretrained(folder, selected_adapters=["default"],
                                   state_dict=_sub_state(state, "policy."))
         if ac.critic_adapter is not None:  # PEFT writes a named adapter to folder/NAME
-            host, prefix = (ac.critic, "critic.") if ac.critic_on_reward_model else (ac.policy,
-                                                                                      "policy.")
+            name, host = ac.critic_adapter_host
             host.save_pretrained(folder, selected_adapters=[ac.critic_adapter],
-                                 state_dict=_sub_state(state, prefix))
+                                 state_dict=_sub_state(state, name + "."))
     else:
         ac.policy.save_pretrained(folder, state_dict=_sub_state(state, "policy."))
     tokenizer.save_pretrained(folder)
