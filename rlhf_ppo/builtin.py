@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
@@ -125,19 +123,13 @@ def tiny_prompts(n: int = 256, seed: int = 0) -> list[dict]:
 
 
 def _atomic_build(target: Path, build) -> Path:
-    if (target / ".complete").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    build(tmp)
-    (tmp / ".complete").write_text("ok\n")
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race (or a stale folder): keep one copy
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / ".complete").exists():
-            shutil.rmtree(target, ignore_errors=True)
-            return _atomic_build(target, build)
+    """Build ``target`` once (``build(folder)``), atomically: concurrent first uses by several
+    processes each build a copy and the first complete one stays."""
+    from .checkpoint import atomic_folder
+
+    if not (target / ".complete").exists():
+        with atomic_folder(target, marker=".complete") as tmp:
+            build(tmp)
     return target
 
 

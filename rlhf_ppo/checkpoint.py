@@ -1,32 +1,39 @@
-"""Checkpoints that resume exactly, written so that a crash mid-save never corrupts one.
+"""Checkpoints that resume exactly, and the one atomic folder writer every save uses.
 
 A checkpoint folder ``OUTPUT_DIR/checkpoint-N`` holds:
 - the policy and tokenizer (``save_pretrained``, loadable by ``AutoModelForCausalLM``) with the
   value head (``value_head.safetensors``) or the separate critic (``critic/``);
 - ``training_state/``: ``optimizer.pt`` and ``scheduler.pt`` (tensors and numbers only, read
-  back with ``torch.load(weights_only=True)``), ``rng_state_R.pt`` for every process R, and
-  ``trainer_state.json`` (iteration, KL coefficient, data position, score statistics);
-- ``.complete``, written last. The folder is assembled under ``.tmp-checkpoint-N`` and renamed
-  into place, so a folder named ``checkpoint-N`` is always whole.
+  back with ``torch.load(weights_only=True)``), ``rng_state_R.pt`` for every process R,
+  ``trainer_state.json`` (the trainer's ``state_dict()``: iteration, KL controller, data
+  position, score statistics), ``config.yaml`` and ``metrics.jsonl``;
+- ``.complete``, written last.
+
+Every folder the package saves (checkpoints, ``final/``, the built-in assets) is assembled under a
+temporary name and renamed into place (:func:`atomic_folder`), so a folder under its real name is
+always whole. This module knows the folder format only: the trainer hands it dicts and gets dicts
+back (it imports nothing from the trainer).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import re
 import shutil
 import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .trainer import PPOTrainer
+from .errors import CheckpointError
+from .jsonl import read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -37,26 +44,66 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 # (STAGE: model, optimizer, rng, state), to show that an interrupted save loses nothing.
 ABORT_ENV = "RLHF_PPO_TEST_KILL_DURING_SAVE"
 
+__all__ = ["CheckpointError", "atomic_folder", "list_checkpoints", "resolve_resume", "prune",
+           "write_training_state", "read_training_state", "rng_state", "set_rng_state",
+           "load_metrics"]
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit this run."""
 
-
-def _maybe_abort(folder_name: str, stage: str) -> None:
+def maybe_abort(folder_name: str, stage: str) -> None:
+    """The test hook of :data:`ABORT_ENV`."""
     if os.environ.get(ABORT_ENV) == f"{folder_name}:{stage}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def json_safe(obj):
-    """``obj`` with every NaN / inf float replaced by None, recursively through dicts and lists,
-    so metrics lines and summaries are strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
+@contextmanager
+def atomic_folder(folder: str | Path, is_main: bool = True,
+                  barrier: Callable[[], None] | None = None, marker: str | None = None
+                  ) -> Iterator[Path]:
+    """Yield a temporary folder beside ``folder``; when the block ends without an error, write
+    ``marker`` (e.g. ``.complete``) into it and rename it to ``folder``, replacing an older one.
+
+    Single process (``barrier`` None): the temporary folder has a unique name, so concurrent
+    writers of the same folder never mix files; with a ``marker``, the first complete copy stays
+    (a later writer discards its own). Several processes: pass ``is_main`` and ``barrier``
+    (``accelerator.wait_for_everyone``); every process gets the same folder (``.tmp-NAME``) to
+    write its own files into, the main process creates and renames it. A crash leaves only a
+    ``.tmp-*`` folder behind.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if barrier is None:
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
+    else:
+        tmp = folder.parent / f".tmp-{folder.name}"
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
+            tmp.mkdir(parents=True)
+        barrier()
+    try:
+        yield tmp
+    except BaseException:
+        if barrier is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if barrier is not None:
+        barrier()
+    if is_main:
+        if marker is not None:
+            (tmp / marker).write_text("ok\n")
+        won = barrier is None and marker is not None and (folder / marker).exists()
+        if won:  # a concurrent writer finished first (readers may be using it): keep that one
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            if folder.exists():  # an older save of the same name (e.g. an extended run)
+                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another writer renamed its copy in between: keep that one
+                shutil.rmtree(tmp, ignore_errors=True)
+                if marker is None or not (folder / marker).exists():
+                    raise
+    if barrier is not None:
+        barrier()
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -83,90 +130,6 @@ def resolve_resume(resume_from: str, output_dir: str | Path) -> Path:
     return path
 
 
-def _rng_state(trainer: PPOTrainer) -> dict[str, Any]:
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state(), "shuffle": trainer.shuffle_gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(trainer: PPOTrainer, state: dict[str, Any]) -> None:
-    import numpy as np
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    trainer.shuffle_gen.set_state(state["shuffle"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainer_state(trainer: PPOTrainer) -> dict[str, Any]:
-    """Everything besides weights, optimizer and RNG that the next iteration depends on."""
-    s = trainer.sampler
-    m = trainer.rewards.moments
-    return {
-        "iteration": trainer.iteration,
-        "kl_coef": trainer.kl_ctl.value,
-        # Position in the current pass, counted in prompts of all processes, so that a resume
-        # with another process count continues the same pass.
-        "data": {"epoch": s.epoch, "global_position": s.position * s.world_size,
-                 "world_size": s.world_size},
-        "score_moments": {"mean": m.mean, "var": m.var, "count": m.count},
-        "num_processes": trainer.accelerator.num_processes,
-        "nonfinite_skips": trainer.nonfinite_skips,
-    }
-
-
-def save_checkpoint(trainer: PPOTrainer, folder: Path) -> None:
-    """Write a checkpoint of ``trainer`` atomically to ``folder`` (every process must call)."""
-    from .config import save_config
-    from .distributed import full_state_dict
-    from .models import save_actor_critic
-
-    acc = trainer.accelerator
-    folder = Path(folder)
-    tmp = folder.parent / f".tmp-{folder.name}"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a crash during an earlier save
-        (tmp / STATE_DIR).mkdir(parents=True)
-    acc.wait_for_everyone()
-    state = full_state_dict(acc, trainer.model)
-    # Sharded engines keep per-process optimizer shards: not saved (resume refuses them).
-    sharded = acc.distributed_type.name in ("DEEPSPEED", "FSDP")
-    optim_state = None if sharded else trainer.optimizer.state_dict()
-    torch.save(_rng_state(trainer), tmp / STATE_DIR / f"rng_state_{acc.process_index}.pt")
-    if acc.is_main_process:
-        save_actor_critic(trainer.unwrapped, trainer.tokenizer, tmp, state)
-        _maybe_abort(folder.name, "model")
-        if optim_state is not None:
-            torch.save(optim_state, tmp / STATE_DIR / "optimizer.pt")
-        torch.save(trainer.scheduler.state_dict(), tmp / STATE_DIR / "scheduler.pt")
-        _maybe_abort(folder.name, "optimizer")
-        (tmp / STATE_DIR / "trainer_state.json").write_text(
-            json.dumps(trainer_state(trainer), indent=1))
-        save_config(trainer.cfg, tmp / STATE_DIR / "config.yaml")
-        with open(tmp / STATE_DIR / "metrics.jsonl", "w") as f:
-            for m in trainer.history:
-                f.write(json.dumps(json_safe(m)) + "\n")
-        _maybe_abort(folder.name, "state")
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        (tmp / COMPLETE).write_text("ok\n")
-        if folder.exists():  # an older save of the same iteration (e.g. an extended run)
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        prune(folder.parent, trainer.cfg.keep_last)
-        logger.info("checkpoint written: %s", folder)
-    acc.wait_for_everyone()
-
-
 def prune(output_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints (0 keeps all)."""
     if keep_last <= 0:
@@ -175,69 +138,71 @@ def prune(output_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def rng_state() -> dict[str, Any]:
+    """The global random states of this process (Python, NumPy, torch, CUDA)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_training_state(folder: Path, *, rank: int, is_main: bool, rng: dict,
+                         trainer: dict | None = None, optimizer: dict | None = None,
+                         scheduler: dict | None = None, config_yaml: str | None = None,
+                         history: list[dict] | None = None) -> None:
+    """Write ``folder/training_state/``: this process's ``rng`` state; on the main process also
+    the ``trainer`` state (JSON), the ``optimizer`` (None: not saved, e.g. sharded) and
+    ``scheduler`` state dicts, the config and the metrics history."""
+    sd = folder / STATE_DIR
+    sd.mkdir(exist_ok=True)
+    torch.save(rng, sd / f"rng_state_{rank}.pt")
+    if not is_main:
+        return
+    if optimizer is not None:
+        torch.save(optimizer, sd / "optimizer.pt")
+    torch.save(scheduler, sd / "scheduler.pt")
+    maybe_abort(folder.name.removeprefix(".tmp-"), "optimizer")
+    (sd / "trainer_state.json").write_text(json.dumps(trainer, indent=1))
+    if config_yaml is not None:
+        (sd / "config.yaml").write_text(config_yaml)
+    write_jsonl(sd / "metrics.jsonl", history or [])
+    maybe_abort(folder.name.removeprefix(".tmp-"), "state")
+
+
 def _load(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_weights(model, folder: Path) -> None:
-    """Load the checkpoint's policy and value head / critic into an (unprepared) ActorCritic."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from .models import VALUE_HEAD_FILE, is_peft
-
-    if is_peft(model.policy):  # the trained adapter; the base and "reference" stay as loaded
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model.policy, load_file(folder / "adapter_model.safetensors"),
-                                  adapter_name="default")
-        if model.critic_adapter is not None:  # on the policy's or the reward model's base
-            name = model.critic_adapter
-            _, host = model.critic_adapter_host
-            set_peft_model_state_dict(host, load_file(folder / name / "adapter_model.safetensors"),
-                                      adapter_name=name)
-            folder = folder / name  # its value head lies beside it
-    else:
-        saved = AutoModelForCausalLM.from_pretrained(folder,
-                                                     dtype=next(model.policy.parameters()).dtype)
-        model.policy.load_state_dict(saved.state_dict())
-        del saved
-    if model.value_head is not None:
-        model.value_head.load_state_dict(load_file(folder / VALUE_HEAD_FILE))
-    else:
-        critic = AutoModelForSequenceClassification.from_pretrained(folder / "critic")
-        model.critic.load_state_dict(critic.state_dict())
+def read_training_state(folder: Path, rank: int) -> dict[str, Any]:
+    """What :func:`write_training_state` wrote, as ``{"trainer", "optimizer", "scheduler",
+    "rng"}`` (``rng`` None when the checkpoint has no state for process ``rank``: it was saved
+    by fewer processes)."""
+    sd = folder / STATE_DIR
+    rng_file = sd / f"rng_state_{rank}.pt"
+    return {"trainer": json.loads((sd / "trainer_state.json").read_text()),
+            "optimizer": _load(sd / "optimizer.pt"), "scheduler": _load(sd / "scheduler.pt"),
+            "rng": _load(rng_file) if rng_file.is_file() else None}
 
 
 def load_metrics(folder: Path) -> list[dict]:
     """The metrics history saved with a checkpoint."""
-    path = folder / STATE_DIR / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_training_state(trainer: PPOTrainer, folder: Path) -> dict[str, Any]:
-    """Restore optimizer, scheduler, RNG, KL coefficient, data position and score statistics."""
-    acc = trainer.accelerator
-    sd = folder / STATE_DIR
-    state = json.loads((sd / "trainer_state.json").read_text())
-    trainer.optimizer.load_state_dict(_load(sd / "optimizer.pt"))
-    trainer.scheduler.load_state_dict(_load(sd / "scheduler.pt"))
-    rng_file = sd / f"rng_state_{acc.process_index}.pt"
-    if rng_file.is_file():
-        _set_rng_state(trainer, _load(rng_file))
-    else:  # more processes than the run that saved: fresh, distinct streams for the new ones
-        logger.warning("%s has no RNG state for process %d; seeding it afresh", folder,
-                       acc.process_index)
-    trainer.iteration = state["iteration"]
-    trainer.kl_ctl.value = state["kl_coef"]
-    s, data = trainer.sampler, state["data"]
-    s.epoch = data["epoch"]
-    s._order = s._permutation()
-    s.position = data["global_position"] // s.world_size
-    m, sm = trainer.rewards.moments, state["score_moments"]
-    m.mean, m.var, m.count = sm["mean"], sm["var"], sm["count"]
-    return state
+    return read_jsonl(folder / STATE_DIR / "metrics.jsonl")

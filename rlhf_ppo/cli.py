@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 
-from .config import ConfigError, iter_fields, load_config
+from .config import iter_fields, load_config
+from .errors import ConfigError, exit_code
 
 # command -> (module, config class, run function, help)
 COMMANDS = {
@@ -60,18 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _errors():
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .models import ModelLoadError
-    from .rewards import RewardError
-    from .trainer import NonFiniteError
-
-    return (DataError, ModelLoadError, RewardError, NonFiniteError, CheckpointError)
-
-
 def _train(cfg, args) -> int:
-    from .trainer import PPOTrainer, TrainingInterrupted
+    from .errors import TrainingInterrupted
+    from .trainer import PPOTrainer
 
     try:
         history = PPOTrainer(cfg).train()
@@ -123,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
-    except ConfigError as e:
-        print(f"rlhf-ppo: config error: {e}", file=sys.stderr)
-        return 2
-    except _errors() as e:
-        print(f"rlhf-ppo: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # the errors users see (errors.py) get their exit code; bugs raise
+        code = exit_code(e)
+        if code is None:
+            raise
+        label = "config error" if isinstance(e, ConfigError) else type(e).__name__
+        print(f"rlhf-ppo: {label}: {e}", file=sys.stderr)
+        return code

@@ -13,15 +13,14 @@ import inspect
 import textwrap
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
+from .errors import ConfigError
 
 
 @dataclass
@@ -57,6 +56,17 @@ class ModelConfig:
     shard_frozen_models: bool = False
     """under ZeRO-3 / FSDP, shard the reference and reward models too (default: a full copy per process)"""
 
+    def __post_init__(self) -> None:
+        check(self.critic == "separate" or self.critic_name_or_path is None,
+              "model.critic_name_or_path", "null unless model.critic is 'separate'",
+              self.critic_name_or_path)
+        check(self.critic_init == "policy" or self.critic == "separate", "model.critic_init",
+              "'policy' unless model.critic is 'separate' (a shared value head sits on the policy)",
+              self.critic_init)
+        check(self.critic_init == "policy" or self.critic_name_or_path is None, "model.critic_init",
+              "'policy' when model.critic_name_or_path is set (that path is the critic's start)",
+              self.critic_init)
+
 
 @dataclass
 class PeftConfig:
@@ -75,6 +85,15 @@ class PeftConfig:
     """start from this adapter (e.g. an SFT LoRA): it stays frozen as the reference and a copy of it trains"""
     save_merged: bool = False
     """also save the final policy with the adapter merged (OUTPUT_DIR/final/merged)"""
+
+    def __post_init__(self) -> None:
+        check(self.r >= 1, "peft.r", "an integer >= 1", self.r)
+        check(self.alpha > 0, "peft.alpha", "a number > 0", self.alpha)
+        check(0 <= self.dropout < 1, "peft.dropout", "a number in [0, 1)", self.dropout)
+        check(len(self.target_modules) >= 1, "peft.target_modules", "at least one module name",
+              self.target_modules)
+        check(self.enabled or self.adapter_path is None, "peft.adapter_path",
+              "null unless peft.enabled is true", self.adapter_path)
 
 
 @dataclass
@@ -104,6 +123,16 @@ class RewardConfig:
     batch_size: int = 32
     """sequences per reward-model forward pass"""
 
+    def __post_init__(self) -> None:
+        check(len(self.sources) >= 1, "reward.sources", "at least one reward source", self.sources)
+        for i, src in enumerate(self.sources):
+            check((src.model is None) != (src.function is None), f"reward.sources[{i}]",
+                  "exactly one of `model` or `function`", dataclasses.asdict(src))
+            check(src.function is None or ":" in src.function, f"reward.sources[{i}].function",
+                  "'package.module:function' or 'path/to/file.py:function'", src.function)
+        check(self.clip is None or self.clip > 0, "reward.clip", "a number > 0 or null", self.clip)
+        check(self.batch_size >= 1, "reward.batch_size", "an integer >= 1", self.batch_size)
+
 
 @dataclass
 class DataConfig:
@@ -119,6 +148,11 @@ class DataConfig:
     """keep the last `max_prompt_length` tokens of long prompts instead of dropping them"""
     shuffle: bool = True
     """reshuffle the prompts every pass over the dataset"""
+
+    def __post_init__(self) -> None:
+        check(self.max_prompt_length >= 1, "data.max_prompt_length", "an integer >= 1",
+              self.max_prompt_length)
+        check(self.prompt_column != "", "data.prompt_column", "a column name", self.prompt_column)
 
 
 # transformers' generate(cache_implementation=...) values (ALL_CACHE_IMPLEMENTATIONS, 5.x)
@@ -152,17 +186,41 @@ class GenerationConfig:
     cache_implementation: str | None = None
     """`backend: transformers` only: generate's cache (`static`: compiled decoding on GPU), null: dynamic"""
 
+    def __post_init__(self) -> None:
+        check(self.max_new_tokens >= 1, "generation.max_new_tokens", "an integer >= 1",
+              self.max_new_tokens)
+        check(self.temperature > 0, "generation.temperature", "a number > 0", self.temperature)
+        check(self.top_k >= 0, "generation.top_k", "an integer >= 0", self.top_k)
+        check(0 < self.top_p <= 1, "generation.top_p", "a number in (0, 1]", self.top_p)
+        check(0 <= self.min_new_tokens <= self.max_new_tokens, "generation.min_new_tokens",
+              "an integer in [0, generation.max_new_tokens]", self.min_new_tokens)
+        check(self.repetition_penalty > 0, "generation.repetition_penalty", "a number > 0",
+              self.repetition_penalty)
+        check(self.batch_size is None or self.batch_size >= 1, "generation.batch_size",
+              "an integer >= 1 or null", self.batch_size)
+        check(all(s != "" for s in self.stop_strings), "generation.stop_strings",
+              "non-empty strings", self.stop_strings)
+        check(self.cache_implementation is None or self.cache_implementation in CACHE_IMPLEMENTATIONS,
+              "generation.cache_implementation",
+              f"null or one of {', '.join(CACHE_IMPLEMENTATIONS)}", self.cache_implementation)
+        check(self.cache_implementation is None or self.backend == "transformers",
+              "generation.cache_implementation", "null with generation.backend='native' (the "
+              "cache is a model.generate option: set generation.backend=transformers)",
+              self.cache_implementation)
+
 
 @dataclass
 class PPOConfig:
     batch_size: int = 16
-    """rollouts (prompts) per iteration, per process"""
+    """rollouts (prompts) per iteration, over all processes (each process samples
+    `batch_size / processes`; like `train.batch_size` of sft and reward)"""
     num_minibatches: int = 2
     """optimizer steps per PPO epoch; `batch_size` must divide evenly"""
     micro_batch_size: int = 8
-    """sequences per forward/backward; a minibatch accumulates gradients over its micro-batches"""
+    """sequences per forward/backward on each process; a minibatch accumulates gradients over
+    its micro-batches"""
     inference_batch_size: int = 32
-    """sequences per no-grad forward (old log-probs, values, reference)"""
+    """sequences per no-grad forward on each process (old log-probs, values, reference)"""
     ppo_epochs: int = 4
     """passes over the rollout batch per iteration"""
     clip_range: float = 0.2
@@ -211,13 +269,43 @@ class PPOConfig:
     old_logprobs: Literal["auto", "generation", "recompute"] = "auto"
     """log pi_old from `generation` (native backend) or a `recompute` pass; `auto`: generation in float32"""
 
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "num_minibatches", "micro_batch_size", "inference_batch_size",
+                    "ppo_epochs"):
+            check(getattr(self, key) >= 1, f"ppo.{key}", "an integer >= 1", getattr(self, key))
+        check(self.batch_size % self.num_minibatches == 0, "ppo.batch_size",
+              f"a multiple of ppo.num_minibatches={self.num_minibatches}", self.batch_size)
+        mini = self.batch_size // self.num_minibatches
+        check(mini % self.micro_batch_size == 0 or self.micro_batch_size >= mini,
+              "ppo.micro_batch_size",
+              f"a divisor of the minibatch size {mini} (ppo.batch_size / ppo.num_minibatches)",
+              self.micro_batch_size)
+        check(self.clip_range > 0, "ppo.clip_range", "a number > 0", self.clip_range)
+        check(self.clip_range_value is None or self.clip_range_value > 0, "ppo.clip_range_value",
+              "a number > 0 or null", self.clip_range_value)
+        for key in ("vf_coef", "entropy_coef", "kl_coef"):
+            check(getattr(self, key) >= 0, f"ppo.{key}", "a number >= 0", getattr(self, key))
+        check(0 <= self.gamma <= 1, "ppo.gamma", "a number in [0, 1]", self.gamma)
+        check(0 <= self.lam <= 1, "ppo.lam", "a number in [0, 1]", self.lam)
+        check(self.critic_lam is None or 0 <= self.critic_lam <= 1, "ppo.critic_lam",
+              "a number in [0, 1] or null", self.critic_lam)
+        check(self.lam_length_alpha is None or self.lam_length_alpha > 0, "ppo.lam_length_alpha",
+              "a number > 0 or null", self.lam_length_alpha)
+        check(0 <= self.value_backbone_grad <= 1, "ppo.value_backbone_grad", "a number in [0, 1]",
+              self.value_backbone_grad)
+        check(self.kl_target > 0, "ppo.kl_target", "a number > 0", self.kl_target)
+        check(self.kl_horizon >= 1, "ppo.kl_horizon", "an integer >= 1", self.kl_horizon)
+        check(self.target_kl is None or self.target_kl > 0, "ppo.target_kl", "a number > 0 or null",
+              self.target_kl)
+        check(self.critic_warmup >= 0, "ppo.critic_warmup", "an integer >= 0", self.critic_warmup)
+
 
 @dataclass
 class OptimConfig:
+    """The ``optim`` section every training command shares (AdamW and its schedule)."""
+
     lr: float = 3e-6
-    """policy learning rate (AdamW)"""
-    critic_lr: float | None = None
-    """value head / critic learning rate; default: `lr`"""
+    """learning rate (AdamW); PPO: the policy's"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -226,22 +314,82 @@ class OptimConfig:
     """AdamW epsilon"""
     max_grad_norm: float | None = 1.0
     """clip the global gradient norm (null: off)"""
-    separate_grad_clip: bool = False
-    """clip the policy's and the critic's gradient norms to `max_grad_norm` each (as two
-    optimizers would, OpenRLHF), so a large value-loss gradient cannot shrink the policy's step;
-    false: their joint norm (TRL). Not under DeepSpeed / FSDP"""
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """learning-rate schedule after warmup, over all optimizer steps"""
     warmup_steps: int = 0
     """optimizer steps of linear warmup from 0"""
 
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optim.lr", "a number > 0", self.lr)
+        check(self.weight_decay >= 0, "optim.weight_decay", "a number >= 0", self.weight_decay)
+        check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+              "optim.adam_betas", "two numbers in [0, 1)", self.adam_betas)
+        check(self.adam_eps > 0, "optim.adam_eps", "a number > 0", self.adam_eps)
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "optim.max_grad_norm",
+              "a number > 0 or null", self.max_grad_norm)
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+
 
 @dataclass
-class Config:
+class PPOOptimConfig(OptimConfig):
+    """PPO's ``optim`` section: the shared one plus the critic's learning rate and clipping."""
+
+    critic_lr: float | None = None
+    """value head / critic learning rate; default: `lr`"""
+    separate_grad_clip: bool = False
+    """clip the policy's and the critic's gradient norms to `max_grad_norm` each (as two
+    optimizers would, OpenRLHF), so a large value-loss gradient cannot shrink the policy's step;
+    false: their joint norm (TRL). Not under DeepSpeed / FSDP"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.critic_lr is None or self.critic_lr > 0, "optim.critic_lr",
+              "a number > 0 or null", self.critic_lr)
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """The ``optim`` section of SFT and reward training (other defaults than PPO's)."""
+
+    lr: float = 2e-5
+    """learning rate (AdamW)"""
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    """learning-rate schedule after warmup, over all optimizer steps"""
+
+
+@dataclass
+class RunConfig:
+    """The top-level keys every training command shares (PPO, SFT, reward training)."""
+
     output_dir: str = "runs/tiny"
     """folder for metrics.jsonl, checkpoints and the final model"""
     seed: int = 0
     """random seed for data order, sampling and initialisation"""
+    overwrite: bool = False
+    """start afresh in an output_dir that holds another run (its metrics and checkpoints are deleted)"""
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """autocast the trained model's forward (float32 master weights); null: the launch config's"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """the model to train"""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """LoRA adapters"""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """optimizer and schedule"""
+
+    # Renamed keys: old dotted key -> new dotted key (the old one still works, with a warning).
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of the config (YAML/JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Config(RunConfig):
+    """``rlhf-ppo train``: PPO."""
+
+    output_dir: str = "runs/tiny"
+    """folder for metrics.jsonl, samples.jsonl, checkpoints and the final policy"""
     iterations: int = 100
     """PPO iterations (rollout + update)"""
     save_every: int = 0
@@ -250,22 +398,18 @@ class Config:
     """checkpoints to keep; older ones are deleted after a new one is complete (0: keep all)"""
     resume_from: str | None = None
     """`latest` (the newest complete checkpoint in output_dir) or a checkpoint folder"""
-    overwrite: bool = False
-    """start afresh in an output_dir that holds another run (its metrics and checkpoints are deleted)"""
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
-    """autocast the trained model's forward (float32 master weights); null: the launch config's"""
     on_nonfinite: Literal["error", "skip"] = "error"
     """a NaN/inf score, log-prob, loss or gradient: stop with an error, or skip the iteration's update"""
-    eval_every: int = 0
+    sample_every: int = 0
     """every N iterations (and at the start), log greedy responses to fixed prompts (samples.jsonl); 0: off"""
-    eval_prompts: int = 4
-    """number of fixed prompts sampled every `eval_every` iterations"""
+    sample_prompts: int = 4
+    """number of fixed prompts sampled every `sample_every` iterations"""
     report_to: list[Literal["tensorboard"]] = field(default_factory=list)
     """extra trackers through accelerate (`tensorboard`)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     """policy, reference and critic"""
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    """LoRA adapters"""
+    optim: PPOOptimConfig = field(default_factory=PPOOptimConfig)
+    """optimizer and schedule"""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """reward sources and score processing"""
     data: DataConfig = field(default_factory=DataConfig)
@@ -274,15 +418,15 @@ class Config:
     """rollout sampling"""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO algorithm"""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """optimizer and schedule"""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        # "eval" meant four things (the command, these samples, held-out loss, a scoring pass)
+        "eval_every": "sample_every",
+        "eval_prompts": "sample_prompts",
+    }
 
     def __post_init__(self) -> None:
         validate(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict of the config (YAML/JSON-serialisable)."""
-        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- validation
@@ -294,108 +438,22 @@ def check(ok: bool, key: str, expected: str, value: Any) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Check value ranges and cross-field constraints; raise ConfigError naming the key."""
-    p, g, o, r, d = cfg.ppo, cfg.generation, cfg.optim, cfg.reward, cfg.data
+    """The top-level keys and the checks across sections (each section checks its own keys when
+    it is built); raise ConfigError naming the key."""
+    p, g, r = cfg.ppo, cfg.generation, cfg.reward
     check(cfg.iterations >= 1, "iterations", "an integer >= 1", cfg.iterations)
     check(cfg.save_every >= 0, "save_every", "an integer >= 0", cfg.save_every)
     check(cfg.keep_last >= 0, "keep_last", "an integer >= 0", cfg.keep_last)
     check(cfg.resume_from is None or cfg.resume_from != "", "resume_from",
           "'latest', a checkpoint folder, or null", cfg.resume_from)
-    for key in ("batch_size", "num_minibatches", "micro_batch_size", "inference_batch_size",
-                "ppo_epochs"):
-        check(getattr(p, key) >= 1, f"ppo.{key}", "an integer >= 1", getattr(p, key))
-    check(p.batch_size % p.num_minibatches == 0, "ppo.batch_size",
-          f"a multiple of ppo.num_minibatches={p.num_minibatches}", p.batch_size)
-    mini = p.batch_size // p.num_minibatches
-    check(mini % p.micro_batch_size == 0 or p.micro_batch_size >= mini, "ppo.micro_batch_size",
-          f"a divisor of the minibatch size {mini} (ppo.batch_size / ppo.num_minibatches)",
-          p.micro_batch_size)
-    check(p.clip_range > 0, "ppo.clip_range", "a number > 0", p.clip_range)
-    check(p.clip_range_value is None or p.clip_range_value > 0, "ppo.clip_range_value",
-          "a number > 0 or null", p.clip_range_value)
-    for key in ("vf_coef", "entropy_coef", "kl_coef"):
-        check(getattr(p, key) >= 0, f"ppo.{key}", "a number >= 0", getattr(p, key))
-    check(0 <= p.gamma <= 1, "ppo.gamma", "a number in [0, 1]", p.gamma)
-    check(0 <= p.lam <= 1, "ppo.lam", "a number in [0, 1]", p.lam)
-    check(p.critic_lam is None or 0 <= p.critic_lam <= 1, "ppo.critic_lam",
-          "a number in [0, 1] or null", p.critic_lam)
-    check(p.lam_length_alpha is None or p.lam_length_alpha > 0, "ppo.lam_length_alpha",
-          "a number > 0 or null", p.lam_length_alpha)
-    check(0 <= p.value_backbone_grad <= 1, "ppo.value_backbone_grad", "a number in [0, 1]",
-          p.value_backbone_grad)
-    check(p.kl_target > 0, "ppo.kl_target", "a number > 0", p.kl_target)
-    check(p.kl_horizon >= 1, "ppo.kl_horizon", "an integer >= 1", p.kl_horizon)
-    check(p.target_kl is None or p.target_kl > 0, "ppo.target_kl", "a number > 0 or null",
-          p.target_kl)
-    check(cfg.eval_every >= 0, "eval_every", "an integer >= 0", cfg.eval_every)
-    check(cfg.eval_prompts >= 1, "eval_prompts", "an integer >= 1", cfg.eval_prompts)
-    check(p.critic_warmup >= 0, "ppo.critic_warmup", "an integer >= 0", p.critic_warmup)
-    check(g.max_new_tokens >= 1, "generation.max_new_tokens", "an integer >= 1", g.max_new_tokens)
-    check(g.temperature > 0, "generation.temperature", "a number > 0", g.temperature)
-    check(g.top_k >= 0, "generation.top_k", "an integer >= 0", g.top_k)
-    check(0 < g.top_p <= 1, "generation.top_p", "a number in (0, 1]", g.top_p)
-    check(0 <= g.min_new_tokens <= g.max_new_tokens, "generation.min_new_tokens",
-          "an integer in [0, generation.max_new_tokens]", g.min_new_tokens)
-    check(g.repetition_penalty > 0, "generation.repetition_penalty", "a number > 0",
-          g.repetition_penalty)
-    check(g.batch_size is None or g.batch_size >= 1, "generation.batch_size",
-          "an integer >= 1 or null", g.batch_size)
-    check(all(s != "" for s in g.stop_strings), "generation.stop_strings",
-          "non-empty strings", g.stop_strings)
-    check(g.cache_implementation is None or g.cache_implementation in CACHE_IMPLEMENTATIONS,
-          "generation.cache_implementation", f"null or one of {', '.join(CACHE_IMPLEMENTATIONS)}",
-          g.cache_implementation)
-    check(g.cache_implementation is None or g.backend == "transformers",
-          "generation.cache_implementation", "null with generation.backend='native' (the cache is "
-          "a model.generate option: set generation.backend=transformers)", g.cache_implementation)
+    check(cfg.sample_every >= 0, "sample_every", "an integer >= 0", cfg.sample_every)
+    check(cfg.sample_prompts >= 1, "sample_prompts", "an integer >= 1", cfg.sample_prompts)
     check(p.old_logprobs != "generation" or g.backend == "native", "ppo.old_logprobs",
           "'auto' or 'recompute' with generation.backend='transformers' (only the native backend "
           "records log-probs while sampling)", p.old_logprobs)
-    check(o.lr > 0, "optim.lr", "a number > 0", o.lr)
-    check(o.critic_lr is None or o.critic_lr > 0, "optim.critic_lr", "a number > 0 or null",
-          o.critic_lr)
-    check(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
-    check(len(o.adam_betas) == 2 and all(0 <= b < 1 for b in o.adam_betas), "optim.adam_betas",
-          "two numbers in [0, 1)", o.adam_betas)
-    check(o.adam_eps > 0, "optim.adam_eps", "a number > 0", o.adam_eps)
-    check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm",
-          "a number > 0 or null", o.max_grad_norm)
-    check(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
-    check(len(r.sources) >= 1, "reward.sources", "at least one reward source", r.sources)
-    for i, src in enumerate(r.sources):
-        check((src.model is None) != (src.function is None), f"reward.sources[{i}]",
-               "exactly one of `model` or `function`", dataclasses.asdict(src))
-        check(src.function is None or ":" in src.function, f"reward.sources[{i}].function",
-               "'package.module:function' or 'path/to/file.py:function'", src.function)
-    check(r.clip is None or r.clip > 0, "reward.clip", "a number > 0 or null", r.clip)
-    check(r.batch_size >= 1, "reward.batch_size", "an integer >= 1", r.batch_size)
-    check(d.max_prompt_length >= 1, "data.max_prompt_length", "an integer >= 1",
-          d.max_prompt_length)
-    check(d.prompt_column != "", "data.prompt_column", "a column name", d.prompt_column)
-    validate_peft(cfg.peft)
-    m = cfg.model
-    check(m.critic == "separate" or m.critic_name_or_path is None,
-          "model.critic_name_or_path", "null unless model.critic is 'separate'",
-          m.critic_name_or_path)
-    check(m.critic_init == "policy" or m.critic == "separate", "model.critic_init",
-          "'policy' unless model.critic is 'separate' (a shared value head sits on the policy)",
-          m.critic_init)
-    check(m.critic_init == "policy" or m.critic_name_or_path is None, "model.critic_init",
-          "'policy' when model.critic_name_or_path is set (that path is the critic's start)",
-          m.critic_init)
-    check(m.critic_init == "policy" or any(s.model for s in r.sources), "model.critic_init",
-          "'policy' unless a reward.sources entry is a reward model (`model: ...`)", m.critic_init)
-
-
-def validate_peft(pe: PeftConfig) -> None:
-    """Value ranges of a ``peft`` section (PPO, SFT and reward training share it)."""
-    check(pe.r >= 1, "peft.r", "an integer >= 1", pe.r)
-    check(pe.alpha > 0, "peft.alpha", "a number > 0", pe.alpha)
-    check(0 <= pe.dropout < 1, "peft.dropout", "a number in [0, 1)", pe.dropout)
-    check(len(pe.target_modules) >= 1, "peft.target_modules", "at least one module name",
-          pe.target_modules)
-    check(pe.enabled or pe.adapter_path is None, "peft.adapter_path",
-          "null unless peft.enabled is true", pe.adapter_path)
+    check(cfg.model.critic_init == "policy" or any(s.model for s in r.sources), "model.critic_init",
+          "'policy' unless a reward.sources entry is a reward model (`model: ...`)",
+          cfg.model.critic_init)
 
 
 # --------------------------------------------------------------------------- typed construction
@@ -484,14 +542,43 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)  # Config.__post_init__ validates once every section is built
 
 
+def apply_renamed(data: dict[str, Any], renamed: dict[str, str]) -> dict[str, Any]:
+    """Move values given under a renamed key (``old.dotted.key -> new.dotted.key``) to the new
+    key, with a FutureWarning; a ConfigError when both are given. ``data`` changes in place."""
+    for old, new in renamed.items():
+        *old_path, old_leaf = old.split(".")
+        node = data
+        for part in old_path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_leaf not in node:
+            continue
+        value = node.pop(old_leaf)
+        *new_path, new_leaf = new.split(".")
+        target = data
+        for part in new_path:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{part}: expected a mapping, got {target!r}")
+        if new_leaf in target:
+            raise ConfigError(f"{old}: renamed to {new}, and both are set; keep only {new}")
+        target[new_leaf] = value
+        warnings.warn(f"config key {old} is deprecated and will be removed: use {new}",
+                      FutureWarning, stacklevel=3)
+    return data
+
+
 def config_from_dict(data: dict[str, Any], cls: type = Config) -> Any:
     """Build a validated config of dataclass `cls` (default: the PPO :class:`Config`) from a
     nested dict (e.g. parsed YAML). Other commands (sft, reward, evaluate) pass their own class;
-    validation lives in each class's ``__post_init__``."""
+    each section validates itself when built, the top-level class checks across sections.
+    Renamed keys (``cls.RENAMED``) are accepted with a warning."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {data!r}")
+    import copy
+
+    data = apply_renamed(copy.deepcopy(data), getattr(cls, "RENAMED", {}))
     return _build(cls, data)
 
 
@@ -543,23 +630,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(data, cls)
 
 
+def config_to_yaml(cfg: Any) -> str:
+    """A config dataclass as YAML text."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write a config dataclass as YAML."""
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    Path(path).write_text(config_to_yaml(cfg))
 
 
 # --------------------------------------------------------------------------- field docs
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring under each field of a config dataclass, by field name."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())  # one line, even if wrapped
+    """The one-line docstring under each field of a config dataclass, by field name (a subclass's
+    docstring of a field replaces its base class's)."""
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())  # one line, even if wrapped
     return docs
 
 

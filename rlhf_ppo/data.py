@@ -13,14 +13,13 @@ import torch
 
 from . import builtin
 from .config import DataConfig
+from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
-    """The prompt dataset is missing, empty or malformed; the message names the file and column."""
 
 
 @dataclass
@@ -228,6 +227,18 @@ class PromptSampler:
     def __iter__(self) -> Iterator[list[Prompt]]:
         while True:
             yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        """The position in the data: the pass (``epoch``) and the prompts of all processes drawn
+        in it, so that a resume with another process count continues the same pass."""
+        return {"epoch": self.epoch, "global_position": self.position * self.world_size,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from :meth:`state_dict`'s position."""
+        self.epoch = state["epoch"]
+        self._order = self._permutation()
+        self.position = state["global_position"] // self.world_size
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

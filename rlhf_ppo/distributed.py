@@ -17,29 +17,46 @@ import torch
 import torch.nn as nn
 
 from .config import Config
+from .errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
 
-def gradient_accumulation_steps(cfg: Config) -> int:
-    """Micro-batches per minibatch (the optimizer step happens after the last)."""
-    mini = cfg.ppo.batch_size // cfg.ppo.num_minibatches
+def launch_world_size() -> int:
+    """Processes of this launch (``WORLD_SIZE`` of torchrun / accelerate launch; 1 otherwise),
+    known before the ``Accelerator`` exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_process(total: int, num_processes: int, key: str) -> int:
+    """``total`` (a batch size over all processes) split evenly over the processes; a
+    ConfigError naming ``key`` when it does not divide."""
+    if total % num_processes:
+        raise ConfigError(f"{key}: {total} is the batch over all processes and must be a multiple "
+                          f"of the {num_processes} processes")
+    return total // num_processes
+
+
+def gradient_accumulation_steps(cfg: Config, num_processes: int) -> int:
+    """Micro-batches per minibatch on each process (the optimizer step happens after the last)."""
+    mini = per_process(cfg.ppo.batch_size, num_processes, "ppo.batch_size") // cfg.ppo.num_minibatches
     return max(1, mini // cfg.ppo.micro_batch_size)
 
 
 def multi_process_cpu() -> bool:
     """True for a multi-process launch (torchrun, accelerate launch) on a machine without CUDA.
     accelerate sets up multi-process CPU (gloo) only when asked for the CPU (``cpu=True``)."""
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return not torch.cuda.is_available() and launch_world_size() > 1
 
 
-def make_accelerator(cfg: Config):
-    """An ``Accelerator`` for the launch environment, with PPO's accumulation settings."""
+def make_accelerator(mixed_precision: str | None, gradient_accumulation_steps: int = 1,
+                     log_with: list[str] | None = None, project_dir: str | None = None,
+                     find_unused_parameters: bool = False):
+    """The ``Accelerator`` every command trains under (single process, DDP, DeepSpeed, FSDP:
+    whatever the launch config says), multi-process CPU (gloo) included."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # Critic warmup with a shared backbone leaves the policy's parameters without gradients.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.ppo.critic_warmup > 0)
     multi_cpu = multi_process_cpu()
     if multi_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         # accelerate cannot drive DeepSpeed without CUDA: its process count would stay 1 while
@@ -47,13 +64,44 @@ def make_accelerator(cfg: Config):
         raise RuntimeError("DeepSpeed launch without CUDA: accelerate supports DeepSpeed on GPUs "
                            "only. On CPUs, launch plain data parallel (torchrun, or an accelerate "
                            "config without distributed_type: DEEPSPEED).")
-    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps(cfg), cpu=multi_cpu,
-                      mixed_precision=cfg.mixed_precision,
-                      log_with=list(cfg.report_to) or None, project_dir=cfg.output_dir,
-                      kwargs_handlers=[ddp])
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, cpu=multi_cpu,
+                       mixed_precision=mixed_precision, log_with=log_with or None,
+                       project_dir=project_dir, kwargs_handlers=[ddp])
+
+
+def make_ppo_accelerator(cfg: Config):
+    """:func:`make_accelerator` with PPO's accumulation settings (and DeepSpeed's batch sizes)."""
+    acc = make_accelerator(
+        cfg.mixed_precision, gradient_accumulation_steps(cfg, launch_world_size()),
+        list(cfg.report_to), cfg.output_dir,
+        # Critic warmup with a shared backbone leaves the policy's parameters without gradients.
+        find_unused_parameters=cfg.ppo.critic_warmup > 0)
     if is_deepspeed(acc):
         configure_deepspeed(acc, cfg)
     return acc
+
+
+def check_engine_support(cfg: Config, acc) -> None:
+    """Refuse the PPO settings the launch's engine does not support, before anything loads."""
+    if cfg.optim.separate_grad_clip and acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise ConfigError("optim.separate_grad_clip: not supported under DeepSpeed or FSDP "
+                          "(the engine clips the joint norm); set it to false")
+    if (cfg.peft.enabled and cfg.model.critic == "separate"
+            and cfg.model.critic_init == "reward" and zero_stage(acc) == 3):
+        # The reward model would be partitioned inside the trained engine while its scoring
+        # runs outside the engine's forward; not supported yet.
+        raise ConfigError("model.critic_init: 'reward' with peft.enabled (a critic adapter on "
+                          "the reward model) is not supported under DeepSpeed ZeRO-3 yet; use "
+                          "ZeRO-2, DDP, or model.critic_init=policy")
+    if cfg.peft.enabled and acc.distributed_type.name == "FSDP":
+        # The reference pass runs the policy's own modules with the adapter off, outside the
+        # FSDP root's forward; not supported yet.
+        raise ConfigError("peft.enabled: LoRA under FSDP is not supported yet; use DDP or "
+                          "DeepSpeed")
+    if cfg.resume_from is not None and (is_deepspeed(acc) or acc.distributed_type.name == "FSDP"):
+        raise CheckpointError("resume_from: resuming under DeepSpeed or FSDP is not supported "
+                              "yet (sharded optimizer state)")
 
 
 def is_deepspeed(acc) -> bool:
@@ -82,8 +130,9 @@ def configure_deepspeed(acc, cfg: Config) -> None:
     """Write PPO's micro-batch size, accumulation steps and gradient clipping into the DeepSpeed
     config (the PPO config is the source of truth; a different explicit value is overridden)."""
     ds = acc.state.deepspeed_plugin.deepspeed_config
-    gas = gradient_accumulation_steps(cfg)
-    micro = min(cfg.ppo.micro_batch_size, cfg.ppo.batch_size // cfg.ppo.num_minibatches)
+    gas = gradient_accumulation_steps(cfg, acc.num_processes)
+    mini = cfg.ppo.batch_size // acc.num_processes // cfg.ppo.num_minibatches
+    micro = min(cfg.ppo.micro_batch_size, mini)
     wanted = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
@@ -230,3 +279,41 @@ def _group_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     grads = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads]
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
                                                  for g in grads]))
+
+
+# --------------------------------------------------------------------------- cross-process statistics
+
+def global_stats(acc, items: list[tuple[torch.Tensor, torch.Tensor | None]]
+                 ) -> list[tuple[float, float, float]]:
+    """``(mean, unbiased variance, count)`` of each ``(x, mask)`` over the valid elements
+    (``mask`` None: every element) of every process, all in one reduction."""
+    rows = []
+    for x, mask in items:
+        x = x.float()
+        m = torch.ones_like(x) if mask is None else mask.to(x.device).float()
+        rows.append(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]))
+    t = torch.stack(rows).double().to(acc.device)
+    out = []
+    for total, total_sq, n in acc.reduce(t, "sum").tolist():
+        mean = total / max(n, 1.0)
+        var = (total_sq - n * mean * mean) / max(n - 1.0, 1.0)
+        out.append((mean, max(var, 0.0), n))
+    return out
+
+
+def global_mean(acc, x: torch.Tensor) -> float:
+    """Mean of ``x`` over every element of every process."""
+    return global_stats(acc, [(x, None)])[0][0]
+
+
+def global_moments(acc, x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """Mean and unbiased variance of ``x`` over the valid tokens of every process."""
+    mean, var, _ = global_stats(acc, [(x, mask)])[0]
+    return mean, var
+
+
+def all_finite(acc, *tensors: torch.Tensor | None) -> bool:
+    """True when every value of every tensor is finite on every process (all agree)."""
+    bad = any(not torch.isfinite(t).all() for t in tensors if t is not None)
+    flag = torch.tensor([float(bad)], device=acc.device)
+    return not acc.reduce(flag, "max").item()

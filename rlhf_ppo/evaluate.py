@@ -26,7 +26,6 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from .checkpoint import json_safe
 from .config import (
     Config,
     ConfigError,
@@ -37,6 +36,7 @@ from .config import (
     check,
 )
 from .data import Prompt, load_prompts
+from .jsonl import json_safe
 from .models import (
     ModelLoadError,
     active_adapter,

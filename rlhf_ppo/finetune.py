@@ -7,32 +7,34 @@ into micro-batches or processes.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import shutil
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import json_safe
-from .config import ConfigError, DataConfig, ModelConfig, check
-from .data import DataError, load_rows
-from .distributed import multi_process_cpu
-from .trainer import NonFiniteError, lr_lambda
+from .checkpoint import atomic_folder
+from .config import DataConfig, ModelConfig, check, config_from_dict, save_config
+from .data import load_rows
+from .distributed import make_accelerator
+from .errors import ConfigError, DataError, NonFiniteError
+from .optim import make_optimizer as make_opt
+from .runs import FINETUNE_RUN_FILES, RunLog, clear_run, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
-RUN_FILES = ("metrics.jsonl", "final", "config.yaml")
 
 
 @dataclass
 class TrainConfig:
+    """The ``train`` section of sft and reward: passes, steps and batch sizes (the optimizer is
+    the shared ``optim`` section)."""
+
     epochs: int = 1
     """passes over the training set"""
     max_steps: int | None = None
@@ -40,40 +42,35 @@ class TrainConfig:
     batch_size: int = 16
     """examples (SFT with packing: blocks; reward: pairs) per optimizer step, over all processes"""
     micro_batch_size: int = 8
-    """examples per forward/backward; a step accumulates gradients over its micro-batches"""
-    eval_batch_size: int = 32
-    """examples per no-grad forward in evaluation"""
-    lr: float = 2e-5
-    """learning rate (AdamW)"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_grad_norm: float | None = 1.0
-    """clip the global gradient norm (null: off)"""
-    scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    """learning-rate schedule after warmup, over all optimizer steps"""
-    warmup_steps: int = 0
-    """optimizer steps of linear warmup from 0"""
+    """examples per forward/backward on each process; a step accumulates gradients over its micro-batches"""
+    heldout_batch_size: int = 32
+    """examples per no-grad forward when scoring the held-out set"""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "micro_batch_size", "heldout_batch_size"):
+            check(getattr(self, key) >= 1, f"train.{key}", "an integer >= 1", getattr(self, key))
+        check(self.max_steps is None or self.max_steps >= 1, "train.max_steps",
+              "an integer >= 1 or null", self.max_steps)
 
 
-def validate_train(t: TrainConfig) -> None:
-    """Value ranges of the ``train`` section."""
-    for key in ("epochs", "batch_size", "micro_batch_size", "eval_batch_size"):
-        check(getattr(t, key) >= 1, f"train.{key}", "an integer >= 1", getattr(t, key))
-    check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "an integer >= 1 or null",
-          t.max_steps)
-    check(t.lr > 0, "train.lr", "a number > 0", t.lr)
-    check(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
-    check(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm",
-          "a number > 0 or null", t.max_grad_norm)
-    check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
+FINETUNE_RENAMED = {
+    # "eval" meant four things (the command, PPO's samples, held-out loss, a scoring pass)
+    "data.eval_path": "data.heldout_path", "data.eval_split": "data.heldout_split",
+    "data.eval_fraction": "data.heldout_fraction", "train.eval_batch_size": "train.heldout_batch_size",
+    # the optimizer settings moved to the `optim` section every training command shares
+    **{f"train.{k}": f"optim.{k}" for k in ("lr", "weight_decay", "max_grad_norm", "scheduler",
+                                             "warmup_steps")},
+}
+"""renamed keys of sft and reward (old -> new); the old ones still work, with a warning"""
 
 
 def validate_data(d, columns: Sequence[str]) -> None:
-    """Checks shared by the ``data`` sections of sft and reward: a path, an eval fraction in
+    """Checks shared by the ``data`` sections of sft and reward: a path, a held-out fraction in
     [0, 1), a usable max_length and non-empty column names (``columns``: field names)."""
     check(bool(d.path), "data.path", "a .json/.jsonl/.csv/.parquet file, dataset folder or hub id",
           d.path)
-    check(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)", d.eval_fraction)
+    check(0 <= d.heldout_fraction < 1, "data.heldout_fraction", "a number in [0, 1)",
+          d.heldout_fraction)
     check(d.max_length >= 2, "data.max_length", "an integer >= 2", d.max_length)
     for key in columns:
         check(getattr(d, key) != "", f"data.{key}", "a column name", getattr(d, key))
@@ -113,8 +110,8 @@ def check_columns(ds, needed: Sequence[str], where: str, keys: Sequence[str]) ->
         raise DataError(f"{where}: no rows")
 
 
-def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded random ``(train, eval)`` split with ``round(fraction * n)`` held-out items (at
+def split_heldout(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded random ``(train, held-out)`` split with ``round(fraction * n)`` held-out items (at
     least one when ``fraction > 0``, and at least one left to train on)."""
     if fraction <= 0:
         return list(items), []
@@ -135,38 +132,36 @@ def right_pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
-# --------------------------------------------------------------------------- output folder
+# --------------------------------------------------------------------------- the run
 
-def prepare_output_dir(output_dir: str, overwrite: bool) -> Path:
-    """Refuse a folder that holds another run unless ``overwrite`` (then delete that run's
-    files; other files stay). Called before any model loads."""
-    out = Path(output_dir)
-    held = [n for n in RUN_FILES if (out / n).exists()]
-    if held and not overwrite:
-        raise ConfigError(f"output_dir: {str(out)!r} holds a run ({', '.join(held)}); pick "
-                          "another output_dir or set overwrite=true to delete it")
-    for name in held:
-        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def start_run(cfg, cls: type):
+    """Re-check ``cfg`` (values may have changed after construction), refuse an output folder
+    holding another run unless ``overwrite`` (then clear it), make the accelerator, write
+    ``config.yaml`` and seed. Returns ``(cfg, accelerator, RunLog)``."""
+    from accelerate.utils import set_seed
+
+    cfg = config_from_dict(cfg.to_dict(), cls)
+    out = Path(cfg.output_dir)
+    prepare_output_dir(out, cfg.overwrite, FINETUNE_RUN_FILES)
+    acc = make_accelerator(cfg.mixed_precision)
+    if acc.is_main_process:
+        clear_run(out, FINETUNE_RUN_FILES)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    acc.wait_for_everyone()
+    set_seed(cfg.seed)
+    return cfg, acc, RunLog(out, acc.is_main_process)
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON line (non-finite floats written as null)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(json_safe(record)) + "\n")
+def save_final(acc, folder: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` on the main process into a temporary folder that becomes ``folder`` once
+    whole (:func:`checkpoint.atomic_folder`); every process waits for it."""
+    with atomic_folder(folder, acc.is_main_process, acc.wait_for_everyone) as tmp:
+        if acc.is_main_process:
+            write(tmp)
 
 
 # --------------------------------------------------------------------------- training loop
-
-def make_accelerator(mixed_precision: str | None):
-    """An ``Accelerator`` for the launch environment (single process or data parallel).
-    Gradient accumulation is done by :func:`train_step` itself (``no_sync`` on all but the last
-    micro-batch), so steps may hold any number of micro-batches."""
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision=mixed_precision, cpu=multi_process_cpu())
-
 
 def step_plan(n: int, t: TrainConfig, seed: int, rank: int = 0, world: int = 1
               ) -> list[tuple[int, list[int]]]:
@@ -193,12 +188,11 @@ def step_plan(n: int, t: TrainConfig, seed: int, rank: int = 0, world: int = 1
     return plan
 
 
-def make_optimizer(params: list[nn.Parameter], t: TrainConfig, total_steps: int):
-    """AdamW and its warmup + decay schedule (``trainer.lr_lambda``)."""
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(t.scheduler, t.warmup_steps, total_steps))
-    return optimizer, scheduler
+def make_optimizer(params: list[nn.Parameter], o, total_steps: int):
+    """AdamW and its warmup + decay schedule from the ``optim`` section (:mod:`rlhf_ppo.optim`).
+    The default per-parameter AdamW, not the fused one PPO uses: fused changes the rounding,
+    and with it every figure the stages print (left for a measured change)."""
+    return make_opt([{"params": params}], o, total_steps, fused=False)
 
 
 def global_sum(acc, value: float) -> float:
@@ -255,11 +249,11 @@ def train_step(acc, model: nn.Module, optimizer, scheduler, micro_batches: list,
 
 def fit(acc, module: nn.Module, optimizer, scheduler, plan: list[tuple[int, list[int]]],
         make_batches: Callable[[list[int]], tuple[list, list[float]]], loss_fn: LossFn,
-        max_grad_norm: float | None, metrics_file: Path, desc: str, unit: str) -> list[dict]:
+        max_grad_norm: float | None, run_log: RunLog, desc: str, unit: str) -> list[dict]:
     """Run every step of ``plan`` (from :func:`step_plan`); ``make_batches(indices)`` gives a
     step's micro-batches and their unit counts. Each step's record (``step``, ``epoch``,
     ``loss``, extra stats, ``lr``, ``grad_norm``, and the unit count under the name ``unit``)
-    is appended to ``metrics_file`` by the main process. Returns the records."""
+    is appended to ``metrics.jsonl`` by the main process. Returns the records."""
     from tqdm.auto import tqdm
 
     history = []
@@ -269,8 +263,7 @@ def fit(acc, module: nn.Module, optimizer, scheduler, plan: list[tuple[int, list
         m = train_step(acc, module, optimizer, scheduler, mbs, counts, loss_fn, max_grad_norm)
         record = {"step": step, "epoch": epoch, unit: m.pop("units"), **m}
         history.append(record)
-        if acc.is_main_process:
-            append_jsonl(metrics_file, record)
+        run_log.metrics(record)
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.3f}")
     bar.close()
@@ -278,10 +271,10 @@ def fit(acc, module: nn.Module, optimizer, scheduler, plan: list[tuple[int, list
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, micro_batches: list, counts: list[float], loss_fn: LossFn
+def heldout_metrics(model: nn.Module, micro_batches: list, counts: list[float], loss_fn: LossFn
              ) -> dict[str, float]:
     """Mean loss and extra stats over every unit of the held-out micro-batches; ``{}`` without
-    any. Every process evaluates the whole held-out set (the same numbers everywhere, and no
+    any. Every process scores the whole held-out set (the same numbers everywhere, and no
     process waits on a collective that another, holding no eval batch, never joins)."""
     units = sum(counts)
     if not micro_batches or units == 0:
@@ -296,14 +289,13 @@ def evaluate(model: nn.Module, micro_batches: list, counts: list[float], loss_fn
     return {k: v / units for k, v in sums.items()}
 
 
-def log_eval(acc, model: nn.Module, micro_batches: list, counts: list[float], loss_fn: LossFn,
-             metrics_file: Path, stage: str, step: int) -> dict[str, float]:
-    """:func:`evaluate`, with its values appended to ``metrics_file`` as ``eval_<name>`` (main
+def log_heldout(model: nn.Module, micro_batches: list, counts: list[float], loss_fn: LossFn,
+                run_log: RunLog, stage: str, step: int) -> dict[str, float]:
+    """:func:`heldout_metrics`, appended to ``metrics.jsonl`` as ``heldout_<name>`` (main
     process). Returns ``{}`` when there is nothing held out."""
-    m = evaluate(model, micro_batches, counts, loss_fn)
-    if m and acc.is_main_process:
-        append_jsonl(metrics_file, {"step": step, "stage": stage,
-                                    **{f"eval_{k}": v for k, v in m.items()}})
+    m = heldout_metrics(model, micro_batches, counts, loss_fn)
+    if m:
+        run_log.metrics({"step": step, "stage": stage, **{f"heldout_{k}": v for k, v in m.items()}})
     return m
 
 

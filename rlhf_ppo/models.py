@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import builtin, ops
 from .config import ModelConfig
+from .errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ LOGITS_CHUNK_ELEMENTS = 1 << 26
 KEEP_LOGITS_ELEMENTS = 1 << 23
 
 
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded; the message names the path and the config key."""
 
 
 def resolve(name: str, key: str) -> str:
@@ -207,16 +206,9 @@ def postprocess_logits(logits: torch.Tensor, config) -> torch.Tensor:
 
 def _chunk_logprobs(lm_head: nn.Module, config, hidden: torch.Tensor, tokens: torch.Tensor,
                     temperature: float, with_entropy: bool):
-    logits = postprocess_logits(lm_head(hidden), config).float()  # (N, V)
-    if temperature != 1.0:  # x / 1.0 == x exactly: skip a pass over [N, V]
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N,)
-    if not with_entropy:
-        return token_logp, torch.zeros_like(token_logp)
-    if torch.is_grad_enabled():  # autograd keeps exp's output: no in-place product
-        return token_logp, -(logp.exp() * logp).sum(-1)
-    return token_logp, -logp.exp().mul_(logp).sum(-1)  # same values, one [N, V] buffer fewer
+    logits = postprocess_logits(lm_head(hidden), config)  # (N, V)
+    logp = ops.log_softmax_with_temperature(logits, temperature)
+    return ops.token_logprobs_and_entropy(logp, tokens, with_entropy)
 
 
 def token_logprobs(lm_head: nn.Module, config, hidden: torch.Tensor, tokens: torch.Tensor,
@@ -638,3 +630,50 @@ def save_actor_critic(ac: ActorCritic, tokenizer, folder: str | Path,
     else:
         ac.critic.save_pretrained(folder / "critic", state_dict=_sub_state(state, "critic."))
         tokenizer.save_pretrained(folder / "critic")
+
+
+def load_checkpoint_weights(model: ActorCritic, folder: Path) -> None:
+    """Load a checkpoint's policy and value head / critic (as :func:`save_actor_critic` wrote
+    them) into an unprepared ActorCritic."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    folder = Path(folder)
+    if is_peft(model.policy):  # the trained adapter; the base and "reference" stay as loaded
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model.policy, load_file(folder / "adapter_model.safetensors"),
+                                  adapter_name="default")
+        if model.critic_adapter is not None:  # on the policy's or the reward model's base
+            name = model.critic_adapter
+            _, host = model.critic_adapter_host
+            set_peft_model_state_dict(host, load_file(folder / name / "adapter_model.safetensors"),
+                                      adapter_name=name)
+            folder = folder / name  # its value head lies beside it
+    else:
+        saved = AutoModelForCausalLM.from_pretrained(folder,
+                                                     dtype=next(model.policy.parameters()).dtype)
+        model.policy.load_state_dict(saved.state_dict())
+        del saved
+    if model.value_head is not None:
+        model.value_head.load_state_dict(load_file(folder / VALUE_HEAD_FILE))
+    else:
+        critic = AutoModelForSequenceClassification.from_pretrained(folder / "critic")
+        model.critic.load_state_dict(critic.state_dict())
+
+
+def check_lengths(cfg, model_config, longest_prompt: int, vocab_size: int) -> None:
+    """Fail early (instead of deep inside torch) when prompt + response exceed the model's
+    context, or a stop token id is outside the vocabulary. ``cfg``: the PPO config."""
+    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    need = longest_prompt + cfg.generation.max_new_tokens
+    if context is not None and need > context:
+        raise ConfigError(
+            f"data.max_prompt_length / generation.max_new_tokens: the longest prompt "
+            f"({longest_prompt} tokens) plus generation.max_new_tokens="
+            f"{cfg.generation.max_new_tokens} is {need} tokens, more than the model's context of "
+            f"{context} (max_position_embeddings); lower one of them")
+    bad = [i for i in cfg.generation.stop_token_ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ConfigError(f"generation.stop_token_ids: {bad} outside the vocabulary "
+                          f"[0, {vocab_size})")

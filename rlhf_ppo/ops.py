@@ -44,35 +44,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of ``x`` over the valid positions (Bessel-corrected when ``unbiased``)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.to(x.dtype).sum()
-        var = var * n / (n - 1).clamp(min=1)
-    return var
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
-    """Normalise ``x`` to unit variance over the valid positions of the whole batch.
-
-    ``(x - mean) / sqrt(var + eps)`` with the unbiased masked variance, as in TRL/lm-human-preferences.
-    ``shift_mean=True`` gives a zero-mean result; ``shift_mean=False`` keeps the original mean
-    (the data is only rescaled: ``(x - mean) / std + mean``), which is what one wants for rewards.
-
-    Args:
-        x: ``[B, T]``.  mask: ``[B, T]``.
-    Returns:
-        ``[B, T]``, 0 at masked positions.
-    """
-    return whiten(x, mask, masked_mean(x, mask), masked_var(x, mask), shift_mean, eps)
-
-
 def whiten(x: torch.Tensor, mask: torch.Tensor, mean: float | torch.Tensor,
            var: float | torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """:func:`masked_whiten` with given statistics (e.g. reduced over several processes).
+    """Normalise ``x`` to zero mean and unit variance with the given statistics of its valid
+    positions (reduced over every process by the caller, so the result does not depend on how the
+    batch is split), as lm-human-preferences and TRL whiten advantages
+    (https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/lm_human_preferences/utils/core.py#L336-L341;
+    they use the batch's own statistics). ``shift_mean=False`` adds the mean back (only rescales:
+    what one wants for rewards).
 
     Args:
         x, mask: ``[B, T]``.  mean, var: scalars.
@@ -86,17 +65,37 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, mean: float | torch.Tensor,
     return whitened * mask.to(x.dtype)
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under ``logits``: ``[..., V]`` and ``[...]`` -> ``[...]`` (computed in float32)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def log_softmax_with_temperature(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(logits / temperature)`` in float32: ``[..., V]`` -> ``[..., V]``.
 
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution ``softmax(logits)``: ``[..., V]`` -> ``[...]``."""
+    The one definition of the sampling distribution's log-probs: the sampling loop draws from it
+    and the training forward scores tokens with it, so log-probs recorded while sampling equal
+    recomputed ones (``ppo.old_logprobs: generation`` relies on that).
+    """
     logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    if temperature != 1.0:  # x / 1.0 == x exactly: skip a pass over [..., V]
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def token_logprobs_and_entropy(logp: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = True,
+                               probs: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each token and the entropy of each distribution, from log-probs ``logp``
+    ``[..., V]`` (:func:`log_softmax_with_temperature`) and ``tokens`` ``[...]``.
+    ``probs``: ``logp.exp()`` if the caller has it already (the sampling loop draws from it).
+
+    Returns ``(logprobs, entropy)``, each ``[...]``; entropy ``-sum_v p_v log p_v`` (zeros when
+    ``with_entropy`` is false).
+    """
+    token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return token_logp, torch.zeros_like(token_logp)
+    if probs is not None:
+        return token_logp, -(probs * logp).sum(-1)
+    if torch.is_grad_enabled() and logp.requires_grad:  # autograd keeps exp's output
+        return token_logp, -(logp.exp() * logp).sum(-1)
+    return token_logp, -logp.exp().mul_(logp).sum(-1)  # same values, one [..., V] buffer fewer
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -178,6 +177,26 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
         next_value = torch.where(valid[:, t], values[:, t], next_value)
         next_adv = torch.where(valid[:, t], adv_t, next_adv)
     returns = (advantages + values) * valid.to(values.dtype)
+    return advantages, returns
+
+
+def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                           gamma: float, lam: float, critic_lam: float | None = None,
+                           lam_length_alpha: float | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages for the policy with ``lam`` (or VAPO's length-adaptive lambda when
+    ``lam_length_alpha`` is set, :func:`length_adaptive_lam`) and value targets for the critic
+    with ``critic_lam`` (None: the policy's lambda): decoupled lambdas as in VC-PPO.
+
+    Args:
+        rewards, values, mask: ``[B, T]``.
+    Returns:
+        ``(advantages, returns)``, each ``[B, T]``, 0 at masked positions.
+    """
+    policy_lam = lam if lam_length_alpha is None else length_adaptive_lam(mask.sum(-1), lam_length_alpha)
+    advantages, returns = compute_gae(rewards, values, mask, gamma, policy_lam)
+    if critic_lam is not None and (critic_lam != lam or lam_length_alpha is not None):
+        _, returns = compute_gae(rewards, values, mask, gamma, critic_lam)
     return advantages, returns
 
 
@@ -294,13 +313,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, {"vf_clipfrac": clipfrac}
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
-                       ) -> torch.Tensor:
-    """``1 - Var(R - V) / Var(R)`` over valid tokens: 1 is a perfect critic, 0 a constant one."""
-    var_returns = masked_var(returns, mask)
-    return 1 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
-
-
 class AdaptiveKLController:
     """Adaptive KL coefficient of Ziegler et al. 2019 (lm-human-preferences AdaptiveKLController).
 
@@ -318,6 +330,14 @@ class AdaptiveKLController:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
 
+    def state_dict(self) -> dict[str, float]:
+        """The current coefficient (what a resumed run needs)."""
+        return {"kl_coef": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.value = float(state["kl_coef"])
+
 
 class FixedKLController:
     """A constant KL coefficient, with the same interface as :class:`AdaptiveKLController`."""
@@ -327,6 +347,14 @@ class FixedKLController:
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """No-op."""
+
+    def state_dict(self) -> dict[str, float]:
+        """The coefficient (as :class:`AdaptiveKLController`'s)."""
+        return {"kl_coef": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.value = float(state["kl_coef"])
 
 
 class RunningMoments:
@@ -352,3 +380,11 @@ class RunningMoments:
     def std(self) -> float:
         """Running standard deviation (population)."""
         return self.var**0.5
+
+    def state_dict(self) -> dict[str, float]:
+        """Mean, variance and count."""
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]

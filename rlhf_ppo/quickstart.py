@@ -159,19 +159,20 @@ def sentiment_reward(prompts: list[str], responses: list[str], **kwargs) -> list
 def stage_configs(out: Path, data: dict) -> dict[str, dict]:
     """The config (as a dict) of every stage; each is also written as ``STAGE/stage.yaml`` so a
     user can rerun one stage alone (``rlhf-ppo sft --config .../sft/stage.yaml``)."""
-    train = dict(micro_batch_size=32, eval_batch_size=128, scheduler="constant", warmup_steps=0)
+    train = dict(micro_batch_size=32, heldout_batch_size=128)
+    optim = dict(scheduler="constant", warmup_steps=0)
     return {
         "sft": dict(
             output_dir=str(out / "sft"), overwrite=True, model=dict(name_or_path=str(out / "base")),
-            data=dict(path=data["sft"], eval_fraction=0.05, max_length=48),
-            train=dict(train, epochs=2, batch_size=32, lr=3e-3)),
+            data=dict(path=data["sft"], heldout_fraction=0.05, max_length=48),
+            train=dict(train, epochs=2, batch_size=32), optim=dict(optim, lr=3e-3)),
         "reward": dict(
             output_dir=str(out / "reward"), overwrite=True,
             model=dict(name_or_path=str(out / "sft" / "final")),
-            data=dict(path=data["pairs"], eval_fraction=0.1, max_length=48),
-            train=dict(train, epochs=3, batch_size=32, lr=1e-3)),
+            data=dict(path=data["pairs"], heldout_fraction=0.1, max_length=48),
+            train=dict(train, epochs=3, batch_size=32), optim=dict(optim, lr=1e-3)),
         "ppo": dict(
-            output_dir=str(out / "ppo"), overwrite=True, iterations=40, eval_every=10,
+            output_dir=str(out / "ppo"), overwrite=True, iterations=40, sample_every=10,
             # A critic started from the reward model, trained toward Monte-Carlo returns (critic
             # lambda 1), its gradient clipped apart from the policy's: the best of the critics on
             # the learning benchmark against TRL (docs/critic.md).
@@ -200,7 +201,7 @@ def _done(folder: Path) -> dict | None:
 
 
 def _finish(folder: Path, summary: dict) -> dict:
-    from .checkpoint import json_safe
+    from .jsonl import json_safe
 
     (folder / ".complete").write_text(json.dumps(json_safe(summary), indent=1) + "\n")
     return summary
@@ -273,11 +274,13 @@ def _print_summary(out: Path, s: dict[str, dict], seconds: float) -> None:
     pol, ref, diff = ev["policy"]["score"], ev["reference"]["score"], ev["score_diff"]
     truth = lambda side: ev[side]["sources"][1]["mean"]
     f = lambda x: f"{x:.3f}"
+    # (a stage finished by a version before the "eval" -> "heldout" rename has the old keys)
+    held = lambda stage, key: s[stage].get(f"heldout_{key}", s[stage].get(f"eval_{key}"))
     lines = [
         f"quickstart done in {seconds:.0f} s ({out})",
-        f"  sft:      held-out loss {f(s['sft']['eval_loss_before'])} -> {f(s['sft']['eval_loss_after'])}",
-        f"  reward:   held-out pair accuracy {f(s['reward']['eval_accuracy_before'])} -> "
-        f"{f(s['reward']['eval_accuracy'])}",
+        f"  sft:      held-out loss {f(held('sft', 'loss_before'))} -> {f(held('sft', 'loss_after'))}",
+        f"  reward:   held-out pair accuracy {f(held('reward', 'accuracy_before'))} -> "
+        f"{f(held('reward', 'accuracy'))}",
         f"  ppo:      score {f(s['ppo']['score_first5'])} (first 5 iterations) -> "
         f"{f(s['ppo']['score_last5'])} (last 5), kl {f(s['ppo']['kl_last5'])}",
         f"  evaluate: reward-model score policy {f(pol['mean'])} [{f(pol['ci_low'])}, {f(pol['ci_high'])}]"

@@ -14,19 +14,18 @@ Shape legend: ``B`` pairs in a micro-batch, ``L`` padded sequence length.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import finetune as ft
-from .config import ModelConfig, PeftConfig, check, config_from_dict, save_config, validate_peft
+from .config import FinetuneOptimConfig, ModelConfig, PeftConfig, RunConfig, check
 from .data import DataError, _is_messages, render_prompt
 from .finetune import TrainConfig
 from .models import is_peft, load_sequence_classifier, load_tokenizer, transformer
@@ -43,12 +42,12 @@ class RewardDataConfig:
     """preference pairs: local .json/.jsonl/.csv/.parquet file, `save_to_disk` folder, or hub id"""
     split: str = "train"
     """dataset split of `path`"""
-    eval_path: str | None = None
-    """held-out pairs in the same format (default: `eval_fraction` of `path`)"""
-    eval_split: str = "test"
-    """dataset split of `eval_path` (any name for a local file)"""
-    eval_fraction: float = 0.1
-    """share of `path` held out for eval accuracy when there is no `eval_path` (0: no eval)"""
+    heldout_path: str | None = None
+    """held-out pairs in the same format (default: `heldout_fraction` of `path`)"""
+    heldout_split: str = "test"
+    """dataset split of `heldout_path` (any name for a local file)"""
+    heldout_fraction: float = 0.1
+    """share of `path` held out for the held-out accuracy when there is no `heldout_path` (0: none)"""
     prompt_column: str = "prompt"
     """optional column with the prompt (string or chat messages), shared by both responses"""
     chosen_column: str = "chosen"
@@ -68,30 +67,30 @@ class RewardDataConfig:
 
 
 @dataclass
-class RewardTrainConfig:
+class RewardTrainConfig(RunConfig):
+    """``rlhf-ppo reward``: reward-model training on preference pairs."""
+
     output_dir: str = "runs/reward"
     """folder for metrics.jsonl, config.yaml and the reward model (OUTPUT_DIR/final)"""
     seed: int = 0
-    """random seed for the eval split, data order and new weights (score head, LoRA)"""
+    """random seed for the held-out split, data order and new weights (score head, LoRA)"""
     overwrite: bool = False
     """start afresh in an output_dir that holds another run (its files are deleted)"""
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
-    """autocast the forward (float32 master weights); null: the launch config's"""
     model: ModelConfig = field(default_factory=ModelConfig)
     """starting checkpoint: a causal LM (a new score head is added) or a one-output classifier"""
     peft: PeftConfig = field(default_factory=PeftConfig)
     """LoRA on the backbone (the score head trains fully); the output is always merged"""
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    """optimizer and schedule"""
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
     """preference pairs"""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """optimisation"""
+    """passes, steps and batch sizes"""
+
+    RENAMED: ClassVar[dict[str, str]] = ft.FINETUNE_RENAMED
 
     def __post_init__(self) -> None:
         validate(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict of the config (YAML/JSON-serialisable)."""
-        return dataclasses.asdict(self)
 
 
 def validate(cfg: RewardTrainConfig) -> None:
@@ -100,11 +99,9 @@ def validate(cfg: RewardTrainConfig) -> None:
     ft.validate_data(d, ("prompt_column", "chosen_column", "rejected_column", "margin_column"))
     check(d.chosen_column != d.rejected_column, "data.rejected_column",
           "a column other than data.chosen_column", d.rejected_column)
-    ft.validate_train(cfg.train)
     ft.validate_model_keys(cfg.model, "reward", gguf=False)
     check(cfg.model.revision is None, "model.revision", "null (not used by `rlhf-ppo reward`)",
           cfg.model.revision)
-    validate_peft(cfg.peft)
     check(cfg.peft.adapter_path is None, "peft.adapter_path",
           "null (`rlhf-ppo reward` starts a new adapter)", cfg.peft.adapter_path)
 
@@ -262,17 +259,17 @@ def encode_pairs(ds, formatter: PairFormatter, data: RewardDataConfig, where: st
 
 def load_pairs(data: RewardDataConfig, formatter: PairFormatter, seed: int
                ) -> tuple[list[Pair], list[Pair]]:
-    """``(train, eval)`` pairs: from ``data.eval_path``, else a seeded ``eval_fraction``."""
+    """``(train, held-out)`` pairs: from ``data.heldout_path``, else a seeded ``heldout_fraction``."""
     train = encode_pairs(ft.load_table(data.path, data.split, "data.path"), formatter, data,
                          repr(data.path))
-    if data.eval_path is not None:
-        held = encode_pairs(ft.load_table(data.eval_path, data.eval_split, "data.eval_path"),
-                            formatter, data, repr(data.eval_path))
+    if data.heldout_path is not None:
+        held = encode_pairs(ft.load_table(data.heldout_path, data.heldout_split, "data.heldout_path"),
+                            formatter, data, repr(data.heldout_path))
         return train, held
-    if data.eval_fraction > 0 and len(train) < 2:
-        raise DataError(f"data.eval_fraction: {data.path!r} has {len(train)} usable pair(s); need "
-                        "at least 2 to hold one out (or set data.eval_fraction=0)")
-    return ft.split_eval(train, data.eval_fraction, seed)
+    if data.heldout_fraction > 0 and len(train) < 2:
+        raise DataError(f"data.heldout_fraction: {data.path!r} has {len(train)} usable pair(s); need "
+                        "at least 2 to hold one out (or set data.heldout_fraction=0)")
+    return ft.split_heldout(train, data.heldout_fraction, seed)
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
@@ -353,19 +350,12 @@ def run_reward_training(cfg: RewardTrainConfig) -> dict[str, Any]:
 
     Writes ``OUTPUT_DIR/metrics.jsonl`` (per optimizer step: loss, accuracy, score gap, lr, grad
     norm; and the held-out values before and after) and ``OUTPUT_DIR/config.yaml``. Returns
-    ``{"eval_accuracy_before", "eval_loss_before", "eval_accuracy", "eval_loss",
-    "train_loss_first", "train_loss_last", "steps", "train_pairs", "eval_pairs", "output"}``
-    (eval values None without held-out pairs).
+    ``{"heldout_accuracy_before", "heldout_loss_before", "heldout_accuracy", "heldout_loss",
+    "train_loss_first", "train_loss_last", "steps", "train_pairs", "heldout_pairs", "output"}``
+    (held-out values None without held-out pairs).
     """
-    from accelerate.utils import set_seed
-
-    cfg = config_from_dict(cfg.to_dict(), RewardTrainConfig)
-    acc = ft.make_accelerator(cfg.mixed_precision)
-    if acc.is_main_process:
-        save_config(cfg, ft.prepare_output_dir(cfg.output_dir, cfg.overwrite) / "config.yaml")
-    acc.wait_for_everyone()
-    final, metrics_file = Path(cfg.output_dir) / "final", Path(cfg.output_dir) / "metrics.jsonl"
-    set_seed(cfg.seed)
+    cfg, acc, run_log = ft.start_run(cfg, RewardTrainConfig)
+    final = Path(cfg.output_dir) / "final"
 
     # step 1. tokenizers, pairs in PPO's scoring format, model
     tokenizer = load_tokenizer(cfg.model)
@@ -381,33 +371,31 @@ def run_reward_training(cfg: RewardTrainConfig) -> dict[str, Any]:
     t = cfg.train
     plan = ft.step_plan(len(train), t, cfg.seed, acc.process_index, acc.num_processes)
     optimizer, scheduler = ft.make_optimizer([p for p in model.parameters() if p.requires_grad],
-                                             t, len(plan))
+                                             cfg.optim, len(plan))
     module, optimizer = acc.prepare(RewardScorer(model), optimizer)
 
     def batches(pairs: list[Pair], size: int) -> tuple[list[dict], list[float]]:
         mbs = [collate_pairs(pairs[s:s + size], pad) for s in range(0, len(pairs), size)]
         return mbs, [float(len(b["margin"])) for b in mbs]
 
-    eval_mbs, eval_counts = batches(held, t.eval_batch_size)
+    held_mbs, held_counts = batches(held, t.heldout_batch_size)
 
     # step 3. held-out accuracy before, the optimizer steps, held-out accuracy after
-    before = ft.log_eval(acc, module, eval_mbs, eval_counts, pair_loss, metrics_file, "before", 0)
+    before = ft.log_heldout(module, held_mbs, held_counts, pair_loss, run_log, "before", 0)
     history = ft.fit(acc, module, optimizer, scheduler, plan,
                      lambda rows: batches([train[i] for i in rows], t.micro_batch_size), pair_loss,
-                     t.max_grad_norm, metrics_file, "reward", unit="pairs")
-    after = ft.log_eval(acc, module, eval_mbs, eval_counts, pair_loss, metrics_file, "after",
-                        len(plan))
+                     cfg.optim.max_grad_norm, run_log, "reward", unit="pairs")
+    after = ft.log_heldout(module, held_mbs, held_counts, pair_loss, run_log, "after", len(plan))
 
     # step 4. save a plain classifier (the main process writes)
-    acc.wait_for_everyone()
+    ft.save_final(acc, final, lambda tmp: save_reward_model(ft.unwrap(acc, module), tokenizer, tmp))
     if acc.is_main_process:
-        save_reward_model(ft.unwrap(acc, module), tokenizer, final)
         logger.info("reward: %d steps, held-out accuracy %s -> %s, loss %s -> %s; saved to %s",
                     len(plan), ft.fmt(before.get("accuracy")), ft.fmt(after.get("accuracy")),
                     ft.fmt(before.get("loss")), ft.fmt(after.get("loss")), final)
-    acc.wait_for_everyone()
-    return {"eval_accuracy_before": before.get("accuracy"), "eval_loss_before": before.get("loss"),
-            "eval_accuracy": after.get("accuracy"), "eval_loss": after.get("loss"),
+    return {"heldout_accuracy_before": before.get("accuracy"),
+            "heldout_loss_before": before.get("loss"),
+            "heldout_accuracy": after.get("accuracy"), "heldout_loss": after.get("loss"),
             "train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
-            "steps": len(plan), "train_pairs": len(train), "eval_pairs": len(held),
+            "steps": len(plan), "train_pairs": len(train), "heldout_pairs": len(held),
             "output": str(final)}

@@ -24,6 +24,7 @@ import torch
 
 from . import builtin
 from .config import ModelConfig, RewardConfig, RewardSource
+from .errors import RewardError
 from .models import (
     active_adapter,
     backbone_hidden,
@@ -34,11 +35,6 @@ from .models import (
 )
 from .ops import RunningMoments
 from .rollout import Rollout
-
-
-class RewardError(RuntimeError):
-    """A reward source failed or returned something other than one number per response."""
-
 
 # --------------------------------------------------------------------------- built-in rewards
 
@@ -276,6 +272,14 @@ class RewardSum:
         self.moments = RunningMoments()
         self.nonfinite_sources: list[str] = []
         """sources that returned NaN / inf in the last call"""
+
+    def state_dict(self) -> dict[str, dict]:
+        """The running score statistics (``reward.normalize``)."""
+        return {"score_moments": self.moments.state_dict()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.moments.load_state_dict(state["score_moments"])
 
     def model_sources(self) -> list[ModelReward]:
         """The reward-model sources (their ``.scorer`` is placed on the device by the trainer)."""

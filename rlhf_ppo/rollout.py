@@ -1,4 +1,5 @@
-"""Generation and the ``Rollout`` batch that crosses from sampling to the PPO update.
+"""Generation and the ``Rollout`` it returns: the sampled responses (and what the sampling pass
+recorded), before any scoring. ``experience.py`` turns a rollout into the update's batch.
 
 Shape legend: ``B`` rollouts, ``P`` prompt length (left-padded), ``R`` response length
 (right-padded after the first stop token), ``L = P + R``.
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import ops
 from .config import GenerationConfig
 from .data import Prompt, left_pad
 
@@ -39,25 +41,14 @@ class Rollout:
     """the B prompts"""
     response_texts: list[str] = field(default_factory=list)
     """decoded responses (special tokens and stop strings removed)"""
-    # ---- per token, from the models (filled by the trainer)
+    # ---- per token, recorded by the sampling pass itself (None when it did not record them;
+    # experience.rollout_outputs computes them then)
     logprobs: torch.Tensor | None = None
-    """(B, R) log pi_old(a_t|s_t) at rollout time"""
-    ref_logprobs: torch.Tensor | None = None
-    """(B, R) log pi_ref(a_t|s_t)"""
-    values: torch.Tensor | None = None
-    """(B, R) V_old(s_t)"""
+    """(B, R) log pi_old(a_t|s_t) at sampling time"""
     entropy: torch.Tensor | None = None
-    """(B, R) entropy of the policy's next-token distribution (a metric)"""
-    # ---- per sequence
-    scores: torch.Tensor | None = None
-    """(B,) final score after penalties, normalisation and clipping"""
-    # ---- derived
-    rewards: torch.Tensor | None = None
-    """(B, R) per-token rewards: -kl_coef * KL_t, plus the score on the last valid token"""
-    advantages: torch.Tensor | None = None
-    """(B, R) GAE advantages (whitened if configured)"""
-    returns: torch.Tensor | None = None
-    """(B, R) value targets"""
+    """(B, R) entropy of the policy's next-token distribution"""
+    values: torch.Tensor | None = None
+    """(B, R) V_old(s_t) from a value head on the policy's hidden states"""
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -75,12 +66,6 @@ class Rollout:
                 value = [value[i] for i in rows]
             out[f.name] = value
         return Rollout(**out)
-
-    def select(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
-        """The tensors the update needs, for the rows in ``index`` (a minibatch)."""
-        names = ("input_ids", "attention_mask", "response_mask", "logprobs", "values",
-                 "advantages", "returns")
-        return {n: getattr(self, n)[index] for n in names}
 
 
 def off_policy_settings(cfg: GenerationConfig) -> list[str]:
@@ -311,11 +296,13 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
         hidden = base(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
                       **{cache_kw: cache}).last_hidden_state[:, -1]  # (b, H)
         logits = postprocess_logits(head(hidden), config).float()
-        if cfg.temperature != 1.0:
-            logits = logits / cfg.temperature
-        logp = torch.log_softmax(logits, -1) if record or not warped else None
+        # the same function as the training forward's log-probs (models.token_logprobs)
+        logp = (ops.log_softmax_with_temperature(logits, cfg.temperature)
+                if record or not warped else None)
         probs = logp.exp() if logp is not None else None
         if warped:
+            if cfg.temperature != 1.0:
+                logits = logits / cfg.temperature
             if cfg.repetition_penalty != 1.0 and seen is None:
                 # counts, so that a pad id which is also a real prompt token still counts
                 counts = torch.zeros(logits.shape, device=dev)
@@ -326,8 +313,8 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
         # Rows that stopped earlier but are still in the batch write too: cut at `end` below.
         tokens[rows, t] = tok
         if record:
-            out["logprobs"][rows, t] = logp.gather(-1, tok[:, None]).squeeze(-1)
-            out["entropy"][rows, t] = -(probs * logp).sum(-1)
+            out["logprobs"][rows, t], out["entropy"][rows, t] = ops.token_logprobs_and_entropy(
+                logp, tok, probs=probs)
             if value_fn is not None:
                 out["values"][rows, t] = value_fn(hidden)
         steps = t + 1
@@ -416,7 +403,9 @@ def generate(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig,
     response_ids = response_ids[:, :R]
     response_mask = (torch.arange(R)[None, :] < lengths[:, None]).long()
     response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    rollout = Rollout(
+    recorded = {key: column(key, 0.0)[:, :R] * response_mask
+                for key in ("logprobs", "entropy", "values") if key in parts[0]}
+    return Rollout(
         input_ids=torch.cat([prompt_ids, response_ids], dim=1),
         attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
         prompt_length=P,
@@ -424,8 +413,5 @@ def generate(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig,
         stopped=stopped,
         prompts=list(prompts),
         response_texts=decode_responses(response_ids, lengths, tokenizer, cfg.stop_strings),
+        **recorded,
     )
-    for key in ("logprobs", "entropy", "values"):
-        if key in parts[0]:
-            setattr(rollout, key, column(key, 0.0)[:, :R] * response_mask)
-    return rollout

@@ -12,18 +12,17 @@ length, ``N`` label tokens in it, ``H`` hidden size.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from . import finetune as ft
-from .config import ModelConfig, PeftConfig, config_from_dict, save_config, validate_peft
+from .config import FinetuneOptimConfig, ModelConfig, PeftConfig, RunConfig
 from .data import DataError, _is_messages, render_prompt
 from .finetune import TrainConfig
 from .models import apply_lora, is_peft, load_causal_lm, load_tokenizer, token_logprobs, transformer
@@ -42,12 +41,12 @@ class SFTDataConfig:
     """training data: local .json/.jsonl/.csv/.parquet file, `save_to_disk` folder, or hub id"""
     split: str = "train"
     """dataset split of `path`"""
-    eval_path: str | None = None
-    """held-out data in the same format (default: `eval_fraction` of `path`)"""
-    eval_split: str = "test"
-    """dataset split of `eval_path` (any name for a local file)"""
-    eval_fraction: float = 0.1
-    """share of `path` held out for the eval loss when there is no `eval_path` (0: no eval)"""
+    heldout_path: str | None = None
+    """held-out data in the same format (default: `heldout_fraction` of `path`)"""
+    heldout_split: str = "test"
+    """dataset split of `heldout_path` (any name for a local file)"""
+    heldout_fraction: float = 0.1
+    """share of `path` held out for the held-out loss when there is no `heldout_path` (0: none)"""
     prompt_column: str = "prompt"
     """column with the prompt: a string, or chat messages rendered with the generation prompt"""
     response_column: str = "response"
@@ -65,39 +64,36 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunConfig):
+    """``rlhf-ppo sft``: supervised fine-tuning."""
+
     output_dir: str = "runs/sft"
     """folder for metrics.jsonl, config.yaml and the fine-tuned model (OUTPUT_DIR/final)"""
     seed: int = 0
-    """random seed for the eval split, data order and new weights (LoRA)"""
+    """random seed for the held-out split, data order and new weights (LoRA)"""
     overwrite: bool = False
     """start afresh in an output_dir that holds another run (its files are deleted)"""
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
-    """autocast the forward (float32 master weights); null: the launch config's"""
     model: ModelConfig = field(default_factory=ModelConfig)
     """the causal LM to fine-tune (model.name_or_path, tokenizer, revision, dtype, gguf_file, ...)"""
     peft: PeftConfig = field(default_factory=PeftConfig)
     """LoRA: train an adapter instead of all weights (saved in final/, merged copy optional)"""
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    """optimizer and schedule"""
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     """prompt/response or chat data"""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """optimisation"""
+    """passes, steps and batch sizes"""
+
+    RENAMED: ClassVar[dict[str, str]] = ft.FINETUNE_RENAMED
 
     def __post_init__(self) -> None:
         validate(self)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict of the config (YAML/JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
 
 def validate(cfg: SFTConfig) -> None:
     """Value ranges and cross-field constraints; ConfigError naming the key."""
-    d = cfg.data
-    ft.validate_data(d, ("prompt_column", "response_column", "messages_column"))
-    ft.validate_train(cfg.train)
+    ft.validate_data(cfg.data, ("prompt_column", "response_column", "messages_column"))
     ft.validate_model_keys(cfg.model, "sft")
-    validate_peft(cfg.peft)
 
 
 # --------------------------------------------------------------------------- examples
@@ -236,17 +232,17 @@ def encode_rows(ds, tokenizer, data: SFTDataConfig, where: str) -> list[SFTExamp
 
 def load_examples(data: SFTDataConfig, tokenizer, seed: int
                   ) -> tuple[list[SFTExample], list[SFTExample]]:
-    """``(train, eval)`` examples: from ``data.eval_path``, else a seeded ``eval_fraction``."""
+    """``(train, held-out)`` examples: from ``data.heldout_path``, else a seeded ``heldout_fraction``."""
     train = encode_rows(ft.load_table(data.path, data.split, "data.path"), tokenizer, data,
                         repr(data.path))
-    if data.eval_path is not None:
-        held = encode_rows(ft.load_table(data.eval_path, data.eval_split, "data.eval_path"),
-                           tokenizer, data, repr(data.eval_path))
+    if data.heldout_path is not None:
+        held = encode_rows(ft.load_table(data.heldout_path, data.heldout_split, "data.heldout_path"),
+                           tokenizer, data, repr(data.heldout_path))
         return train, held
-    if data.eval_fraction > 0 and len(train) < 2:
-        raise DataError(f"data.eval_fraction: {data.path!r} has {len(train)} usable example(s); "
-                        "need at least 2 to hold one out (or set data.eval_fraction=0)")
-    return ft.split_eval(train, data.eval_fraction, seed)
+    if data.heldout_fraction > 0 and len(train) < 2:
+        raise DataError(f"data.heldout_fraction: {data.path!r} has {len(train)} usable example(s); "
+                        "need at least 2 to hold one out (or set data.heldout_fraction=0)")
+    return ft.split_heldout(train, data.heldout_fraction, seed)
 
 
 def pack(examples: list[SFTExample], max_length: int, seed: int) -> list[SFTExample]:
@@ -364,61 +360,52 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data`` and save it to ``OUTPUT_DIR/final``.
 
     Writes ``OUTPUT_DIR/metrics.jsonl`` (one line per optimizer step: loss, lr, grad norm,
-    tokens; and the eval loss before and after training) and ``OUTPUT_DIR/config.yaml``.
-    Returns ``{"train_loss_first", "train_loss_last", "eval_loss_before", "eval_loss_after",
-    "steps", "train_examples", "eval_examples", "output", "merged"}`` (eval losses None without
-    eval data; ``merged``: the merged LoRA model's folder, or None).
+    tokens; and the held-out loss before and after training) and ``OUTPUT_DIR/config.yaml``.
+    Returns ``{"train_loss_first", "train_loss_last", "heldout_loss_before",
+    "heldout_loss_after", "steps", "train_examples", "heldout_examples", "output", "merged"}``
+    (held-out losses None without held-out data; ``merged``: the merged LoRA model's folder, or
+    None).
     """
-    from accelerate.utils import set_seed
-
-    cfg = config_from_dict(cfg.to_dict(), SFTConfig)  # re-check values changed after construction
-    acc = ft.make_accelerator(cfg.mixed_precision)
-    if acc.is_main_process:
-        save_config(cfg, ft.prepare_output_dir(cfg.output_dir, cfg.overwrite) / "config.yaml")
-    acc.wait_for_everyone()
-    final, metrics_file = Path(cfg.output_dir) / "final", Path(cfg.output_dir) / "metrics.jsonl"
-    set_seed(cfg.seed)
+    cfg, acc, run_log = ft.start_run(cfg, SFTConfig)
+    final = Path(cfg.output_dir) / "final"
 
     # step 1. tokenizer, examples (packed into blocks when asked), model
     tokenizer = load_tokenizer(cfg.model)
     pad = tokenizer.pad_token_id
-    train_ex, eval_ex = load_examples(cfg.data, tokenizer, cfg.seed)
-    logger.info("sft: %d training and %d held-out examples", len(train_ex), len(eval_ex))
+    train_ex, held_ex = load_examples(cfg.data, tokenizer, cfg.seed)
+    logger.info("sft: %d training and %d held-out examples", len(train_ex), len(held_ex))
     items = pack(train_ex, cfg.data.max_length, cfg.seed) if cfg.data.packing else train_ex
     model = load_model(cfg)
-    ft.check_context(model, max(len(x.input_ids) for x in items + eval_ex))
+    ft.check_context(model, max(len(x.input_ids) for x in items + held_ex))
 
     # step 2. optimizer, schedule, engine
     t = cfg.train
     plan = ft.step_plan(len(items), t, cfg.seed, acc.process_index, acc.num_processes)
     optimizer, scheduler = ft.make_optimizer([p for p in model.parameters() if p.requires_grad],
-                                             t, len(plan))
+                                             cfg.optim, len(plan))
     module, optimizer = acc.prepare(CausalLMLoss(model), optimizer)
 
     def step_batches(rows: list[int]) -> tuple[list[dict], list[float]]:
         mbs = micro_batches([items[i] for i in rows], t.micro_batch_size, pad, cfg.data.packing)
         return mbs, [label_count(b) for b in mbs]
 
-    eval_mbs = micro_batches(eval_ex, t.eval_batch_size, pad, packed=False)
-    eval_counts = [label_count(b) for b in eval_mbs]
+    held_mbs = micro_batches(held_ex, t.heldout_batch_size, pad, packed=False)
+    held_counts = [label_count(b) for b in held_mbs]
 
     # step 3. held-out loss before, the optimizer steps, held-out loss after
-    before = ft.log_eval(acc, module, eval_mbs, eval_counts, lm_loss, metrics_file, "before", 0)
+    before = ft.log_heldout(module, held_mbs, held_counts, lm_loss, run_log, "before", 0)
     history = ft.fit(acc, module, optimizer, scheduler, plan, step_batches, lm_loss,
-                     t.max_grad_norm, metrics_file, "sft", unit="tokens")
-    after = ft.log_eval(acc, module, eval_mbs, eval_counts, lm_loss, metrics_file, "after",
-                        len(plan))
+                     cfg.optim.max_grad_norm, run_log, "sft", unit="tokens")
+    after = ft.log_heldout(module, held_mbs, held_counts, lm_loss, run_log, "after", len(plan))
 
     # step 4. save (the main process writes)
     merged = cfg.peft.enabled and cfg.peft.save_merged
-    acc.wait_for_everyone()
+    ft.save_final(acc, final, lambda tmp: save_model(ft.unwrap(acc, module), tokenizer, tmp, merged))
     if acc.is_main_process:
-        save_model(ft.unwrap(acc, module), tokenizer, final, merged)
         logger.info("sft: %d steps, train loss %.4f -> %.4f, held-out loss %s -> %s; saved to %s",
                     len(plan), history[0]["loss"], history[-1]["loss"], ft.fmt(before.get("loss")),
                     ft.fmt(after.get("loss")), final)
-    acc.wait_for_everyone()
     return {"train_loss_first": history[0]["loss"], "train_loss_last": history[-1]["loss"],
-            "eval_loss_before": before.get("loss"), "eval_loss_after": after.get("loss"),
-            "steps": len(plan), "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+            "heldout_loss_before": before.get("loss"), "heldout_loss_after": after.get("loss"),
+            "steps": len(plan), "train_examples": len(train_ex), "heldout_examples": len(held_ex),
             "output": str(final), "merged": str(final / "merged") if merged else None}

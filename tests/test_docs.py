@@ -1,36 +1,118 @@
-"""The README documents every config field (its table is generated from the dataclasses)."""
+"""The docs are current and connected: README.md is short, starts with the two commands, links
+every docs page; relative links resolve; docs/config.md documents every config field (its tables
+are generated from the dataclasses by rlhf_ppo.config_reference)."""
 
-import importlib.util
+import re
 from pathlib import Path
 
+import pytest
+
+from rlhf_ppo import config_reference as ref
+
 ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+README_MAX_BYTES = 15_000
+
+_FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
+_CODE = re.compile(r"`[^`\n]*`")
+_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("config_reference",
-                                                  ROOT / "scripts" / "config_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def links(text: str) -> list[str]:
+    """Targets of the markdown links and images in `text`, outside code blocks and code spans."""
+    text = _CODE.sub("", _FENCE.sub("", text))
+    return _LINK.findall(text)
 
 
-def test_readme_config_tables_are_current():
-    ref = _script()
-    readme = (ROOT / "README.md").read_text()
-    for command in ref.COMMANDS:
-        begin, end = ref.markers(command)
-        section = readme.split(begin, 1)[1].split(end, 1)[0].strip()
-        assert section == ref.table(command), "run: python scripts/config_reference.py --write"
+def broken_links(path: Path) -> list[str]:
+    """Relative link targets of the markdown file `path` that name no existing file or folder."""
+    bad = []
+    for target in links(path.read_text()):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
+            continue  # a URL (http:, mailto:, ...) or an anchor in the same page
+        file = target.split("#", 1)[0].split("?", 1)[0]
+        if not (path.parent / file).exists():
+            bad.append(target)
+    return bad
+
+
+def unlinked_pages(readme: Path, pages: list[Path]) -> list[Path]:
+    """The pages that `readme` does not link to."""
+    linked = {(readme.parent / t.split("#", 1)[0]).resolve() for t in links(readme.read_text())
+              if not re.match(r"^[a-z][a-z0-9+.-]*:", t, re.I) and not t.startswith("#")}
+    return [p for p in pages if p.resolve() not in linked]
+
+
+def doc_pages() -> list[Path]:
+    return sorted((ROOT / "docs").glob("*.md"))
+
+
+def test_config_reference_is_current():
+    text = (ROOT / "docs" / "config.md").read_text()
+    assert not ref.stale(text), f"docs/config.md is stale: run {ref.WRITE_COMMAND}"
+
+
+def test_config_reference_check_fails_when_stale(tmp_path, capsys):
+    current = tmp_path / "current.md"
+    current.write_text((ROOT / "docs" / "config.md").read_text())
+    assert ref.main(["--check", "--file", str(current)]) == 0
+    stale = tmp_path / "stale.md"
+    begin, end = ref.markers("sft")
+    stale.write_text(current.read_text().replace(begin, f"{begin}\n| `old_key` | int | `0` | x |"))
+    assert ref.stale(stale.read_text()) == ["sft"]
+    assert ref.main(["--check", "--file", str(stale)]) == 1
+    assert ref.WRITE_COMMAND in capsys.readouterr().err
+    assert ref.main(["--write", "--file", str(stale)]) == 0
+    assert stale.read_text() == current.read_text()
+    missing = tmp_path / "missing.md"
+    missing.write_text("# no markers\n")
+    assert ref.stale(missing.read_text()) == list(ref.COMMANDS)
+    assert ref.main(["--write", "--file", str(missing)]) == 1
 
 
 def test_readme_starts_with_the_two_commands():
-    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines() if ln.strip()]
+    lines = [ln for ln in README.read_text().splitlines() if ln.strip()]
     blocks = [ln for ln in lines[:12] if ln.startswith(("python", "pip"))]
     assert len(blocks) == 2
     assert blocks[0].endswith("rlhf-ppo quickstart")
     assert "pytest" in blocks[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert blocks[1] in ci  # CI runs exactly the README's test command
+
+
+def test_readme_is_short():
+    size = README.stat().st_size
+    assert size <= README_MAX_BYTES, (
+        f"README.md is {size} bytes, over {README_MAX_BYTES}: move detail to a docs/ page")
+
+
+def test_readme_links_every_docs_page():
+    pages = doc_pages()
+    assert pages
+    missing = unlinked_pages(README, pages)
+    assert not missing, f"README.md does not link {[str(p.relative_to(ROOT)) for p in missing]}"
+
+
+@pytest.mark.parametrize("page", [README, *doc_pages()], ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    bad = broken_links(page)
+    assert not bad, f"{page.relative_to(ROOT)}: links to missing files: {bad}"
+
+
+def test_the_link_checks_can_fail(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("[b](b.md) [up](../README.md#x) ![i](img/i.png)")
+    (tmp_path / "docs" / "b.md").write_text("")
+    readme = tmp_path / "README.md"
+    readme.write_text("[a](docs/a.md#s) [web](https://x.org/y.md) [here](#top)\n"
+                      "```\n[in code](docs/gone.md)\n```\n`[span](docs/gone.md)`\n")
+    pages = sorted((tmp_path / "docs").glob("*.md"))
+    assert broken_links(readme) == []
+    assert broken_links(tmp_path / "docs" / "a.md") == ["img/i.png"]
+    assert unlinked_pages(readme, pages) == [tmp_path / "docs" / "b.md"]
+    readme.write_text(readme.read_text() + "[b](docs/b.md) [gone](docs/gone.md)")
+    assert unlinked_pages(readme, pages) == []
+    assert broken_links(readme) == ["docs/gone.md"]
 
 
 def test_a_command_can_redocument_a_section_field():

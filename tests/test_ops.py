@@ -49,51 +49,62 @@ def test_masked_mean_empty_row_is_zero_not_nan():
     assert_close(ops.masked_mean(x, torch.zeros_like(mask)), torch.tensor(0.0))
 
 
-def test_masked_var_unbiased_and_biased():
-    x, mask = _stats_example()
-    # valid values 1, 2, 3, 4: mean 2.5, squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5
-    assert_close(ops.masked_var(x, mask), torch.tensor(5.0 / 3))  # / (n - 1)
-    assert_close(ops.masked_var(x, mask, unbiased=False), torch.tensor(5.0 / 4))  # / n
+def _unbiased_var(x, mask):
+    valid = x[mask.bool()]
+    return ((valid - valid.mean()) ** 2).sum() / (valid.numel() - 1)
 
 
-def test_masked_whiten_shift_mean_true():
+def test_whiten_with_given_statistics_shift_mean_true():
     x, mask = _stats_example()
-    out = ops.masked_whiten(x, mask)
+    # valid values 1, 2, 3, 4: mean 2.5, squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5,
+    # unbiased variance 5 / 3 (the statistics the trainer reduces over processes)
+    out = ops.whiten(x, mask, 2.5, 5.0 / 3)
     # (x - 2.5) / sqrt(5/3 + 1e-8) on valid tokens, 0 on padding
     std = math.sqrt(5.0 / 3 + 1e-8)
     expected = torch.tensor([[(1 - 2.5) / std, (2 - 2.5) / std, (3 - 2.5) / std],
                              [(4 - 2.5) / std, 0.0, 0.0]])
     assert_close(out, expected)
     assert_close(ops.masked_mean(out, mask), torch.tensor(0.0))
-    assert_close(ops.masked_var(out, mask), torch.tensor(1.0))  # unbiased variance 1
+    assert_close(_unbiased_var(out, mask), torch.tensor(1.0))  # unbiased variance 1
     assert out[1, 1] == 0 and out[1, 2] == 0
 
 
-def test_masked_whiten_shift_mean_false_keeps_mean():
+def test_whiten_shift_mean_false_keeps_mean():
     x, mask = _stats_example()
-    out = ops.masked_whiten(x, mask, shift_mean=False)
+    out = ops.whiten(x, mask, 2.5, 5.0 / 3, shift_mean=False)
     # (x - 2.5) / std + 2.5 on valid tokens, 0 on padding
     std = math.sqrt(5.0 / 3 + 1e-8)
     expected = torch.tensor([[(1 - 2.5) / std + 2.5, (2 - 2.5) / std + 2.5, (3 - 2.5) / std + 2.5],
                              [(4 - 2.5) / std + 2.5, 0.0, 0.0]])
     assert_close(out, expected)
     assert_close(ops.masked_mean(out, mask), torch.tensor(2.5))
-    assert_close(ops.masked_var(out, mask), torch.tensor(1.0))
+    assert_close(_unbiased_var(out, mask), torch.tensor(1.0))
 
 
 # --------------------------------------------------------------------------- log-probs, entropy
 
+def _lp_ent(logits, tokens, temperature=1.0):
+    return ops.token_logprobs_and_entropy(ops.log_softmax_with_temperature(logits, temperature),
+                                          tokens)
+
+
 def test_logprobs_and_entropy_hand_example():
     # logits (0, ln 2, ln 3) -> softmax (1/6, 2/6, 3/6)
     logits = torch.tensor([[0.0, math.log(2.0), math.log(3.0)]])
-    tokens = torch.tensor([2])
-    assert_close(ops.logprobs_from_logits(logits, tokens), torch.tensor([math.log(3 / 6)]))
-    assert_close(ops.logprobs_from_logits(logits, torch.tensor([0])),
-                 torch.tensor([math.log(1 / 6)]))
+    lp, ent = _lp_ent(logits, torch.tensor([2]))
+    assert_close(lp, torch.tensor([math.log(3 / 6)]))
+    assert_close(_lp_ent(logits, torch.tensor([0]))[0], torch.tensor([math.log(1 / 6)]))
     # H = -sum p log p
     p = [1 / 6, 2 / 6, 3 / 6]
-    assert_close(ops.entropy_from_logits(logits),
-                 torch.tensor([-sum(q * math.log(q) for q in p)]))
+    assert_close(ent, torch.tensor([-sum(q * math.log(q) for q in p)]))
+
+
+def test_logprobs_with_temperature_hand_example():
+    # logits (0, ln 4) at temperature 2 -> (0, ln 2) -> softmax (1/3, 2/3)
+    logits = torch.tensor([[0.0, math.log(4.0)]])
+    lp, ent = _lp_ent(logits, torch.tensor([1]), temperature=2.0)
+    assert_close(lp, torch.tensor([math.log(2 / 3)]))
+    assert_close(ent, torch.tensor([-(1 / 3) * math.log(1 / 3) - (2 / 3) * math.log(2 / 3)]))
 
 
 def test_logprobs_and_entropy_vs_manual_softmax():
@@ -103,14 +114,18 @@ def test_logprobs_and_entropy_vs_manual_softmax():
     # manual softmax: p = exp(z) / sum exp(z)
     p = logits.exp() / logits.exp().sum(-1, keepdim=True)
     expected_logp = torch.log(p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
-    assert_close(ops.logprobs_from_logits(logits, tokens), expected_logp)
-    assert_close(ops.entropy_from_logits(logits), -(p * p.log()).sum(-1))
+    lp, ent = _lp_ent(logits, tokens)
+    assert_close(lp, expected_logp)
+    assert_close(ent, -(p * p.log()).sum(-1))
+    # the sampling loop passes the probabilities it drew from: the same entropy
+    logp = ops.log_softmax_with_temperature(logits)
+    assert_close(ops.token_logprobs_and_entropy(logp, tokens, probs=logp.exp())[1], ent)
+    assert (ops.token_logprobs_and_entropy(logp, tokens, with_entropy=False)[1] == 0).all()
 
 
 def test_logprobs_and_entropy_computed_in_float32():
     logits = torch.tensor([[0.0, math.log(2.0), math.log(3.0)]], dtype=torch.bfloat16)
-    lp = ops.logprobs_from_logits(logits, torch.tensor([1]))
-    ent = ops.entropy_from_logits(logits)
+    lp, ent = _lp_ent(logits, torch.tensor([1]))
     assert lp.dtype == torch.float32 and ent.dtype == torch.float32
     z = logits.float()  # the bf16 values, computed in float32
     p = z.exp() / z.exp().sum(-1, keepdim=True)
@@ -476,21 +491,6 @@ def test_value_loss_seq_mean():
     loss, _ = ops.value_loss(values, old, returns, mask, clip_range=0.2, aggregation="seq-mean")
     # 0.5 * ((0.64 + 0.25 + 0.81) / 3 + 0.64 / 1) / 2
     assert_close(loss, torch.tensor(0.5 * ((0.64 + 0.25 + 0.81) / 3 + 0.64) / 2))
-
-
-# --------------------------------------------------------------------------- explained variance
-
-def test_explained_variance():
-    returns = torch.tensor([[1.0, 2.0, 3.0], [4.0, JUNK, JUNK]])
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    # perfect critic
-    assert_close(ops.explained_variance(returns.clone(), returns, mask), torch.tensor(1.0))
-    # constant critic equal to the mean of the valid returns (2.5)
-    const = torch.full_like(returns, 2.5)
-    assert_close(ops.explained_variance(const, returns, mask), torch.tensor(0.0))
-    # R - V = (0, 0, 0, 1): unbiased var = (3 * 0.25^2 + 0.75^2) / 3 = 0.25; Var(R) = 5/3
-    values = torch.tensor([[1.0, 2.0, 3.0], [3.0, -JUNK, 0.0]])
-    assert_close(ops.explained_variance(values, returns, mask), torch.tensor(1 - 0.25 / (5 / 3)))
 
 
 # --------------------------------------------------------------------------- KL controllers

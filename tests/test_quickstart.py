@@ -51,8 +51,8 @@ def test_repetition_pair_has_equal_sentiment():
 def test_quickstart_pipeline_end_to_end_and_reuse(tmp_path, capsys):
     out = tmp_path / "qs"
     s = q.run_quickstart(out)
-    assert s["sft"]["eval_loss_after"] < s["sft"]["eval_loss_before"] - 2
-    assert s["reward"]["eval_accuracy"] >= 0.8
+    assert s["sft"]["heldout_loss_after"] < s["sft"]["heldout_loss_before"] - 2
+    assert s["reward"]["heldout_accuracy"] >= 0.8
     ev = s["eval"]
     # the policy beats the SFT reference with a confidence interval that excludes zero ...
     assert ev["score_diff"]["ci_low"] > 0 and ev["win_rate"]["ci_low"] > 0.5

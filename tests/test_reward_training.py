@@ -13,9 +13,9 @@ import torch
 
 from rlhf_ppo import builtin
 from rlhf_ppo import finetune as ft
-from rlhf_ppo.cli import main
 from rlhf_ppo.config import ConfigError, DataConfig, ModelConfig, PeftConfig, RewardSource, load_config
 from rlhf_ppo.data import DataError, Prompt, left_pad, load_prompts
+from rlhf_ppo.config import FinetuneOptimConfig
 from rlhf_ppo.finetune import TrainConfig
 from rlhf_ppo.models import load_tokenizer
 from rlhf_ppo.reward_training import (
@@ -78,9 +78,11 @@ def tok(tiny_policy_dir):
 def rm_cfg(start: str, path: str, out: Path, **kw) -> RewardTrainConfig:
     train = dict(epochs=1, batch_size=16, micro_batch_size=16, lr=3e-3)
     train.update(kw.pop("train", {}))
+    optim = {k: train.pop(k) for k in ("lr", "weight_decay", "max_grad_norm", "scheduler",
+                                       "warmup_steps") if k in train}
     return RewardTrainConfig(output_dir=str(out), model=ModelConfig(name_or_path=start),
                              data=RewardDataConfig(path=path, max_length=32, **kw.pop("data", {})),
-                             train=TrainConfig(**train), **kw)
+                             train=TrainConfig(**train), optim=FinetuneOptimConfig(**optim), **kw)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -165,20 +167,20 @@ def trained(tmp_path_factory, tiny_policy_dir):
     d = tmp_path_factory.mktemp("rm_run")
     rows = preference_rows(240)
     train, held = write_jsonl(d / "train.jsonl", rows[:192]), write_jsonl(d / "held.jsonl", rows[192:])
-    cfg = rm_cfg(tiny_policy_dir, train, d / "out", data=dict(eval_path=held), train=dict(epochs=2))
+    cfg = rm_cfg(tiny_policy_dir, train, d / "out", data=dict(heldout_path=held), train=dict(epochs=2))
     return run_reward_training(cfg), rows[192:], d / "out"
 
 
 def test_reward_training_learns_to_rank_heldout_pairs(trained):
     out, _, folder = trained
-    assert out["eval_pairs"] == 48 and out["train_pairs"] == 192 and out["steps"] == 24
-    assert out["eval_accuracy"] >= 0.9 and out["eval_accuracy"] > out["eval_accuracy_before"]
-    assert out["eval_loss"] < out["eval_loss_before"] < 1.0  # ~log 2 at a random head
+    assert out["heldout_pairs"] == 48 and out["train_pairs"] == 192 and out["steps"] == 24
+    assert out["heldout_accuracy"] >= 0.9 and out["heldout_accuracy"] > out["heldout_accuracy_before"]
+    assert out["heldout_loss"] < out["heldout_loss_before"] < 1.0  # ~log 2 at a random head
     lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == list(range(1, 25))
-    evals = {m["stage"]: (m["eval_accuracy"], m["eval_loss"]) for m in lines if "eval_loss" in m}
-    assert evals == {"before": (out["eval_accuracy_before"], out["eval_loss_before"]),
-                     "after": (out["eval_accuracy"], out["eval_loss"])}
+    evals = {m["stage"]: (m["heldout_accuracy"], m["heldout_loss"]) for m in lines if "heldout_loss" in m}
+    assert evals == {"before": (out["heldout_accuracy_before"], out["heldout_loss_before"]),
+                     "after": (out["heldout_accuracy"], out["heldout_loss"])}
 
 
 def test_ppo_model_reward_scores_the_saved_model_as_trained(trained, tok, tmp_path):
@@ -194,7 +196,7 @@ def test_ppo_model_reward_scores_the_saved_model_as_trained(trained, tok, tmp_pa
                                       max_prompt_length=32), tok)
     chosen = reward(_rollout(tok, prompts, [r["chosen"] for r in held]))
     rejected = reward(_rollout(tok, prompts, [r["rejected"] for r in held]))
-    assert (chosen > rejected).float().mean().item() == pytest.approx(out["eval_accuracy"])
+    assert (chosen > rejected).float().mean().item() == pytest.approx(out["heldout_accuracy"])
     # ... and the very scores training computed for those pairs.
     pairs = encode_pairs(ft.load_table(str(tmp_path / "p.jsonl"), "train", "data.path"),
                          PairFormatter(tok), RewardDataConfig(path="x"), "held")
@@ -203,29 +205,29 @@ def test_ppo_model_reward_scores_the_saved_model_as_trained(trained, tok, tmp_pa
         scores = RewardScorer(model.eval())(batch["input_ids"], batch["attention_mask"])
         loss, _ = pair_loss(RewardScorer(model.eval()), batch)
     torch.testing.assert_close(scores, torch.cat([chosen, rejected]), atol=1e-5, rtol=1e-5)
-    assert loss.item() / len(held) == pytest.approx(out["eval_loss"], rel=1e-4)
+    assert loss.item() / len(held) == pytest.approx(out["heldout_loss"], rel=1e-4)
 
 
 def test_lora_reward_model_is_saved_merged_as_a_plain_classifier(tmp_path, tiny_reward_dir):
     from transformers import AutoModelForSequenceClassification
 
     path = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(80, seed=3))
-    cfg = rm_cfg(tiny_reward_dir, path, tmp_path / "out", data=dict(eval_fraction=0.25),
+    cfg = rm_cfg(tiny_reward_dir, path, tmp_path / "out", data=dict(heldout_fraction=0.25),
                  peft=PeftConfig(enabled=True, r=4), train=dict(epochs=2, batch_size=20, micro_batch_size=10))
     out = run_reward_training(cfg)
     final = Path(out["output"])
     assert not (final / "adapter_config.json").exists()
     model = AutoModelForSequenceClassification.from_pretrained(final).eval()
     # The merged weights give the accuracy measured on the PEFT model (same held-out split).
-    _, held = ft.split_eval(encode_pairs(ft.load_table(path, "train", "data.path"),
+    _, held = ft.split_heldout(encode_pairs(ft.load_table(path, "train", "data.path"),
                                          PairFormatter(load_tokenizer(ModelConfig(name_or_path=str(final)))),
                                          RewardDataConfig(path=path), "p"), 0.25, 0)
     batch = collate_pairs(held, PAD)
     with torch.no_grad():
         loss, stats = pair_loss(RewardScorer(model), batch)
-    assert stats["accuracy"].item() / len(held) == pytest.approx(out["eval_accuracy"])
-    assert loss.item() / len(held) == pytest.approx(out["eval_loss"], rel=1e-4)
-    assert out["eval_loss"] < out["eval_loss_before"]
+    assert stats["accuracy"].item() / len(held) == pytest.approx(out["heldout_accuracy"])
+    assert loss.item() / len(held) == pytest.approx(out["heldout_loss"], rel=1e-4)
+    assert out["heldout_loss"] < out["heldout_loss_before"]
 
 
 # --------------------------------------------------------------------------- data handling
@@ -267,8 +269,8 @@ def test_bad_pairs_name_the_column(tok, tmp_path, rows, message):
 
 def test_missing_eval_file_names_the_key(tmp_path, tiny_policy_dir):
     path = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(8))
-    cfg = rm_cfg(tiny_policy_dir, path, tmp_path / "out", data=dict(eval_path=str(tmp_path / "no.jsonl")))
-    with pytest.raises(DataError, match="data.eval_path: file .*no.jsonl.* not found"):
+    cfg = rm_cfg(tiny_policy_dir, path, tmp_path / "out", data=dict(heldout_path=str(tmp_path / "no.jsonl")))
+    with pytest.raises(DataError, match="data.heldout_path: file .*no.jsonl.* not found"):
         run_reward_training(cfg)
 
 
@@ -277,7 +279,7 @@ def test_missing_eval_file_names_the_key(tmp_path, tiny_policy_dir):
     ("peft.adapter_path=x", "peft.adapter_path: expected null unless peft.enabled is true"),
     ("model.critic=separate", "model.critic: expected 'shared' (not used by `rlhf-ppo reward`)"),
     ("model.gguf_file=m.gguf", "model.gguf_file: expected null (not used by `rlhf-ppo reward`)"),
-    ("train.lr=0", "train.lr: expected a number > 0"),
+    ("optim.lr=0", "optim.lr: expected a number > 0"),
 ])
 def test_bad_config_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -287,13 +289,33 @@ def test_bad_config_values_name_the_key(override, message):
 
 # --------------------------------------------------------------------------- CLI
 
-def test_cli_reward_runs_the_example_config_and_refuses_bad_keys(tmp_path, tiny_policy_dir, capsys):
-    args = ["reward", "--config", str(ROOT / "configs" / "reward_tiny.yaml"), f"output_dir={tmp_path}",
-            f"model.name_or_path={tiny_policy_dir}",
-            f"data.path={ROOT / 'configs' / 'data' / 'pairs_tiny.jsonl'}", "train.max_steps=2"]
-    assert main(args) == 0
-    assert (tmp_path / "final" / "model.safetensors").is_file()
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2 + 2
-    assert main(["reward", "--config", str(ROOT / "configs" / "reward_tiny.yaml"),
-                 "data.chosen=x"]) == 2
-    assert "data.chosen: unknown key" in capsys.readouterr().err
+def test_cli_reward_runs_the_example_config_and_refuses_bad_keys(tmp_path, tiny_policy_dir, cli):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = ROOT / "configs" / "reward_tiny.yaml"
+    overrides = [f"output_dir={tmp_path}", f"model.name_or_path={tiny_policy_dir}",
+                 f"data.path={ROOT / 'configs' / 'data' / 'pairs_tiny.jsonl'}", "train.max_steps=2"]
+    out = cli("reward", "--config", config, *overrides)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2]  # train.max_steps
+    evals = {m["stage"]: m for m in lines if "heldout_loss" in m}
+    assert evals.keys() == {"before", "after"}
+    # the closing line reports this run's held-out numbers
+    done = out.stdout.splitlines()[-1]
+    assert done.startswith("done: ") and "steps 2," in done, done
+    after = evals["after"]
+    assert f"heldout_accuracy {round(after['heldout_accuracy'], 4)}," in done, done
+    assert f"heldout_loss {round(after['heldout_loss'], 4)}," in done, done
+    # the run's config: the overrides over the --config file
+    assert load_config(tmp_path / "config.yaml", cls=RewardTrainConfig).to_dict() == \
+        load_config(config, overrides, cls=RewardTrainConfig).to_dict()
+    # a one-output classifier whose backbone was trained from the policy's weights
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final")
+    assert rm.config.num_labels == 1
+    initial = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).model.state_dict()
+    trained = rm.model.state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(v, trained[k]) for k, v in initial.items())
+    out = cli("reward", "--config", config, "data.chosen=x")
+    assert out.returncode == 2 and "data.chosen: unknown key" in out.stderr

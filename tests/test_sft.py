@@ -4,10 +4,7 @@ and the CLI."""
 
 import json
 import logging
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +12,9 @@ import torch
 
 from rlhf_ppo import builtin
 from rlhf_ppo import finetune as ft
-from rlhf_ppo.cli import main
 from rlhf_ppo.config import ConfigError, ModelConfig, PeftConfig, load_config
 from rlhf_ppo.data import DataError
+from rlhf_ppo.config import FinetuneOptimConfig
 from rlhf_ppo.finetune import TrainConfig
 from rlhf_ppo.models import build_actor_critic, load_causal_lm, load_tokenizer
 from rlhf_ppo.sft import (
@@ -82,9 +79,11 @@ def reviews(tmp_path_factory):
 def sft_cfg(policy: str, path: str, out: Path, **kw) -> SFTConfig:
     train = dict(epochs=1, batch_size=16, micro_batch_size=8, lr=3e-3)
     train.update(kw.pop("train", {}))
+    optim = {k: train.pop(k) for k in ("lr", "weight_decay", "max_grad_norm", "scheduler",
+                                       "warmup_steps") if k in train}
     return SFTConfig(output_dir=str(out), model=ModelConfig(name_or_path=policy),
                      data=SFTDataConfig(path=path, max_length=32, **kw.pop("data", {})),
-                     train=TrainConfig(**train), **kw)
+                     train=TrainConfig(**train), optim=FinetuneOptimConfig(**optim), **kw)
 
 
 # --------------------------------------------------------------------------- labels
@@ -165,7 +164,9 @@ def test_a_step_does_not_depend_on_the_micro_batch_size(tok, tiny_policy_dir):
     data = SFTDataConfig(path="x")
     exs = [encode_prompt_response(r["prompt"], r["response"], tok, i, data)
            for i, r in enumerate(review_rows(6, seed=2))]
-    acc = ft.make_accelerator(None)
+    from rlhf_ppo.distributed import make_accelerator
+
+    acc = make_accelerator(None)
     after = []
     for micro in (6, 4, 1):
         module = CausalLMLoss(load_causal_lm(tiny_policy_dir, ModelConfig(), "m"))
@@ -190,16 +191,16 @@ def test_sft_lowers_the_heldout_loss_and_saves_a_model_ppo_loads(tmp_path, tiny_
     out = run_sft(cfg)
     # 2-4 words drawn uniformly from 8, then "." and EOS: the best possible loss is ~1.6 nats
     # per token; the random init starts near ln(81) ~ 4.4.
-    assert out["eval_loss_before"] > 4.0 and out["eval_loss_after"] < 3.0
+    assert out["heldout_loss_before"] > 4.0 and out["heldout_loss_after"] < 3.0
     assert out["train_loss_last"] < out["train_loss_first"] - 1.0
     # 240 rows: 24 held out, 216 in ceil(216 / 16) = 14 steps.
-    assert out["train_examples"] == 216 and out["eval_examples"] == 24 and out["steps"] == 14
+    assert out["train_examples"] == 216 and out["heldout_examples"] == 24 and out["steps"] == 14
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, 15))
     assert all(m["lr"] > 0 and m["tokens"] > 0 for m in steps)
-    evals = {m["stage"]: m["eval_loss"] for m in lines if "eval_loss" in m}
-    assert evals == {"before": out["eval_loss_before"], "after": out["eval_loss_after"]}
+    evals = {m["stage"]: m["heldout_loss"] for m in lines if "heldout_loss" in m}
+    assert evals == {"before": out["heldout_loss_before"], "after": out["heldout_loss_after"]}
     final = Path(out["output"])
     assert final == tmp_path / "final"
     AutoModelForCausalLM.from_pretrained(final)
@@ -209,11 +210,11 @@ def test_sft_lowers_the_heldout_loss_and_saves_a_model_ppo_loads(tmp_path, tiny_
     # The saved weights are the trained ones: the held-out loss under them is the reported one.
     held = SFTDataConfig(path=reviews, max_length=32)
     rows = ft.load_table(reviews, "train", "data.path")
-    _, eval_ex = ft.split_eval(encode_rows(rows, saved_tok, held, "reviews"), 0.1, 0)
+    _, eval_ex = ft.split_heldout(encode_rows(rows, saved_tok, held, "reviews"), 0.1, 0)
     batch = collate(eval_ex, PAD, packed=False)
     with torch.no_grad():
         loss = lm_loss(CausalLMLoss(ac.policy).eval(), batch)[0] / label_count(batch)
-    assert loss.item() == pytest.approx(out["eval_loss_after"], rel=1e-4)
+    assert loss.item() == pytest.approx(out["heldout_loss_after"], rel=1e-4)
 
 
 def test_lora_sft_saves_an_adapter_that_ppo_starts_from(tmp_path, tiny_policy_dir, reviews):
@@ -223,7 +224,7 @@ def test_lora_sft_saves_an_adapter_that_ppo_starts_from(tmp_path, tiny_policy_di
                   train=dict(max_steps=4, micro_batch_size=4),
                   peft=PeftConfig(enabled=True, r=4, save_merged=True))
     out = run_sft(cfg)
-    assert out["eval_loss_after"] < out["eval_loss_before"]
+    assert out["heldout_loss_after"] < out["heldout_loss_before"]
     final = Path(out["output"])
     assert out["merged"] == str(final / "merged")
     assert (final / "adapter_config.json").is_file() and (final / "merged" / "config.json").is_file()
@@ -279,7 +280,7 @@ def test_missing_or_empty_files_name_the_key(tmp_path, tiny_policy_dir):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.eval_fraction=1.5", "data.eval_fraction: expected a number in [0, 1)"),
+    ("data.heldout_fraction=1.5", "data.heldout_fraction: expected a number in [0, 1)"),
     ("train.micro_batch_size=0", "train.micro_batch_size: expected an integer >= 1"),
     ("model.ref_name_or_path=x", "model.ref_name_or_path: expected null (not used by `rlhf-ppo sft`)"),
     ("data.pack=true", "data.pack: unknown key"),
@@ -293,39 +294,90 @@ def test_bad_config_values_name_the_key(override, message):
 
 # --------------------------------------------------------------------------- CLI
 
-def test_cli_sft_runs_the_example_config_and_refuses_bad_keys(tmp_path, tiny_policy_dir, capsys):
-    args = ["sft", "--config", str(ROOT / "configs" / "sft_tiny.yaml"), f"output_dir={tmp_path}",
-            f"model.name_or_path={tiny_policy_dir}",
-            f"data.path={ROOT / 'configs' / 'data' / 'sft_tiny.jsonl'}", "train.max_steps=3"]
-    assert main(args) == 0
-    assert (tmp_path / "final" / "model.safetensors").is_file()
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3 + 2  # steps + 2 evals
-    assert main(args) == 2  # the folder holds a run now
-    assert "holds a run (metrics.jsonl, final, config.yaml)" in capsys.readouterr().err
-    assert main(args + ["overwrite=true", "train.lrr=1"]) == 2
-    assert "train.lrr: unknown key" in capsys.readouterr().err
+def test_cli_sft_runs_the_example_config_and_refuses_bad_keys(tmp_path, tiny_policy_dir, cli):
+    from transformers import AutoModelForCausalLM
+
+    config = ROOT / "configs" / "sft_tiny.yaml"
+    overrides = [f"output_dir={tmp_path}", f"model.name_or_path={tiny_policy_dir}",
+                 f"data.path={ROOT / 'configs' / 'data' / 'sft_tiny.jsonl'}", "train.max_steps=3"]
+    out = cli("sft", "--config", config, *overrides)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3]  # train.max_steps
+    evals = {m["stage"]: m["heldout_loss"] for m in lines if "heldout_loss" in m}
+    assert evals.keys() == {"before", "after"} and evals["after"] < evals["before"]
+    # the closing line reports this run
+    done = out.stdout.splitlines()[-1]
+    assert done.startswith("done: ") and "steps 3," in done, done
+    assert f"heldout_loss_before {round(evals['before'], 4)}," in done, done
+    assert f"heldout_loss_after {round(evals['after'], 4)}," in done, done
+    assert f"output {tmp_path / 'final'}," in done, done
+    # the run's config: the overrides over the --config file
+    assert load_config(tmp_path / "config.yaml", cls=SFTConfig).to_dict() == \
+        load_config(config, overrides, cls=SFTConfig).to_dict()
+    # the trained weights are saved
+    initial = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
+    assert any(not torch.equal(v, final[k]) for k, v in initial.items())
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    out = cli("sft", "--config", config, *overrides)
+    assert out.returncode == 2  # the folder holds a run now
+    assert "holds a run (metrics.jsonl, final, config.yaml)" in out.stderr
+    out = cli("sft", "--config", config, *overrides, "overwrite=true", "train.lrr=1")
+    assert out.returncode == 2 and "train.lrr: unknown key" in out.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics  # refused: the run is untouched
 
 
 def test_overwrite_clears_only_the_runs_files(tmp_path):
     for name in ("metrics.jsonl", "config.yaml", "notes.txt"):
         (tmp_path / name).write_text("x")
     (tmp_path / "final").mkdir()
+    from rlhf_ppo.runs import FINETUNE_RUN_FILES, clear_run, prepare_output_dir
+
     with pytest.raises(ConfigError, match="holds a run"):
-        ft.prepare_output_dir(str(tmp_path), overwrite=False)
-    ft.prepare_output_dir(str(tmp_path), overwrite=True)
+        prepare_output_dir(str(tmp_path), False, FINETUNE_RUN_FILES)
+    prepare_output_dir(str(tmp_path), True, FINETUNE_RUN_FILES)  # allowed; the caller clears
+    clear_run(tmp_path, FINETUNE_RUN_FILES)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-@pytest.mark.slow
-def test_cli_sft_with_bf16_autocast(tmp_path, tiny_policy_dir):
-    # its own process: accelerate fixes the precision once per process
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "rlhf_ppo", "sft", "--config",
-                          str(ROOT / "configs" / "sft_tiny.yaml"), f"output_dir={tmp_path}",
-                          f"model.name_or_path={tiny_policy_dir}", "mixed_precision=bf16",
-                          "train.max_steps=4"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=300, env=env)
+def test_renamed_keys_still_work_with_a_warning(tmp_path):
+    """`train.lr` moved to the shared `optim` section, `data.eval_*` became `data.heldout_*`:
+    the old keys keep working (with a FutureWarning naming the new one); both at once is an
+    error."""
+    old = ["data.path=x.jsonl", "train.lr=0.01", "train.scheduler=cosine",
+           "data.eval_fraction=0.2", "train.eval_batch_size=7", f"output_dir={tmp_path}"]
+    with pytest.warns(FutureWarning, match="train.lr is deprecated .* use optim.lr"):
+        cfg = load_config(None, old, cls=SFTConfig)
+    assert (cfg.optim.lr, cfg.optim.scheduler) == (0.01, "cosine")
+    assert (cfg.data.heldout_fraction, cfg.train.heldout_batch_size) == (0.2, 7)
+    with pytest.raises(ConfigError, match="train.lr: renamed to optim.lr, and both are set"):
+        load_config(ROOT / "configs" / "sft_tiny.yaml", ["train.lr=0.01"], cls=SFTConfig)
+
+
+def test_cli_sft_with_bf16_autocast(tmp_path, tiny_policy_dir, cli, fresh_accelerate_state,
+                                    monkeypatch):
+    # fresh_accelerate_state: accelerate fixes the precision once per process
+    from safetensors import safe_open
+
+    import rlhf_ppo.sft as sft_module
+
+    dtypes = set()  # of the first decoder layer's MLP output, over every forward
+    load_model = sft_module.load_model
+
+    def spy(cfg):
+        model = load_model(cfg)
+        model.model.layers[0].mlp.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
+        return model
+    monkeypatch.setattr(sft_module, "load_model", spy)
+    out = cli("sft", "--config", ROOT / "configs" / "sft_tiny.yaml", f"output_dir={tmp_path}",
+              f"model.name_or_path={tiny_policy_dir}", "mixed_precision=bf16", "train.max_steps=4")
     assert out.returncode == 0, out.stderr[-2000:]
+    assert torch.bfloat16 in dtypes  # autocast: the matmuls ran in bf16
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    evals = {m["stage"]: m["eval_loss"] for m in lines if "eval_loss" in m}
+    evals = {m["stage"]: m["heldout_loss"] for m in lines if "heldout_loss" in m}
     assert evals["after"] < evals["before"]
+    # ... the weights the optimizer updates, and the save, stay float32
+    with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert load_config(tmp_path / "config.yaml", cls=SFTConfig).mixed_precision == "bf16"

@@ -142,7 +142,7 @@ def test_old_logprobs_skip_the_policy_forward_when_recorded(tmp_path, tiny_rewar
             return _orig(*a, **k)
         monkeypatch.setattr(ac, name, counted)
     seen = {}
-    real_eval = trainer.evaluate_rollout
+    real_eval = trainer.rollout_outputs
 
     def spy(rollout):  # counts the passes of the scoring phase only (not the update's)
         seen["recorded"] = rollout.logprobs is not None
@@ -150,7 +150,7 @@ def test_old_logprobs_skip_the_policy_forward_when_recorded(tmp_path, tiny_rewar
         out = real_eval(rollout)
         seen.update({k: calls[k] - before[k] for k in calls})
         return out
-    monkeypatch.setattr(trainer, "evaluate_rollout", spy)
+    monkeypatch.setattr(trainer, "rollout_outputs", spy)
     m = trainer.step()
     assert seen["recorded"] == (forwards == 0)
     # one inference batch (inference_batch_size >= batch_size in tiny.yaml); the shared head's
@@ -172,13 +172,31 @@ def test_adaptive_kl_moves_the_coefficient(tmp_path):
         assert nxt["kl_coef"] == pytest.approx(m["kl_coef"] * (1 + error * 32 / 100))
 
 
-def test_separate_critic_runs_and_saves(tmp_path, tiny_reward_dir):
+def test_separate_critic_trains_and_saves(tmp_path, tiny_reward_dir):
+    from transformers import AutoModelForSequenceClassification
+
     cfg = tiny_config(tmp_path, "iterations=2", "model.critic=separate",
                       f"model.critic_name_or_path={tiny_reward_dir}",
                       f"reward.sources=[{{model: {tiny_reward_dir}}}]")
-    hist = PPOTrainer(cfg).train()
+    trainer = PPOTrainer(cfg)
+    ac = trainer.unwrapped
+    checkpoint = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir).state_dict()
+    assert ac.value_head is None  # no head on the policy: the critic is a model of its own
+    start = {k: v.detach().clone() for k, v in ac.critic.state_dict().items()}
+    assert start.keys() == checkpoint.keys()  # ... loaded from model.critic_name_or_path
+    for k, v in checkpoint.items():
+        torch.testing.assert_close(start[k].float(), v.float(), msg=k)
+    hist = trainer.train()
     assert len(hist) == 2 and all(torch.isfinite(torch.tensor(m["value_loss"])) for m in hist)
-    assert (tmp_path / "final" / "critic" / "config.json").is_file()
+    trained = {k: v.detach() for k, v in ac.critic.state_dict().items()}
+    assert not torch.equal(trained["score.weight"], start["score.weight"])  # the critic learned
+    # ... on its own copy: the reward model scoring the run still has the checkpoint's weights
+    scorer = trainer.rewards.model_sources()[0].model.state_dict()
+    assert all(torch.equal(scorer[k].float(), v.float()) for k, v in checkpoint.items())
+    # the trained critic is what final/critic holds
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final" / "critic")
+    for k, v in saved.state_dict().items():
+        torch.testing.assert_close(v.float(), trained[k].float(), msg=k)
 
 
 def test_python_api_and_off_policy_warning(tmp_path, caplog):
@@ -193,16 +211,50 @@ def test_python_api_and_off_policy_warning(tmp_path, caplog):
     assert (tmp_path / "final" / "tokenizer_config.json").is_file()
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "rlhf_ppo", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+# The CLI runs in this process (the `cli` fixture, conftest.py); one test starts the command in
+# a process of its own.
 
-
-def test_cli_trains_with_overrides(tmp_path):
-    out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}", "iterations=2",
-               "ppo.batch_size=8", "ppo.micro_batch_size=4")
+def test_python_m_rlhf_ppo_runs_the_command_in_its_own_process():
+    out = subprocess.run([sys.executable, "-m", "rlhf_ppo", "--help"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert out.stdout.startswith("usage: rlhf-ppo ")
+    for command in ("train", "sft", "reward", "evaluate", "quickstart"):
+        assert command in out.stdout.split("\n", 1)[0]
+
+
+def test_python_m_rlhf_ppo_exits_with_mains_code(monkeypatch, capsys, cli):
+    import runpy  # (cli: for its clean-up of what main() sets up in the process)
+
+    monkeypatch.setattr(sys, "argv", ["rlhf-ppo", "train", "ppo.clip_rnge=0.1"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("rlhf_ppo", run_name="__main__")
+    assert e.value.code == 2 and "ppo.clip_rnge: unknown key" in capsys.readouterr().err
+
+
+def test_cli_trains_with_overrides(tmp_path, cli):
+    from rlhf_ppo import builtin
+
+    out = cli("train", "--config", TINY, f"output_dir={tmp_path}", "iterations=2",
+              "ppo.batch_size=8", "ppo.micro_batch_size=4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [1, 2]
+    # the run's config: the overrides over the --config file over the defaults
+    saved = load_config(tmp_path / "config.yaml")
+    assert (saved.iterations, saved.ppo.batch_size, saved.ppo.micro_batch_size) == (2, 8, 4)
+    assert saved.output_dir == str(tmp_path)
+    assert saved.to_dict() == tiny_config(tmp_path, "iterations=2", "ppo.batch_size=8",
+                                          "ppo.micro_batch_size=4").to_dict()
+    # the closing line reports the run's own numbers
+    first, last = lines[0], lines[-1]
+    assert out.stdout.splitlines()[-1] == (
+        f"done: 2 iterations, score_mean {first['score_mean']:.3f} -> {last['score_mean']:.3f}, "
+        f"kl {last['kl']:.3f}; policy saved to {tmp_path}/final")
+    # ... where the trained policy is: not the initial weights
+    initial = AutoModelForCausalLM.from_pretrained(builtin.resolve_model("builtin:tiny"))
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
+    assert any(not torch.equal(v, final[k]) for k, v in initial.state_dict().items())
 
 
 @pytest.mark.parametrize("override,key", [
@@ -211,9 +263,9 @@ def test_cli_trains_with_overrides(tmp_path):
     ("ppo.batch_size=31", "ppo.batch_size"),
     ("ppo.ppo_epochs=two", "ppo.ppo_epochs"),
 ])
-def test_cli_config_errors_stop_before_loading(tmp_path, override, key):
-    out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}", override)
-    assert out.returncode == 2 and key in out.stderr, out.stderr
+def test_cli_config_errors_stop_before_loading(tmp_path, override, key, cli):
+    out = cli("train", "--config", TINY, f"output_dir={tmp_path}", override)
+    assert out.returncode == 2 and f"rlhf-ppo: config error: {key}" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -237,14 +289,14 @@ def test_tensorboard_tracker_and_stop_strings(tmp_path):
                                                       rollout.response_mask.sum(-1)))
 
 
-def test_cli_help_lists_every_key():
-    out = _cli("train", "--help")
+def test_cli_help_lists_every_key(cli):
+    out = cli("train", "--help")
     assert out.returncode == 0 and "ppo.kl_estimator" in out.stdout
     assert "reward.sources[].function" in out.stdout
 
 
 def test_lr_schedule_values():
-    from rlhf_ppo.trainer import lr_lambda
+    from rlhf_ppo.optim import lr_lambda
 
     # warmup 2 of 10 steps: (step+1)/2 during warmup, then linear decay over the remaining 8
     f = lr_lambda("linear", 2, 10)
@@ -291,33 +343,56 @@ def test_length_and_stop_id_errors(tmp_path, override, key):
     (["data.path=/nonexistent/prompts.jsonl"], 1, "DataError: data.path"),
     (["resume_from=latest"], 1, "CheckpointError: resume_from=latest"),
 ])
-def test_cli_bad_input_gives_a_clear_error(tmp_path, overrides, code, message):
-    out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}", *overrides)
+def test_cli_bad_input_gives_a_clear_error(tmp_path, overrides, code, message, cli):
+    out = cli("train", "--config", TINY, f"output_dir={tmp_path}", *overrides)
     assert out.returncode == code and message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
 
 
-def test_cli_refuses_an_output_dir_with_another_run(tmp_path):
+def test_cli_refuses_an_output_dir_with_another_run(tmp_path, cli):
     (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\n')
-    out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}")
+    out = cli("train", "--config", TINY, f"output_dir={tmp_path}")
     assert out.returncode == 2 and "holds a run (metrics.jsonl)" in out.stderr
     assert (tmp_path / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
 
 
-def test_mixed_precision_bf16_runs(tmp_path):
-    # its own process: accelerate fixes the precision once per process
-    out = _cli("train", "--config", str(TINY), f"output_dir={tmp_path}", "iterations=2",
-               "mixed_precision=bf16", "ppo.batch_size=8", "ppo.micro_batch_size=4")
+def test_mixed_precision_bf16_trains_under_autocast(tmp_path, cli, fresh_accelerate_state,
+                                                   monkeypatch):
+    # fresh_accelerate_state: accelerate fixes the precision once per process
+    from safetensors import safe_open
+
+    seen = []
+    real = PPOTrainer.rollout_outputs
+
+    def spy(self, rollout):
+        if not seen:  # the update's matmuls: the first decoder layer's MLP output
+            mlp = self.unwrapped.policy.model.layers[0].mlp
+            mlp.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+        seen.append((self.accelerator.mixed_precision, rollout.logprobs is None))
+        return real(self, rollout)
+    monkeypatch.setattr(PPOTrainer, "rollout_outputs", spy)
+    out = cli("train", "--config", TINY, f"output_dir={tmp_path}", "iterations=2",
+              "mixed_precision=bf16", "ppo.batch_size=8", "ppo.micro_batch_size=4")
     assert out.returncode == 0, out.stderr[-2000:]
+    # each iteration's scoring pass: under bf16 autocast sampling's log-probs are not the
+    # training forward's, so ppo.old_logprobs=auto recomputes them
+    assert [x for x in seen if isinstance(x, tuple)] == [("bf16", True)] * 2
+    assert torch.bfloat16 in seen  # the forward passes ran in bf16 ...
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 and all(m["policy_loss"] is not None for m in lines)
+    assert [m["iteration"] for m in lines] == [1, 2]
+    for m in lines:
+        assert all(torch.isfinite(torch.tensor(m[k])) for k in
+                   ("policy_loss", "value_loss", "kl", "entropy", "approx_kl")), m
+    # ... and the weights the optimizer updates (and the save) stay float32
+    with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
 
 
-def test_eval_every_logs_fixed_greedy_samples_without_changing_the_run(tmp_path):
+def test_sample_every_logs_fixed_greedy_samples_without_changing_the_run(tmp_path):
     small = ["ppo.batch_size=8", "ppo.micro_batch_size=8", "generation.max_new_tokens=6"]
     plain = PPOTrainer(load_config(TINY, [f"output_dir={tmp_path / 'a'}", "iterations=4", *small])).train()
     logged = PPOTrainer(load_config(TINY, [f"output_dir={tmp_path / 'b'}", "iterations=4",
-                                           "eval_every=2", "eval_prompts=3", *small]))
+                                           "sample_every=2", "sample_prompts=3", *small]))
     history = logged.train()
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per"))}
     assert [strip(m) for m in history] == [strip(m) for m in plain]  # the RNG stream is untouched
@@ -336,14 +411,17 @@ def test_eval_every_logs_fixed_greedy_samples_without_changing_the_run(tmp_path)
 
 def test_global_stats_mean_variance_and_count(tmp_path):
     """The metrics' statistics, all in one reduction (one process here), against hand values."""
+    from rlhf_ppo.distributed import global_mean, global_moments, global_stats
+
     trainer = PPOTrainer(tiny_config(tmp_path, "iterations=1"))
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    (m1, v1, n1), (m2, v2, n2), (m3, v3, n3) = trainer.global_stats(
-        [(x, mask), (x, None), (torch.tensor(2.5), None)])
+    acc = trainer.accelerator
+    (m1, v1, n1), (m2, v2, n2), (m3, v3, n3) = global_stats(
+        acc, [(x, mask), (x, None), (torch.tensor(2.5), None)])
     # valid 1, 2, 4: mean 7/3, unbiased variance (16/9 + 1/9 + 25/9) / 2 = 7/3
     assert (m1, n1) == (pytest.approx(7 / 3), 3.0) and v1 == pytest.approx(7 / 3)
     assert (m2, v2, n2) == (pytest.approx(3.5), pytest.approx(3.5), 6.0)  # 1..6
     assert (m3, v3, n3) == (2.5, 0.0, 1.0)
-    assert trainer.global_moments(x, mask) == (pytest.approx(7 / 3), pytest.approx(7 / 3))
-    assert trainer.global_mean(x) == pytest.approx(3.5)
+    assert global_moments(acc, x, mask) == (pytest.approx(7 / 3), pytest.approx(7 / 3))
+    assert global_mean(acc, x) == pytest.approx(3.5)

@@ -1,0 +1,123 @@
+"""The experience batch that crosses from scoring to the PPO update, and the no-grad pass that
+computes what sampling did not record.
+
+Shape legend: ``B`` rollouts (this process's), ``P`` prompt length (left-padded), ``R`` response
+length (right-padded after the first stop token), ``L = P + R``. Per-token tensors cover the
+response tokens only and are 0 where ``response_mask`` is 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .rollout import Rollout
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor, prompt_length: int):
+    """Drop prompt columns that are padding in every row and response columns past the longest
+    response, so a micro-batch costs only what its longest sequence needs.
+    Returns ``(input_ids, attention_mask, response_mask, prompt_length)``."""
+    p0 = int(attention_mask[:, :prompt_length].any(0).long().argmax())
+    r = max(int(response_mask.sum(-1).max()), 1)
+    end = prompt_length + r
+    return (input_ids[:, p0:end], attention_mask[:, p0:end], response_mask[:, :r],
+            prompt_length - p0)
+
+
+class RolloutOutputs(NamedTuple):
+    """What the models say about a rollout's responses, each ``(B, R)`` float32, masked."""
+
+    logprobs: torch.Tensor
+    """log pi_old(a_t|s_t): the rollout policy's log-probs"""
+    entropy: torch.Tensor
+    """entropy of the policy's next-token distribution (a metric)"""
+    values: torch.Tensor
+    """V_old(s_t): the critic's values"""
+    ref_logprobs: torch.Tensor
+    """log pi_ref(a_t|s_t)"""
+
+
+@torch.no_grad()
+def rollout_outputs(model, ref, rollout: Rollout, temperature: float, batch_size: int,
+                    device: torch.device) -> RolloutOutputs:
+    """The reference's log-probs, and the policy's log-probs, entropy and values where sampling
+    did not record them (``rollout.logprobs`` etc. None), in no-grad batches of ``batch_size``.
+    ``model``: the unwrapped ActorCritic; ``ref``: the reference model."""
+    need_policy = rollout.logprobs is None or rollout.entropy is None
+    need_values = rollout.values is None
+    was_training = model.training
+    model.eval()
+    out: dict[str, list[torch.Tensor]] = {"lp": [], "ent": [], "v": [], "ref": []}
+    R = rollout.response_mask.shape[1]
+    for s in range(0, len(rollout.prompts), batch_size):
+        ids, am, rm, P = trim_padding(rollout.input_ids[s:s + batch_size],
+                                      rollout.attention_mask[s:s + batch_size],
+                                      rollout.response_mask[s:s + batch_size], rollout.prompt_length)
+        ids, am = ids.to(device), am.to(device)
+        got = {"ref": ref(ids, am, P, temperature)}
+        if need_policy:
+            got["lp"], got["ent"], got["v"] = model(ids, am, P, temperature, with_entropy=True)
+        elif need_values:
+            got["v"] = model.values(ids, am, P)
+        pad = R - rm.shape[1]  # back to the rollout's full response width
+        for k, x in got.items():
+            out[k].append(F.pad(x.float().cpu(), (0, pad)))
+    model.train(was_training)
+    mask = rollout.response_mask.float()
+    logprobs = torch.cat(out["lp"]) * mask if need_policy else rollout.logprobs
+    entropy = torch.cat(out["ent"]) * mask if need_policy else rollout.entropy
+    values = torch.cat(out["v"]) * mask if need_policy or need_values else rollout.values
+    return RolloutOutputs(logprobs, entropy, values, torch.cat(out["ref"]) * mask)
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One iteration's complete experience, as the PPO update receives it (every field set)."""
+
+    # ---- tokens
+    input_ids: torch.Tensor
+    """(B, L) prompt (left-padded to P) then response (padded after the stop)"""
+    attention_mask: torch.Tensor
+    """(B, L) 1 on real prompt tokens and valid response tokens"""
+    prompt_length: int
+    """P: the response starts at column P"""
+    response_mask: torch.Tensor
+    """(B, R) 1 on valid response tokens (stop token included)"""
+    # ---- the rollout policy and critic
+    logprobs: torch.Tensor
+    """(B, R) log pi_old(a_t|s_t)"""
+    values: torch.Tensor
+    """(B, R) V_old(s_t)"""
+    # ---- targets
+    rewards: torch.Tensor
+    """(B, R) per-token rewards r_t: -beta * KL_t, plus the score on the last valid token"""
+    advantages: torch.Tensor
+    """(B, R) A_t: GAE advantages (whitened if configured)"""
+    returns: torch.Tensor
+    """(B, R) value targets"""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> Experience:
+        """The rows in ``index`` (a minibatch), with the same prompt length."""
+        fields = {k: v[index] if isinstance(v, torch.Tensor) else v
+                  for k, v in self.__dict__.items()}
+        return Experience(**fields)
+
+    def micro_batch(self, rows: torch.Tensor, device: torch.device) -> dict:
+        """Rows ``rows`` trimmed to their longest sequence (:func:`trim_padding`) and moved to
+        ``device``: ``input_ids``, ``attention_mask``, ``mask`` (float), ``prompt_length`` and
+        the per-token ``logprobs``, ``values``, ``advantages``, ``returns`` ``(b, r)``."""
+        ids, am, mask, P = trim_padding(self.input_ids[rows], self.attention_mask[rows],
+                                        self.response_mask[rows], self.prompt_length)
+        r = mask.shape[1]
+        per_token = {k: getattr(self, k)[rows, :r].to(device)
+                     for k in ("logprobs", "values", "advantages", "returns")}
+        return {"input_ids": ids.to(device), "attention_mask": am.to(device),
+                "mask": mask.to(device).float(), "prompt_length": P, **per_token}

@@ -1,0 +1,75 @@
+"""One PPO iteration's metrics (the lines of ``metrics.jsonl``), as means over the whole batch
+of every process. docs/algorithm.md says what each one means."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .distributed import global_stats
+
+
+def iteration_metrics(acc, *, iteration: int, all_scores: torch.Tensor, all_stopped: torch.Tensor,
+                      mask: torch.Tensor, entropy: torch.Tensor, values: torch.Tensor,
+                      returns: torch.Tensor, scores: torch.Tensor, reward_metrics: dict,
+                      kl: float, kl_coef: float, returns_moments: tuple[float, float],
+                      update: dict, lr: float, nonfinite_skips: int, times: list[float]) -> dict:
+    """The metrics of one iteration, in one reduction over processes.
+
+    ``all_scores`` / ``all_stopped`` ``(B * processes,)``: raw scores and stops gathered from
+    every process; ``mask``, ``entropy``, ``values``, ``returns`` ``(B, R)`` and ``scores``
+    (processed, ``(B,)``): this process's; ``kl``: mean summed KL per sequence (global);
+    ``returns_moments``: the returns' global (mean, variance); ``update``: what the update
+    returned; ``times``: ``perf_counter`` at the start, after the rollout, after scoring and
+    after the update."""
+    inputs = {"value_error": (returns - values, mask), "entropy": (entropy, mask),
+              "values": (values, mask), "scores": (scores, None), "lengths": (mask.sum(-1), None),
+              **{("reward", k): (torch.as_tensor(v, dtype=torch.float32), None)
+                 for k, v in reward_metrics.items()}}
+    stats = dict(zip(inputs, global_stats(acc, list(inputs.values()))))  # (mean, var, n)
+    err_mean, err_var, err_n = stats["value_error"]
+    err_ms = err_var * (err_n - 1) / max(err_n, 1.0) + err_mean * err_mean  # mean square
+    ret_mean, ret_var = returns_moments
+    n_tokens = stats["lengths"][0] * stats["lengths"][2]
+    t0, t1, t2, t3 = times
+    update = dict(update)
+    return {
+        "iteration": iteration,
+        "score_mean": all_scores.mean().item(),
+        "score_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
+        "score_processed_mean": stats["scores"][0],
+        "kl": kl,
+        "kl_coef": kl_coef,
+        "entropy": stats["entropy"][0],
+        **update,
+        "explained_variance": 1.0 - err_var / max(ret_var, 1e-8),
+        "value_mean": stats["values"][0],
+        "return_mean": ret_mean,
+        "value_error": math.sqrt(max(err_ms, 0.0)),
+        "reward_kl_penalty": -kl_coef * kl,
+        "response_length": stats["lengths"][0],
+        "stop_rate": all_stopped.float().mean().item(),
+        "lr": lr,
+        "nonfinite_skipped": float(update.pop("nonfinite_skipped", False)),
+        "nonfinite_skips": nonfinite_skips,
+        **{k: stats["reward", k][0] for k in reward_metrics},
+        "time/rollout": t1 - t0,
+        "time/score": t2 - t1,
+        "time/update": t3 - t2,
+        "time/iteration": t3 - t0,
+        "tokens_per_second": n_tokens / max(t1 - t0, 1e-9),
+    }
+
+
+def skipped_metrics(iteration: int, stage: str, all_scores: torch.Tensor, kl_coef: float,
+                    nonfinite_skips: int, seconds: float) -> dict:
+    """The metrics of an iteration whose update was skipped for non-finite values at ``stage``."""
+    nan = float("nan")
+    keys = ("score_std", "kl", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl",
+            "explained_variance", "response_length", "time/score", "time/update")
+    return {"iteration": iteration, "score_mean": all_scores.mean().item(),
+            **dict.fromkeys(keys, nan), "kl_coef": kl_coef, "ppo_steps": 0,
+            "nonfinite_skipped": 1.0, "nonfinite_skips": nonfinite_skips,
+            "nonfinite_stage": stage, "time/rollout": seconds, "time/iteration": seconds,
+            "tokens_per_second": nan}

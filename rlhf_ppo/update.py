@@ -1,0 +1,127 @@
+"""The PPO update: ``ppo_epochs`` passes over the experience batch in shuffled minibatches, each
+minibatch one optimizer step accumulated over micro-batches.
+
+Every loss is normalised by its minibatch's global token (or sequence) count, so the gradient
+does not depend on how a minibatch is cut into micro-batches or spread over processes (the
+invariance tests in tests/test_trainer.py and tests/test_distributed.py hold it to that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import ops
+from .config import OptimConfig, PPOConfig
+from .distributed import clip_grad_norms
+from .experience import Experience
+
+NORM_KEYS = ("grad_norm", "grad_norm_policy", "grad_norm_critic")
+LOSS_KEYS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy_loss")
+
+
+def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig, o: OptimConfig,
+               temperature: float, generator: torch.Generator, critic_only: bool = False,
+               value_loss_scale: float = 1.0,
+               finite: Callable[[torch.Tensor], bool] = lambda norm: bool(torch.isfinite(norm))
+               ) -> dict[str, float]:
+    """Train the prepared ActorCritic ``model`` on ``batch`` (this process's rows).
+
+    ``optimizer.param_groups`` are the policy's and the critic's (clipped jointly, or each on its
+    own with ``o.separate_grad_clip``); ``generator`` shuffles the minibatches; ``critic_only``:
+    the policy loss is left out (value pretraining); the value loss enters the objective times
+    ``p.vf_coef * value_loss_scale`` (its metric is unscaled); ``finite(grad_norm)`` decides
+    whether a step is taken (False: the update stops there, its gradient dropped).
+    Returns the update's metrics, means over every process and minibatch step, with
+    ``ppo_steps``, ``early_stopped`` and ``nonfinite_skipped``.
+    """
+    B = len(batch)
+    groups = [g["params"] for g in optimizer.param_groups]
+    stats: dict[str, list[torch.Tensor]] = {k: [] for k in LOSS_KEYS + NORM_KEYS}
+    steps, early_stop, nonfinite = 0, False, False
+    for _epoch in range(p.ppo_epochs):
+        order = torch.randperm(B, generator=generator)
+        for mb_idx in order.split(B // p.num_minibatches):
+            mb = batch.select(mb_idx)
+            # Denominators are global counts / processes: the engine averages gradients over
+            # processes, so each process's loss must be its share of the global token mean.
+            counts = torch.tensor([float(mb.response_mask.sum()), float(len(mb))], device=acc.device)
+            g_tokens, g_seqs = (acc.reduce(counts, "sum") / acc.num_processes).tolist()
+            mb_tokens = torch.tensor(max(g_tokens, 1e-8))
+            normalizer = mb_tokens if p.loss_aggregation == "token-mean" else g_seqs
+            mb_stats = {k: torch.zeros((), device=acc.device) for k in LOSS_KEYS}
+            # accelerate counts micro-batches and syncs gradients (DDP no_sync, DeepSpeed
+            # accumulation boundary) only on the last one of each minibatch.
+            for rows in torch.arange(len(mb)).split(p.micro_batch_size):
+                with acc.accumulate(model):
+                    s = micro_step(acc, model, mb.micro_batch(rows, acc.device), p, temperature,
+                                   normalizer, mb_tokens, critic_only, value_loss_scale)
+                for name, value in s.items():
+                    mb_stats[name] += value
+            if p.target_kl is not None:
+                approx_kl = acc.reduce(mb_stats["approx_kl"].clone(), "mean").item()
+                # Never take the step that overshoots (DeepSpeed has stepped already in
+                # backward: there the update ends after it).
+                if approx_kl > p.target_kl:
+                    optimizer.zero_grad(set_to_none=True)
+                    early_stop = True
+                    break
+            # The norm is computed (max_norm inf: no clipping) even without clipping: a
+            # non-finite one means a NaN/inf loss or gradient, and that step is never taken.
+            norms = clip_grad_norms(acc, groups, o.max_grad_norm, o.separate_grad_clip)
+            if norms[0] is not None and not finite(torch.as_tensor(norms[0])):
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite = True
+                break
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            for name, value in mb_stats.items():
+                stats[name].append(value.detach())
+            for key, norm in zip(NORM_KEYS, norms):
+                stats[key].append(torch.as_tensor(float("nan") if norm is None else norm,
+                                                  dtype=torch.float32, device=acc.device))
+        if early_stop or nonfinite:
+            break
+    # Each process holds its share of each minibatch mean; the mean over processes is the
+    # global value (one reduction for all of them, after the loop: no syncs inside it).
+    keys = [k for k in stats if stats[k]]
+    out = {k: float("nan") for k in stats}
+    if keys:
+        local = torch.stack([torch.stack(stats[k]).mean() for k in keys])
+        out.update(dict(zip(keys, acc.reduce(local, "mean").tolist())))
+    return {**out, "ppo_steps": steps, "early_stopped": float(early_stop),
+            "nonfinite_skipped": nonfinite}
+
+
+def micro_step(acc, model, mb: dict, p: PPOConfig, temperature: float, normalizer,
+               mb_tokens: torch.Tensor, critic_only: bool, value_loss_scale: float = 1.0
+               ) -> dict[str, torch.Tensor]:
+    """Forward + backward of one micro-batch (:meth:`Experience.micro_batch`). Returns its loss
+    terms (normalised, so they sum to the minibatch's) and its token-weighted share of the
+    minibatch's token means."""
+    mask = mb["mask"]
+    normalizer = torch.as_tensor(normalizer, device=mask.device)
+    logprobs, entropy, values = model(
+        mb["input_ids"], mb["attention_mask"], mb["prompt_length"], temperature,
+        with_entropy=p.entropy_coef > 0,
+        backbone_value_grad=0.0 if critic_only else p.value_backbone_grad)
+    pg_loss, pg_stats = ops.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
+                                        p.clip_range, p.loss_aggregation, normalizer)
+    vf_loss, vf_stats = ops.value_loss(values, mb["values"], mb["returns"], mask,
+                                       p.clip_range_value, p.loss_aggregation, normalizer)
+    ent_loss = ops.aggregate_loss(entropy, mask, p.loss_aggregation, normalizer)
+    loss = p.vf_coef * value_loss_scale * vf_loss
+    if not critic_only:
+        loss = loss + pg_loss - p.entropy_coef * ent_loss
+    # accelerate (and DeepSpeed) divide by the accumulation steps; our normaliser already makes
+    # the micro-batch losses sum to the minibatch loss, so undo that division.
+    acc.backward(loss * acc.gradient_accumulation_steps)
+    weight = mask.sum() / mb_tokens.to(mask.device)  # stats are token means over the minibatch
+    return {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+            "entropy_loss": ent_loss.detach(),
+            "clipfrac": pg_stats["clipfrac"] * weight,
+            "approx_kl": pg_stats["approx_kl"] * weight,
+            "vf_clipfrac": vf_stats["vf_clipfrac"] * weight}
