@@ -37,9 +37,20 @@ def per_process(total: int, num_processes: int, key: str) -> int:
     return total // num_processes
 
 
+def ppo_batch_per_process(cfg: Config, num_processes: int) -> int:
+    """Rollouts each process samples per iteration (``ppo.batch_size`` counts over all); it must
+    split into ``ppo.num_minibatches`` whole minibatches."""
+    b = per_process(cfg.ppo.batch_size, num_processes, "ppo.batch_size")
+    if b % cfg.ppo.num_minibatches:
+        raise ConfigError(f"ppo.batch_size: {cfg.ppo.batch_size} over {num_processes} processes is "
+                          f"{b} rollouts each, not a multiple of ppo.num_minibatches="
+                          f"{cfg.ppo.num_minibatches}")
+    return b
+
+
 def gradient_accumulation_steps(cfg: Config, num_processes: int) -> int:
     """Micro-batches per minibatch on each process (the optimizer step happens after the last)."""
-    mini = per_process(cfg.ppo.batch_size, num_processes, "ppo.batch_size") // cfg.ppo.num_minibatches
+    mini = ppo_batch_per_process(cfg, num_processes) // cfg.ppo.num_minibatches
     return max(1, mini // cfg.ppo.micro_batch_size)
 
 

@@ -29,6 +29,15 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
             prompt_length - p0)
 
 
+def records_logprobs(mode: str, backend: str, dtype: torch.dtype, mixed_precision: str) -> bool:
+    """Whether sampling records the old log-probs (``ppo.old_logprobs`` ``mode``; ``auto``: when
+    the native sampling pass computes in the training forward's precision, float32 weights
+    without autocast, so that recorded and recomputed log-probs agree)."""
+    if mode != "auto" or backend != "native":
+        return mode == "generation"
+    return dtype == torch.float32 and mixed_precision == "no"
+
+
 class RolloutOutputs(NamedTuple):
     """What the models say about a rollout's responses, each ``(B, R)`` float32, masked."""
 

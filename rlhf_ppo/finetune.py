@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import atomic_folder
-from .config import DataConfig, ModelConfig, check, config_from_dict, save_config
+from .config import DataConfig, ModelConfig, check, config_from_dict
 from .data import load_rows
 from .distributed import make_accelerator
 from .errors import ConfigError, DataError, NonFiniteError
 from .optim import make_optimizer as make_opt
-from .runs import FINETUNE_RUN_FILES, RunLog, clear_run, prepare_output_dir
+from .runs import FINETUNE_RUN_FILES, RunLog, init_run_folder, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +144,8 @@ def start_run(cfg, cls: type):
     out = Path(cfg.output_dir)
     prepare_output_dir(out, cfg.overwrite, FINETUNE_RUN_FILES)
     acc = make_accelerator(cfg.mixed_precision)
-    if acc.is_main_process:
-        clear_run(out, FINETUNE_RUN_FILES)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    acc.wait_for_everyone()
+    init_run_folder(out, cfg, FINETUNE_RUN_FILES, cfg.overwrite, acc.is_main_process,
+                    acc.wait_for_everyone)
     set_seed(cfg.seed)
     return cfg, acc, RunLog(out, acc.is_main_process)
 

@@ -1,13 +1,17 @@
 """One PPO iteration's metrics (the lines of ``metrics.jsonl``), as means over the whole batch
-of every process. docs/algorithm.md says what each one means."""
+of every process, and the greedy samples of ``samples.jsonl``. docs/algorithm.md says what each
+metric means."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
+from .config import GenerationConfig
 from .distributed import global_stats
+from .rollout import generate
 
 
 def iteration_metrics(acc, *, iteration: int, all_scores: torch.Tensor, all_stopped: torch.Tensor,
@@ -73,3 +77,19 @@ def skipped_metrics(iteration: int, stage: str, all_scores: torch.Tensor, kl_coe
             "nonfinite_skipped": 1.0, "nonfinite_skips": nonfinite_skips,
             "nonfinite_stage": stage, "time/rollout": seconds, "time/iteration": seconds,
             "tokens_per_second": nan}
+
+
+def greedy_samples(policy, prompts: list, tokenizer, generation: GenerationConfig,
+                   device: torch.device, rewards, iteration: int) -> list[dict]:
+    """Greedy responses of ``policy`` to ``prompts`` (a fixed set, so a user sees the generations
+    move) scored by ``rewards`` (a ``RewardSum``): ``samples.jsonl`` rows. The random state is
+    left untouched: a run with and without samples is the same."""
+    greedy = dataclasses.replace(generation, temperature=1.0, top_k=1, top_p=1.0)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        r = generate(policy, prompts, tokenizer, greedy, device)
+        scores, _ = rewards(r)
+    return [{"iteration": iteration, "prompt": p.text, "response": text, "score": float(score),
+             "stopped": bool(stop)}
+            for p, text, score, stop in zip(r.prompts, r.response_texts, scores.tolist(),
+                                            r.stopped.tolist())]

@@ -82,6 +82,15 @@ def off_policy_settings(cfg: GenerationConfig) -> list[str]:
     return found
 
 
+def warn_off_policy(cfg: GenerationConfig) -> None:
+    """Warn about every generation setting that makes the samples off-policy."""
+    for setting in off_policy_settings(cfg):
+        logger.warning(
+            "generation.%s reshapes the sampling distribution: responses are no longer samples "
+            "of the policy whose log-probs PPO uses (off-policy), a known cause of negative or "
+            "exploding KL. Use pure sampling unless you mean it.", setting)
+
+
 def hf_generation_config(cfg: GenerationConfig, tokenizer, stop_ids: list[int]):
     """A transformers ``GenerationConfig`` with every sampling knob set explicitly, so neither
     the model's ``generation_config.json`` nor library defaults (``top_k=50``) change the

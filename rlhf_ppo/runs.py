@@ -98,11 +98,27 @@ def clear_run(out: Path, run_files: tuple[str, ...]) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-class RunLog:
-    """``metrics.jsonl`` and ``samples.jsonl`` of a run folder; only the main process writes."""
+def init_run_folder(out: Path, cfg, run_files: tuple[str, ...], clear: bool, is_main: bool,
+                    barrier=lambda: None) -> None:
+    """On the main process: create ``out``, delete a previous run's files when ``clear``
+    (``overwrite: true``, checked by :func:`prepare_output_dir`) and write ``config.yaml``;
+    every process then waits at ``barrier``."""
+    from .config import save_config
 
-    def __init__(self, folder: str | Path, is_main: bool = True):
-        self.folder, self.is_main = Path(folder), is_main
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if clear:
+            clear_run(out, run_files)
+        save_config(cfg, out / "config.yaml")
+    barrier()
+
+
+class RunLog:
+    """``metrics.jsonl`` and ``samples.jsonl`` of a run folder (only the main process writes),
+    and the trackers (an accelerator's ``log``) when ``tracker`` is given."""
+
+    def __init__(self, folder: str | Path, is_main: bool = True, tracker=None):
+        self.folder, self.is_main, self.tracker = Path(folder), is_main, tracker
         self.metrics_file = self.folder / "metrics.jsonl"
         self.samples_file = self.folder / "samples.jsonl"
 
@@ -116,15 +132,22 @@ class RunLog:
             write_jsonl(self.samples_file,
                         [r for r in read_jsonl(self.samples_file) if r["iteration"] <= iteration])
 
-    def metrics(self, record: dict) -> None:
-        """Append one metrics record."""
+    def metrics(self, record: dict, step: int | None = None) -> None:
+        """Append one metrics record (and send its numbers to the trackers at ``step``)."""
         if self.is_main:
             append_jsonl(self.metrics_file, record)
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in record.items()
+                              if isinstance(v, (int, float)) and k != "iteration"}, step=step)
 
     def samples(self, rows: list[dict]) -> None:
-        """Append sample rows."""
-        if self.is_main:
-            append_jsonl(self.samples_file, *rows)
+        """Append sample rows (``iteration``, ``prompt``, ``response``, ``score``) and log them."""
+        if not self.is_main:
+            return
+        append_jsonl(self.samples_file, *rows)
+        for row in rows:
+            logger.info("iteration %d sample (score %.3f): %r -> %r", row["iteration"],
+                        row["score"], row["prompt"], row["response"])
 
 
 def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -7,9 +7,9 @@ Shape legend: ``B`` rollouts per process, ``R`` response length.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,12 +28,12 @@ from .distributed import (
     is_deepspeed,
     make_ppo_accelerator,
     match_partitioned_dtype,
-    per_process,
+    ppo_batch_per_process,
     prepare_frozen,
 )
 from .errors import NonFiniteError, TrainingInterrupted
-from .experience import Experience, rollout_outputs
-from .metrics import iteration_metrics, skipped_metrics
+from .experience import Experience, records_logprobs, rollout_outputs
+from .metrics import greedy_samples, iteration_metrics, skipped_metrics
 from .models import (
     ActorCritic,
     build_actor_critic,
@@ -45,13 +45,13 @@ from .models import (
 )
 from .optim import make_optimizer
 from .rewards import RewardSum
-from .rollout import Rollout, generate, off_policy_settings
+from .rollout import Rollout, generate, warn_off_policy
 from .runs import (
     PPO_RUN_FILES,
     RunLog,
     SignalRequests,
-    clear_run,
     flat_config,
+    init_run_folder,
     prepare_output_dir,
     warn_on_jumps,
 )
@@ -69,20 +69,16 @@ class PPOTrainer:
                                     cfg.to_dict())  # before any model loads
         self.cfg = cfg
         self.accelerator = acc = accelerator or make_ppo_accelerator(cfg)
-        self.batch_size = per_process(cfg.ppo.batch_size, acc.num_processes, "ppo.batch_size")
+        self.batch_size = ppo_batch_per_process(cfg, acc.num_processes)  # B
         if acc.is_main_process:
             logger.info("%d process(es), %s, device %s", acc.num_processes,
                         acc.distributed_type, acc.device)
-        for setting in off_policy_settings(cfg.generation) if acc.is_main_process else []:
-            logger.warning(
-                "generation.%s reshapes the sampling distribution: responses are no longer "
-                "samples of the policy whose log-probs PPO uses (off-policy), a known cause of "
-                "negative or exploding KL. Use pure sampling unless you mean it.", setting)
+            warn_off_policy(cfg.generation)
         check_engine_support(cfg, acc)
         model = self._load(resume)
         self._prepare(model)
         self.output_dir = Path(cfg.output_dir)
-        self.run_log = RunLog(self.output_dir, acc.is_main_process)
+        self.run_log = RunLog(self.output_dir, acc.is_main_process, acc if cfg.report_to else None)
         self.iteration = 0
         self.nonfinite_skips = 0
         self.history: list[dict] = []
@@ -138,17 +134,17 @@ class PPOTrainer:
         self.kl_ctl = (ops.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
                        if p.adaptive_kl else ops.FixedKLController(p.kl_coef))
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        self._record_logprobs = records_logprobs(  # whether sampling records log pi_old
+            p.old_logprobs, cfg.generation.backend, next(model.policy.parameters()).dtype,
+            acc.mixed_precision)
 
     def _start(self, resume: Path | None) -> None:
         """Seed, restore the checkpoint's state when resuming, and (re)write the run's files."""
         from accelerate.utils import set_seed
 
         cfg, acc = self.cfg, self.accelerator
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if resume is None and cfg.overwrite:
-                clear_run(self.output_dir, PPO_RUN_FILES)
-        acc.wait_for_everyone()
+        init_run_folder(self.output_dir, cfg, PPO_RUN_FILES, resume is None and cfg.overwrite,
+                        acc.is_main_process, acc.wait_for_everyone)
         if cfg.report_to:
             acc.init_trackers("rlhf_ppo", config=flat_config(cfg.to_dict()))
         # Seeded last, so loading (which may draw random numbers) does not shift the rollouts;
@@ -158,8 +154,6 @@ class PPOTrainer:
             self.load_state_dict(ckpt.read_training_state(resume, acc.process_index), resume)
             self.history = ckpt.load_metrics(resume)[: self.iteration]
             logger.info("resumed from %s at iteration %d", resume, self.iteration)
-        if acc.is_main_process:
-            save_config(cfg, self.output_dir / "config.yaml")
         self.run_log.start(self.history, self.iteration)
 
     # ------------------------------------------------------------------ state
@@ -212,7 +206,7 @@ class PPOTrainer:
                     metrics = self.step()
                     warn_on_jumps(self.history, metrics, acc.is_main_process)
                     self.history.append(metrics)
-                    self.log(metrics)
+                    self.run_log.metrics(metrics, step=self.iteration)
                     bar.update(1)
                     bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
                                      ("score_mean", "kl", "kl_coef", "entropy", "clipfrac")})
@@ -251,7 +245,7 @@ class PPOTrainer:
             values_fn = ac.shared_values if ac.shares_backbone else None
             with generation_model(acc, self.model, self.unwrapped) as policy:
                 rollout = generate(policy, self.sampler.next_batch(), self.tokenizer,
-                                   cfg.generation, acc.device, record=self.record_logprobs,
+                                   cfg.generation, acc.device, record=self._record_logprobs,
                                    value_fn=values_fn)
         t1 = time.perf_counter()
 
@@ -309,16 +303,6 @@ class PPOTrainer:
             update=update_metrics, lr=self.scheduler.get_last_lr()[0],
             nonfinite_skips=self.nonfinite_skips, times=[t0, t1, t2, t3])
 
-    @property
-    def record_logprobs(self) -> bool:
-        """Whether sampling records the old log-probs (``ppo.old_logprobs``; ``auto``: when the
-        sampling pass computes in the training forward's precision, float32 without autocast)."""
-        mode = self.cfg.ppo.old_logprobs
-        if mode != "auto" or self.cfg.generation.backend != "native":
-            return mode == "generation"
-        dtype = next(self.unwrapped.policy.parameters()).dtype
-        return dtype == torch.float32 and self.accelerator.mixed_precision == "no"
-
     def rollout_outputs(self, rollout: Rollout):
         """The no-grad pass of step 2 (:func:`experience.rollout_outputs`)."""
         return rollout_outputs(self.unwrapped, self.ref, rollout, self.cfg.generation.temperature,
@@ -353,48 +337,23 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ output
 
-    def log(self, metrics: dict[str, float]) -> None:
-        """Append to ``metrics.jsonl`` (main process) and send to the trackers."""
-        self.run_log.metrics(metrics)
-        if self.cfg.report_to:
-            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))
-                                  and k != "iteration"}, step=self.iteration)
-
     def log_samples(self) -> list[dict]:
-        """Greedy responses to the first ``sample_prompts`` prompts with their scores, logged and
-        appended to ``OUTPUT_DIR/samples.jsonl`` (a fixed set, so a user sees the generations
-        move). The random state is left untouched: a run with and without samples is the same."""
-        cfg, acc = self.cfg, self.accelerator
-        greedy = dataclasses.replace(cfg.generation, temperature=1.0, top_k=1, top_p=1.0)
-        devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            with generation_model(acc, self.model, self.unwrapped) as policy:  # every process: engines gather
-                r = generate(policy, self.sampler.prompts[: cfg.sample_prompts], self.tokenizer,
-                             greedy, acc.device)
-            scores, _ = self.rewards(r)
-        rows = [{"iteration": self.iteration, "prompt": p.text, "response": text,
-                 "score": float(score), "stopped": bool(stop)}
-                for p, text, score, stop in zip(r.prompts, r.response_texts, scores.tolist(),
-                                                r.stopped.tolist())]
+        """Greedy responses to the first ``sample_prompts`` prompts, scored, logged and appended
+        to ``OUTPUT_DIR/samples.jsonl`` (:func:`metrics.greedy_samples`)."""
+        with generation_model(self.accelerator, self.model, self.unwrapped) as policy:  # engines gather
+            rows = greedy_samples(policy, self.sampler.prompts[: self.cfg.sample_prompts],
+                                  self.tokenizer, self.cfg.generation, self.accelerator.device,
+                                  self.rewards, self.iteration)
         self.run_log.samples(rows)
-        if acc.is_main_process:
-            for row in rows:
-                logger.info("iteration %d sample (score %.3f): %r -> %r", self.iteration,
-                            row["score"], row["prompt"], row["response"])
         return rows
 
     def save_checkpoint(self, folder: Path) -> None:
         """Write a resumable checkpoint (the format: :mod:`rlhf_ppo.checkpoint`); every process
         takes part (sharded weights are gathered, each process saves its RNG state)."""
         acc = self.accelerator
-        weights = full_state_dict(acc, self.model)
         # Sharded engines keep per-process optimizer shards: not saved (resume refuses them).
         sharded = acc.distributed_type.name in ("DEEPSPEED", "FSDP")
-        with ckpt.atomic_folder(folder, acc.is_main_process, acc.wait_for_everyone,
-                                ckpt.COMPLETE) as tmp:
-            if acc.is_main_process:
-                save_actor_critic(self.unwrapped, self.tokenizer, tmp, weights)
-                ckpt.maybe_abort(folder.name, "model")
+        with self._policy_folder(folder, ckpt.COMPLETE) as tmp:
             ckpt.write_training_state(
                 tmp, rank=acc.process_index, is_main=acc.is_main_process,
                 rng={**ckpt.rng_state(), "shuffle": self.shuffle_gen.get_state()},
@@ -408,15 +367,23 @@ class PPOTrainer:
 
     def save(self, folder: Path) -> None:
         """``save_pretrained`` the policy + tokenizer (and value head / critic) into ``folder``,
-        with the run's config. Every process takes part (sharded weights are gathered); the main
-        process writes."""
-        acc = self.accelerator
-        weights = full_state_dict(acc, self.model)
-        with ckpt.atomic_folder(folder, acc.is_main_process, acc.wait_for_everyone) as tmp:
-            if acc.is_main_process:
-                save_actor_critic(self.unwrapped, self.tokenizer, tmp, weights)
+        with the run's config (and the merged LoRA policy, ``peft.save_merged``)."""
+        with self._policy_folder(folder) as tmp:
+            if self.accelerator.is_main_process:
                 if self.cfg.peft.enabled and self.cfg.peft.save_merged:
                     save_merged(self.unwrapped, self.tokenizer, tmp / "merged")
                 save_config(self.cfg, tmp / "rlhf_ppo_config.yaml")
-        if acc.is_main_process:
+        if self.accelerator.is_main_process:
             logger.info("saved the policy to %s", folder)
+
+    @contextmanager
+    def _policy_folder(self, folder: Path, marker: str | None = None):
+        """An atomic folder (:func:`checkpoint.atomic_folder`) holding the policy and critic;
+        every process takes part (sharded weights are gathered), the main process writes."""
+        acc = self.accelerator
+        weights = full_state_dict(acc, self.model)
+        with ckpt.atomic_folder(folder, acc.is_main_process, acc.wait_for_everyone, marker) as tmp:
+            if acc.is_main_process:
+                save_actor_critic(self.unwrapped, self.tokenizer, tmp, weights)
+                ckpt.maybe_abort(folder.name, "model")
+            yield tmp

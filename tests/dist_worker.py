@@ -13,6 +13,7 @@ after finishing: judge such runs by their outputs.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def forced_engine_accelerator(engine: str, cfg):
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
-    gas = gradient_accumulation_steps(cfg)
+    gas = gradient_accumulation_steps(cfg, int(os.environ["WORLD_SIZE"]))
     if engine == "fsdp2":
         acc = Accelerator(cpu=True, gradient_accumulation_steps=gas)
         kind = DistributedType.FSDP
@@ -70,7 +71,8 @@ def main() -> None:
         return
     # The same full rollout on every process (same seed, same initial weights, same prompts),
     # then each process keeps its contiguous share: the batch is split, nothing else changes.
-    world, rank, b = acc.num_processes, acc.process_index, cfg.ppo.batch_size
+    world, rank = acc.num_processes, acc.process_index
+    b = cfg.ppo.batch_size // world  # ppo.batch_size counts over all processes
     prompts = trainer.sampler.prompts[: b * world]
     torch.manual_seed(1234)
     with generation_model(acc, trainer.model) as policy:

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: a 2-iteration run on the tiny benchmark model prints one JSON line with
+"""scripts/bench/benchmark.py: a 2-iteration run on the tiny benchmark model prints one JSON line with
 every figure, and the helpers behind the comparison table compute what they claim."""
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "bench"
 sys.path.insert(0, str(SCRIPTS))
 
 import benchmark  # noqa: E402
@@ -136,3 +136,22 @@ def test_checkpointing_variants_run_with_the_flag_and_trl_without(monkeypatch, t
         assert cfg.model.gradient_checkpointing is flag
     with pytest.raises(SystemExit):  # an unknown variant is a usage error
         benchmark.parse_args(["--policy", "p", "--reward", "r", "--critics", "shared+fast"])
+
+
+def test_trl_python_comes_from_the_option_or_the_environment(monkeypatch, capsys):
+    """``--compare-trl`` names the TRL venv's python, or takes it from ``--trl-python`` or
+    ``$RLHF_PPO_TRL_PYTHON``; without any, the run stops with how to make the venv."""
+    base = ["--policy", "p", "--reward", "r"]
+    monkeypatch.delenv("RLHF_PPO_TRL_PYTHON", raising=False)
+    assert benchmark.parse_args(base).compare_trl is None
+    assert benchmark.parse_args([*base, "--compare-trl", "/a/python"]).compare_trl == "/a/python"
+    assert benchmark.parse_args([*base, "--compare-trl", "--trl-python", "/b/python"]
+                                ).compare_trl == "/b/python"
+    with pytest.raises(SystemExit, match=r"python3 -m venv trl-venv && trl-venv/bin/pip install "
+                                         r"torch==2\.13\.0 && trl-venv/bin/pip install trl==1\.12\.0"):
+        benchmark.main([*base, "--compare-trl"])
+    with pytest.raises(SystemExit, match="/no/such/python: no such interpreter"):
+        benchmark.main([*base, "--compare-trl", "/no/such/python"])
+    monkeypatch.setenv("RLHF_PPO_TRL_PYTHON", sys.executable)
+    args = benchmark.parse_args([*base, "--compare-trl"])
+    assert benchmark.resolve_trl_python(args.compare_trl) == sys.executable

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf_ppo import load_config
-from rlhf_ppo.distributed import configure_deepspeed, gradient_accumulation_steps, make_accelerator
+from rlhf_ppo.distributed import configure_deepspeed, gradient_accumulation_steps, make_ppo_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
@@ -41,9 +41,10 @@ def _fake_deepspeed_accelerator(ds_config: dict, processes: int):
 
 
 def test_deepspeed_config_takes_ppo_batch_settings(caplog):
-    cfg = load_config(None, ["ppo.batch_size=32", "ppo.num_minibatches=2",
+    # 256 over 8 processes: 32 per process, minibatch 16, micro-batch 4
+    cfg = load_config(None, ["ppo.batch_size=256", "ppo.num_minibatches=2",
                              "ppo.micro_batch_size=4", "optim.max_grad_norm=0.5"])
-    assert gradient_accumulation_steps(cfg) == 4  # minibatch 16 / micro-batch 4
+    assert gradient_accumulation_steps(cfg, 8) == 4  # minibatch 16 / micro-batch 4
     acc = _fake_deepspeed_accelerator({"train_micro_batch_size_per_gpu": "auto",
                                        "gradient_accumulation_steps": 7}, processes=8)
     configure_deepspeed(acc, cfg)
@@ -61,7 +62,7 @@ def test_deepspeed_launch_without_cuda_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(RuntimeError, match="DeepSpeed.*GPUs only"):
-        make_accelerator(load_config(None, []))
+        make_ppo_accelerator(load_config(None, []))
 
 
 def test_zero3_new_parameters_take_the_partitioned_dtype():
@@ -78,3 +79,17 @@ def test_zero3_new_parameters_take_the_partitioned_dtype():
     plain = torch.nn.Linear(4, 1)  # nothing partitioned (ZeRO-1/2, DDP): left alone
     match_partitioned_dtype(plain)
     assert plain.weight.dtype == torch.float32
+
+
+def test_ppo_batch_size_counts_over_all_processes():
+    from rlhf_ppo.config import ConfigError
+    from rlhf_ppo.distributed import ppo_batch_per_process
+
+    cfg = load_config(None, ["ppo.batch_size=16", "ppo.num_minibatches=2", "ppo.micro_batch_size=4"])
+    assert ppo_batch_per_process(cfg, 1) == 16 and ppo_batch_per_process(cfg, 2) == 8
+    assert gradient_accumulation_steps(cfg, 2) == 1  # minibatch 4 per process, micro-batch 4
+    with pytest.raises(ConfigError, match="ppo.batch_size: 16 is the batch over all processes "
+                                          "and must be a multiple of the 3 processes"):
+        ppo_batch_per_process(cfg, 3)
+    with pytest.raises(ConfigError, match="1 rollouts each, not a multiple of ppo.num_minibatches=2"):
+        ppo_batch_per_process(cfg, 16)

@@ -1,4 +1,4 @@
-"""scripts/forecast_task.py: the corpus writer, the hidden truth and the preference rules (fast: no
+"""scripts/bench/forecast_task.py: the corpus writer, the hidden truth and the preference rules (fast: no
 model is trained here)."""
 
 import importlib.util
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "forecast_task.py"
+_PATH = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "forecast_task.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""scripts/learning_bench.py: the TRL settings mapping, the J statistics, the divergence flag and
+"""scripts/bench/learning_bench.py: the TRL settings mapping, the J statistics, the divergence flag and
 the report writer (no training, no TRL needed)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
 import learning_bench as lb  # noqa: E402
 
 from rlhf_ppo.quickstart import stage_configs  # noqa: E402
@@ -179,3 +179,15 @@ def test_report_only_writes_table_and_png(tmp_path, capsys):
     png = (tmp_path / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_trl_run_needs_the_trl_python(tmp_path, monkeypatch):
+    """No machine-specific default: without --trl-python or $RLHF_PPO_TRL_PYTHON the benchmark
+    stops before any work and says how to make the TRL venv (or to pass --no-trl)."""
+    monkeypatch.delenv("RLHF_PPO_TRL_PYTHON", raising=False)
+    assert lb.parse_args([]).trl_python is None
+    with pytest.raises(SystemExit, match=r"(?s)python3 -m venv trl-venv.*trl==1\.12\.0.*--no-trl"):
+        lb.main(["--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no such interpreter"):
+        lb.main(["--output-dir", str(tmp_path), "--trl-python", str(tmp_path / "python")])
+    assert not (tmp_path / "task").exists() and not (tmp_path / "meta.json").exists()

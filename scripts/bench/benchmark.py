@@ -9,13 +9,19 @@ on the same models: one ``generate`` of the batch, one reference forward, one re
 one forward+backward+optimizer step per minibatch, and their sum (the floor an iteration could
 reach without PPO's own work).
 
-    python scripts/make_bench_models.py --out bench_models
-    python scripts/benchmark.py --policy bench_models/small/policy --reward bench_models/small/reward \\
+    python scripts/bench/make_bench_models.py --out bench_models
+    python scripts/bench/benchmark.py --policy bench_models/small/policy --reward bench_models/small/reward \\
         --batch 16 --mini-batches 2 --epochs 1 --prompt-len 16 --response-len 32 --iters 6
     # the same against TRL 1.12 (separate venv), A B A B, each run in a fresh process:
-    python scripts/benchmark.py ... --critic separate --compare-trl /work/trl-venv/bin/python
+    python3 -m venv trl-venv && trl-venv/bin/pip install torch==2.13.0 \\
+        && trl-venv/bin/pip install trl==1.12.0
+    python scripts/bench/benchmark.py ... --critic separate --compare-trl --trl-python trl-venv/bin/python
     # the README table: tiny/small/medium x {rlhf_ppo separate, rlhf_ppo shared, TRL}:
-    python scripts/benchmark.py --table bench_models --compare-trl /work/trl-venv/bin/python
+    export RLHF_PPO_TRL_PYTHON=$PWD/trl-venv/bin/python
+    python scripts/bench/benchmark.py --table bench_models --compare-trl
+
+(``--compare-trl PYTHON`` also names the interpreter; without one, ``--trl-python`` or
+``$RLHF_PPO_TRL_PYTHON``.)
 
 Responses are exactly ``--response-len`` tokens on both sides: the benchmark models' tokenizer has
 no EOS (``make_bench_models.py``), and for other models rlhf_ppo gets
@@ -37,12 +43,33 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+TRL_PYTHON_ENV = "RLHF_PPO_TRL_PYTHON"
+TRL_VENV_HOWTO = ("python3 -m venv trl-venv && trl-venv/bin/pip install torch==2.13.0 "
+                  "&& trl-venv/bin/pip install trl==1.12.0")
+"""how to make the TRL venv (TRL runs in its own venv: its transformers and accelerate pins)"""
 PHASES = ("rollout", "ref_and_reward", "update")
 # Dense bf16 peak (TFLOP/s) and memory bandwidth (TB/s) from the data sheets, by device name.
 DEVICE_PEAKS = {"H200": (989.0, 4.8), "H100": (989.0, 3.35), "A100": (312.0, 2.0)}
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+def resolve_trl_python(path: str | None, flag: str = "--trl-python", otherwise: str = "") -> str:
+    """The python of the TRL venv: ``path`` (a command-line option), else ``$RLHF_PPO_TRL_PYTHON``;
+    exits with how to make the venv when neither names an interpreter that exists (``otherwise``:
+    another way out, appended to the message)."""
+    import shutil
+
+    path = path or os.environ.get(TRL_PYTHON_ENV)
+    if path and shutil.which(path) is not None:
+        return path
+    msg = (f"{flag} {path}: no such interpreter" if path else
+           f"a TRL comparison needs the python of a venv with trl==1.12.0 ({flag} PATH or "
+           f"${TRL_PYTHON_ENV})")
+    raise SystemExit(f"{msg}. Make the venv with\n    {TRL_VENV_HOWTO}\nthen pass {flag} "
+                     f"trl-venv/bin/python (or set {TRL_PYTHON_ENV})"
+                     + (f", {otherwise}" if otherwise else ""))
+
 
 def load_avg() -> list[float]:
     """The 1/5/15-minute load averages (``uptime``), rounded."""
@@ -494,8 +521,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="accelerator peak for the MFU (default: from the GPU's name)")
     p.add_argument("--peak-tbps", type=float, default=None,
                    help="memory bandwidth for the generation bound (default: from the GPU's name)")
-    p.add_argument("--compare-trl", default=None, metavar="PYTHON",
-                   help="python of a venv with trl==1.12.0: run TRL's PPO on the same models")
+    p.add_argument("--compare-trl", nargs="?", const="", default=None, metavar="PYTHON",
+                   help="also run TRL's PPO on the same models, with PYTHON (a venv with "
+                        "trl==1.12.0), else --trl-python")
+    p.add_argument("--trl-python", default=None, metavar="PATH",
+                   help=f"python of a venv with trl==1.12.0 (default: ${TRL_PYTHON_ENV})")
     p.add_argument("--critics", nargs="+", default=None,
                    choices=["shared", "separate", "shared+ckpt", "separate+ckpt"],
                    help="rlhf_ppo variants in comparison mode (default: --critic; table: shared "
@@ -511,6 +541,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch must be a multiple of --mini-batches")
     if args.static_cache:  # a static cache is a model.generate option
         args.backend = "transformers"
+    if args.compare_trl is not None:  # "": the interpreter comes from --trl-python or the env
+        args.compare_trl = args.compare_trl or args.trl_python or os.environ.get(TRL_PYTHON_ENV, "")
     return args
 
 
@@ -520,6 +552,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.compare_trl is not None:
+        args.compare_trl = resolve_trl_python(args.compare_trl)
     if args.table:
         rows = []
         for size in args.sizes:
@@ -533,7 +567,7 @@ def main(argv=None) -> int:
               f"{args.iters} iterations x {args.rounds} rounds; load average now {load_avg()}\n")
         print(markdown_table(rows))
         return 0
-    if args.compare_trl:
+    if args.compare_trl is not None:
         res = compare(args, args.policy, args.reward, args.critics or [args.critic])
         trl = res.get("trl", {})
         for name, r in res.items():

@@ -22,15 +22,15 @@ everywhere.
 * ``prompts.jsonl``: 30 prompts, 6 per condition.
 
 :func:`consistency` is the hidden truth (the reward model never sees it); :func:`truth_reward`
-reports it as a weight-0 reward source: ``{function: scripts/forecast_task.py:truth_reward,
+reports it as a weight-0 reward source: ``{function: scripts/bench/forecast_task.py:truth_reward,
 weight: 0}``; :func:`form_reward` (1 for an answer of distinct corpus sentences, else 0) the
 same way, to catch broken or repetitive text. :func:`build` writes the corpus, builds the base
 model (the quickstart's size), runs SFT and trains the reward model (two stages), and returns
 the PPO config and evaluation settings; :func:`stage_configs` says what differs from the
 quickstart and why.
 
-    python scripts/forecast_task.py runs/forecast          # ~80 s on 2 CPU cores; again: ~2 s
-    python scripts/forecast_task.py runs/forecast --fresh  # rebuild every stage
+    python scripts/bench/forecast_task.py runs/forecast          # ~80 s on 2 CPU cores; again: ~2 s
+    python scripts/bench/forecast_task.py runs/forecast --fresh  # rebuild every stage
 """
 
 from __future__ import annotations

@@ -5,16 +5,20 @@ Both trainers maximise ``J = score - kl_coef * KL``, so the figure of merit of a
 final policy, measured by ``rlhf-ppo evaluate`` against the task's SFT (reference) model on the
 task's prompts (same prompts, samples and seeds for every run). Each run (trainer/variant,
 kl_coef, seed) is a fresh subprocess with one torch thread: ``rlhf-ppo train`` for rlhf_ppo,
-``scripts/trl_learn.py`` (run with the TRL venv's python) for TRL, then ``rlhf-ppo evaluate``.
+``scripts/bench/trl_learn.py`` (run with the TRL venv's python) for TRL, then ``rlhf-ppo evaluate``.
 
-    python scripts/learning_bench.py                                  # quickstart task, defaults
-    python scripts/learning_bench.py --iterations 3 --seeds 0 --kl-coefs 0.5 --output-dir /tmp/lb
-    python scripts/learning_bench.py --variants shipped= \\
+    python3 -m venv trl-venv && trl-venv/bin/pip install torch==2.13.0 \\
+        && trl-venv/bin/pip install trl==1.12.0                    # the TRL side's venv
+    export RLHF_PPO_TRL_PYTHON=$PWD/trl-venv/bin/python              # or --trl-python PATH
+    python scripts/bench/learning_bench.py                          # quickstart task, defaults
+    python scripts/bench/learning_bench.py --no-trl                 # rlhf_ppo alone (no TRL venv)
+    python scripts/bench/learning_bench.py --iterations 3 --seeds 0 --kl-coefs 0.5 --output-dir runs/lb
+    python scripts/bench/learning_bench.py --variants shipped= \\
         "separate=model.critic=separate model.critic_init=reward"
-    python scripts/learning_bench.py --trl-variants default= matched=clip,critic_lr
-    python scripts/learning_bench.py --task forecast                  # scripts/forecast_task.py
-    python scripts/learning_bench.py --policy SFT --reward RM --prompts p.jsonl --config ppo.yaml
-    python scripts/learning_bench.py --report-only --output-dir runs/learning_bench/quickstart
+    python scripts/bench/learning_bench.py --trl-variants default= matched=clip,critic_lr
+    python scripts/bench/learning_bench.py --task forecast          # scripts/bench/forecast_task.py
+    python scripts/bench/learning_bench.py --policy SFT --reward RM --prompts p.jsonl --config ppo.yaml
+    python scripts/bench/learning_bench.py --report-only --output-dir runs/learning_bench/quickstart
 
 Outputs in ``--output-dir`` (default ``runs/learning_bench/TASK``): ``runs.jsonl`` (one line per
 finished run; runs already there are skipped, so an interrupted benchmark resumes; ``--fresh``
@@ -47,7 +51,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_TRL_PYTHON = "/work/trl-venv/bin/python"
+if str(HERE) not in sys.path:  # the sibling scripts (benchmark.py, the task builders)
+    sys.path.insert(0, str(HERE))
+from benchmark import TRL_PYTHON_ENV, resolve_trl_python  # noqa: E402  (stdlib only)
+
 DIVERGED_KL_FACTOR = 10.0
 """a run whose final KL exceeds this many times the median KL of the other seeds is diverged"""
 DIVERGED_KL_FLOOR = 0.1
@@ -125,8 +132,6 @@ def resolve_builder(name: str):
     if callable(builder):
         return builder
     module, _, fn = builder.partition(":")
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
     try:
         return getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
@@ -759,7 +764,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "critic learning rate for the value model")
     p.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True,
                    help="also run TRL (default on)")
-    p.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON)
+    p.add_argument("--trl-python", default=None, metavar="PATH",
+                   help=f"python of a venv with trl==1.12.0, for --trl (default: "
+                        f"${TRL_PYTHON_ENV})")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (each one thread)")
     p.add_argument("--output-dir", type=Path, help="default: runs/learning_bench/TASK")
     p.add_argument("--eval-seed", type=int, default=0)
@@ -822,9 +829,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    if args.trl and not Path(args.trl_python).is_file():
-        raise SystemExit(f"--trl-python {args.trl_python}: not found (make the TRL venv, or "
-                         "--no-trl)")
+    if args.trl:  # without the TRL python: exits with how to make its venv
+        args.trl_python = resolve_trl_python(
+            args.trl_python, otherwise="or pass --no-trl to run rlhf_ppo alone")
     variants = parse_variants(args.variants, "--variants")
     trl_variants = parse_variants(args.trl_variants, "--trl-variants") if args.trl else []
     for name, flags in trl_variants:

@@ -1,12 +1,12 @@
-"""Random-init Llama models for ``scripts/benchmark.py``, built from configs (nothing is downloaded).
+"""Random-init Llama models for ``scripts/bench/benchmark.py``, built from configs (nothing is downloaded).
 
 Each size is written as two folders under ``OUT/SIZE``: ``policy`` (``LlamaForCausalLM``) and
 ``reward`` (``LlamaForSequenceClassification``, one output, the same shape), with a word-level
 tokenizer of ``w0 w1 ...`` words that has **no EOS token**: no sampled token can end a response,
 so every trainer generates exactly ``response_len`` tokens and runs stay comparable.
 
-    python scripts/make_bench_models.py --out bench_models                 # tiny, small, medium
-    python scripts/make_bench_models.py --out bench_models --sizes gpu-0.5b --dtype bfloat16
+    python scripts/bench/make_bench_models.py --out bench_models                 # tiny, small, medium
+    python scripts/bench/make_bench_models.py --out bench_models --sizes gpu-0.5b --dtype bfloat16
 
 | size | params | vocab | hidden | layers | heads (kv) | intermediate |
 |---|---|---|---|---|---|---|

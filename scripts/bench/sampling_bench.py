@@ -1,13 +1,13 @@
 """Sampling alone: rlhf_ppo's native loop against transformers' ``generate`` on one batch.
 
-    python scripts/sampling_bench.py --policy bench_models/small/policy --batch 16 \
+    python scripts/bench/sampling_bench.py --policy bench_models/small/policy --batch 16 \
         --prompt-len 16 --response-len 32 [--device cuda --dtype bfloat16] [--profile]
 
 Prints one JSON line per variant (median seconds and generated tokens/s over ``--reps`` runs,
 the variants alternating), then the per-step cost of each token-drawing method on a ``(batch,
 vocab)`` probability matrix, and with ``--profile`` the busiest operators of both loops
 (``torch.profiler`` over ``--profile-steps`` tokens). Every response runs to
-``--response-len`` tokens (no stop token), as in ``scripts/benchmark.py``.
+``--response-len`` tokens (no stop token), as in ``scripts/bench/benchmark.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", required=True, help="a causal LM folder (scripts/make_bench_models.py)")
+    p.add_argument("--policy", required=True, help="a causal LM folder (scripts/bench/make_bench_models.py)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--response-len", type=int, default=32)

@@ -1,10 +1,10 @@
-"""The TRL side of ``scripts/benchmark.py``: TRL 1.12's PPO (``trl.experimental.ppo``) on the same
+"""The TRL side of ``scripts/bench/benchmark.py``: TRL 1.12's PPO (``trl.experimental.ppo``) on the same
 models, prompts and shape, printing the same JSON line. Run with the python of a venv that has
 ``trl==1.12.0`` (it does not import rlhf_ppo):
 
-    python3 -m venv /work/trl-venv && /work/trl-venv/bin/pip install torch==2.13.0 \\
-        && /work/trl-venv/bin/pip install trl==1.12.0
-    /work/trl-venv/bin/python scripts/trl_bench.py --policy bench_models/small/policy \\
+    python3 -m venv trl-venv && trl-venv/bin/pip install torch==2.13.0 \\
+        && trl-venv/bin/pip install trl==1.12.0
+    trl-venv/bin/python scripts/bench/trl_bench.py --policy bench_models/small/policy \\
         --reward bench_models/small/reward --prompts prompts.jsonl --iters 6
 
 The same work per iteration as rlhf_ppo: ``batch`` prompts, responses of exactly

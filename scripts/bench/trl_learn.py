@@ -1,9 +1,9 @@
-"""The TRL side of ``scripts/learning_bench.py``: TRL 1.12's PPO (``trl.experimental.ppo``) trained
+"""The TRL side of ``scripts/bench/learning_bench.py``: TRL 1.12's PPO (``trl.experimental.ppo``) trained
 on the same models and prompt ids as an rlhf_ppo run, saving the final policy for
 ``rlhf-ppo evaluate``. Run with the python of a venv that has ``trl==1.12.0`` (this file does not
 import rlhf_ppo):
 
-    /work/trl-venv/bin/python scripts/trl_learn.py --policy SFT --reward RM \\
+    trl-venv/bin/python scripts/bench/trl_learn.py --policy SFT --reward RM \\
         --prompt-ids prompt_ids.jsonl --settings trl_settings.json --seed 0 --kl-coef 0.5 \\
         --output-dir runs/x/train
 

@@ -2,20 +2,22 @@
 # GPU benchmark: rlhf_ppo vs TRL 1.12's PPO on a ~0.5B random-init Llama (Qwen2.5-0.5B's shape,
 # vocab 151936), batch 64, 2 minibatches, 1 epoch, prompt 64, response 256, bf16 weights.
 #
-# Run on the device machine from the repository root, with the wheels in .whl/ (see
-# benchmark.md: trl, datasets, dill, multiprocess, transformers, regex) and this script copied
-# into the repo (e.g. scripts/gpu_bench.sh), as ONE run call:
-#   run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=600)
+# Usage, from the repository root of a GPU machine (torch with CUDA, accelerate installed):
+#   [OUT=DIR] [SCRATCH=DIR] [WHEELS=.whl] [TRL_PYTHON=python3] bash scripts/gpu/gpu_bench.sh
+# Wheels found in $WHEELS (trl, datasets, dill, multiprocess, transformers, tokenizers, regex,
+# peft; for a machine without network access) are installed into $SCRATCH/site first; TRL runs
+# with $TRL_PYTHON (default: $RLHF_PPO_TRL_PYTHON, else python3 with those wheels).
 # Budget: about 6 minutes (preflight 0.5, models 1, comparison ~3.5, static-cache runs only if
-# time is left). Everything it prints also goes to $OUT (comes back as files).
+# time is left). Everything it prints also goes to $OUT (default $SCRATCH/gpu_bench_out).
 set -uo pipefail
 T0=$(date +%s)
-OUT=${OUT:-/tmp/gpu_bench_out}
+SCRATCH=${SCRATCH:-${TMPDIR:-/tmp}}  # installed wheels, models and cache: a scratch folder
+OUT=${OUT:-$SCRATCH/gpu_bench_out}
 mkdir -p "$OUT"
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
 # A CPU dry run of this script (no wheels, tiny model): WHEELS=none SIZE=tiny INIT_DEVICE=cpu \
-#   SHAPE="--batch 8 --iters 2 --threads 2 --bare-repeats 1 --rounds 1" bash gpu_bench.sh
+#   SHAPE="--batch 8 --iters 2 --threads 2 --bare-repeats 1 --rounds 1" bash scripts/gpu/gpu_bench.sh
 SIZE=${SIZE:-gpu-0.5b}
 INIT_DEVICE=${INIT_DEVICE:-cuda}
 # Only the wheels this benchmark needs are installed from .whl/, whatever else it holds (a
@@ -29,10 +31,10 @@ done
 if [ ${#files[@]} -gt 0 ]; then
     echo "installing: ${files[*]}"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "${files[@]}" || { echo "wheel install failed"; exit 1; }
+        --target "$SCRATCH/site" "${files[@]}" || { echo "wheel install failed"; exit 1; }
 fi
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 \
-    PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RLHF_PPO_CACHE=/tmp/rlhf_ppo_cache
+export PYTHONPATH=$SCRATCH/site:$PWD HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 \
+    PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false RLHF_PPO_CACHE=${RLHF_PPO_CACHE:-$SCRATCH/rlhf_ppo_cache}
 
 # 1. preflight (fails in seconds, not minutes): versions, the GPU, datasets' JSON path, TRL's PPO
 { nvidia-smi --query-gpu=name,memory.total --format=csv || echo "no nvidia-smi"; } | tee "$OUT/versions.txt"
@@ -56,19 +58,19 @@ EOF
 echo "preflight done at $(elapsed) s"
 
 # 2. the random-init 0.5B policy and reward model (bf16, built here: nothing is carried)
-M=/tmp/bench_models/$SIZE
-[ -f $M/bench.json ] || python3 scripts/make_bench_models.py --out /tmp/bench_models --sizes "$SIZE" \
+M="$SCRATCH/bench_models/$SIZE"
+[ -f "$M/bench.json" ] || python3 scripts/bench/make_bench_models.py --out "$SCRATCH/bench_models" --sizes "$SIZE" \
     --dtype bfloat16 --device "$INIT_DEVICE" 2>&1 | grep -v "Writing\|Loading" | tee "$OUT/models.txt" || exit 1
 echo "models done at $(elapsed) s"
 
-TRL_PYTHON=${TRL_PYTHON:-python3}
+TRL_PYTHON=${TRL_PYTHON:-${RLHF_PPO_TRL_PYTHON:-python3}}
 read -r -a SHAPE <<< "--batch 64 --mini-batches 2 --epochs 1 --prompt-len 64 --response-len 256 \
 --iters 3 --dtype bfloat16 --threads 8 --bare-repeats 1 --rounds 1 ${SHAPE:-}"  # later flags win
 
 # 3. eager generation (transformers' default dynamic cache): rlhf_ppo shared, separate, then TRL
 # (COMPARE=0 skips it: step 4 alone, its runs appended to an earlier call's runs.jsonl)
 if [ "${COMPARE:-1}" = 1 ]; then
-    timeout 300 python3 scripts/benchmark.py --policy $M/policy --reward $M/reward "${SHAPE[@]}" \
+    timeout 300 python3 scripts/bench/benchmark.py --policy "$M/policy" --reward "$M/reward" "${SHAPE[@]}" \
         --critics ${CRITICS:-shared separate} --compare-trl "$TRL_PYTHON" > "$OUT/compare.txt" \
         2> "$OUT/compare_stderr.log"
     echo "comparison done at $(elapsed) s"
@@ -84,7 +86,7 @@ STEP4=${STEP4:-static}
 if [ "$STEP4" != none ] && [ "$(elapsed)" -lt 300 ]; then
     if [ "$STEP4" = static ]; then extra=(--static-cache --compare-trl "$TRL_PYTHON"); else
         extra=(--backend transformers); fi
-    timeout $(( 440 - $(elapsed) )) python3 scripts/benchmark.py --policy $M/policy --reward $M/reward \
+    timeout $(( 440 - $(elapsed) )) python3 scripts/bench/benchmark.py --policy "$M/policy" --reward "$M/reward" \
         "${SHAPE[@]}" --critics shared "${extra[@]}" > "$OUT/$STEP4.txt" 2> "$OUT/${STEP4}_stderr.log"
     grep '^|' "$OUT/$STEP4.txt"
     grep -h '"variant"' "$OUT/${STEP4}_stderr.log" >> "$OUT/runs.jsonl" || true

@@ -2,9 +2,9 @@
 # GPU checks on one CUDA device: the built-in tiny PPO run in one process, plain, with bf16
 # autocast, and under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 (accelerate launch --num_processes 1).
 # Prints each run's exit code, seconds and its "done:" line (score first -> last iteration).
-# Usage: [ONLY="plain bf16 deepspeed_zero2 deepspeed_zero3 fsdp"] bash scripts/gpu_check.sh [OUTPUT_FOLDER]
+# Usage: [ONLY="plain bf16 deepspeed_zero2 deepspeed_zero3 fsdp"] bash scripts/gpu/gpu_check.sh [OUTPUT_FOLDER]
 set -uo pipefail
-out=${1:-/tmp/gpu_check}
+out=${1:-${TMPDIR:-/tmp}/gpu_check}
 mkdir -p "$out"
 ONLY=${ONLY:-plain bf16 deepspeed_zero2 deepspeed_zero3 fsdp}
 run() {
