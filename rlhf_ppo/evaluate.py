@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from . import ops
 from .config import (
     Config,
     ConfigError,
@@ -205,7 +206,7 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
     mean over samples estimates it), though single samples can be negative.
     Args: ``logprobs``, ``ref_logprobs``, ``mask``: ``[B, R]``. Returns ``[B]``.
     """
-    return ((logprobs - ref_logprobs) * mask).sum(-1)
+    return (ops.kl_penalty(logprobs, ref_logprobs, "k1") * mask).sum(-1)
 
 
 def mean_ci(values: np.ndarray, num_samples: int, level: float, seed: int) -> dict[str, float]:

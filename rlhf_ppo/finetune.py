@@ -11,15 +11,15 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from .checkpoint import atomic_folder
-from .config import DataConfig, ModelConfig, check, config_from_dict
+from .config import DataConfig, FinetuneOptimConfig, ModelConfig, RunConfig, check, config_from_dict
 from .data import load_rows
 from .distributed import make_accelerator
 from .errors import ConfigError, DataError, NonFiniteError
@@ -62,6 +62,36 @@ FINETUNE_RENAMED = {
                                              "warmup_steps")},
 }
 """renamed keys of sft and reward (old -> new); the old ones still work, with a warning"""
+
+
+@dataclass
+class FinetuneDataConfig:
+    """The ``data`` keys sft and reward share: where the examples are, and what is held out."""
+
+    path: str | None = None
+    """training data: local .json/.jsonl/.csv/.parquet file, `save_to_disk` folder, or hub id"""
+    split: str = "train"
+    """dataset split of `path`"""
+    heldout_path: str | None = None
+    """held-out data in the same format (default: `heldout_fraction` of `path`)"""
+    heldout_split: str = "test"
+    """dataset split of `heldout_path` (any name for a local file)"""
+    heldout_fraction: float = 0.1
+    """share of `path` held out (its loss / accuracy is logged) when there is no `heldout_path` (0: none)"""
+
+
+@dataclass
+class FinetuneRunConfig(RunConfig):
+    """What ``rlhf-ppo sft`` and ``rlhf-ppo reward`` share besides :class:`RunConfig`."""
+
+    overwrite: bool = False
+    """start afresh in an output_dir that holds another run (its files are deleted)"""
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    """optimizer and schedule"""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """passes, steps and batch sizes"""
+
+    RENAMED: ClassVar[dict[str, str]] = FINETUNE_RENAMED
 
 
 def validate_data(d, columns: Sequence[str]) -> None:

@@ -5,11 +5,11 @@ Shape legend: ``B`` batch (sequences), ``T`` response length (tokens after the p
 (up to and including the stop token) and 0 on the padding after it; that is the only mask
 convention in this package. Masked positions of every returned per-token tensor are 0.
 
-References
+References (code links pinned to the commit and lines that were read)
 - PPO: Schulman et al. 2017, https://arxiv.org/abs/1707.06347 (eq. 7 clipped surrogate).
 - GAE: Schulman et al. 2015, https://arxiv.org/abs/1506.02438 (eq. 16).
 - KL-shaped reward, adaptive KL: Ziegler et al. 2019, https://arxiv.org/abs/1909.08593 (sec. 2.2),
-  following openai/lm-human-preferences (lm_human_preferences/train_policy.py, AdaptiveKLController).
+  following openai/lm-human-preferences (each function below links the lines it follows).
 - KL estimators k1/k2/k3: J. Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
 - Decoupled GAE (critic lambda 1, policy lambda < 1) and value pretraining: Yuan et al. 2025,
   VC-PPO, https://arxiv.org/abs/2503.01491; length-adaptive lambda: Yue et al. 2025, VAPO,
@@ -49,9 +49,10 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, mean: float | torch.Tensor,
     """Normalise ``x`` to zero mean and unit variance with the given statistics of its valid
     positions (reduced over every process by the caller, so the result does not depend on how the
     batch is split), as lm-human-preferences and TRL whiten advantages
-    (https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/lm_human_preferences/utils/core.py#L336-L341;
-    they use the batch's own statistics). ``shift_mean=False`` adds the mean back (only rescales:
-    what one wants for rewards).
+    (https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/lm_human_preferences/utils/core.py#L336-L341,
+    with the batch's own biased variance; TRL's ``masked_whiten`` with the unbiased one, as here:
+    https://github.com/huggingface/trl/blob/f2cd57710ae345ea6428ae95363267fcf38a3dc8/trl/experimental/ppo/ppo_trainer.py#L237-L270).
+    ``shift_mean=False`` adds the mean back (only rescales: what one wants for rewards).
 
     Args:
         x, mask: ``[B, T]``.  mean, var: scalars.
@@ -135,7 +136,13 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
 
     The last valid token is the stop token itself when the response has one (it is part of the
     response and its log-prob is trained), else the last generated token. Putting the score one
-    token early or on the first padding token is a known off-by-one in other trainers.
+    token early or on the first padding token is a known off-by-one in other trainers: TRL's
+    last PPO trainer adds it one position after the last kept token
+    (https://github.com/huggingface/trl/blob/f2cd57710ae345ea6428ae95363267fcf38a3dc8/trl/experimental/ppo/ppo_trainer.py#L764-L779);
+    OpenRLHF puts it on the last valid token as here
+    (https://github.com/OpenRLHF/OpenRLHF/blob/3c3be6234e0cb353e76bb8019947db9dfe99fca7/openrlhf/models/utils.py#L98-L126),
+    lm-human-preferences on the last column of fixed-length responses
+    (https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/lm_human_preferences/train_policy.py#L149-L154).
 
     Args:
         scores: ``[B]`` sequence scores.  kl: ``[B, T]`` per-token KL.  mask: ``[B, T]``.
@@ -153,7 +160,9 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     """Generalised advantage estimation over the valid tokens of each row.
 
     ``delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)``, ``A_t = delta_t + gamma * lam * A_{t+1}``
-    (GAE paper eq. 16), with ``V = 0`` and ``A = 0`` after the last valid token (the episode ends).
+    (GAE paper eq. 16), with ``V = 0`` and ``A = 0`` after the last valid token (the episode ends),
+    as the loops of baselines (https://github.com/openai/baselines/blob/ea25b9e8b234e6ee1bca43083f8f3cf974143998/baselines/ppo2/runner.py#L55-L65)
+    and lm-human-preferences (https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/lm_human_preferences/train_policy.py#L327-L338).
     Masked positions are skipped: ``t+1`` means the next *valid* token, so any mask works.
 
     Args:
@@ -253,7 +262,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
                 mask: torch.Tensor, clip_range: float, aggregation: Aggregation = "token-mean",
                 normalizer: float | torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss (PPO paper eq. 7, negated for minimisation).
+    """PPO clipped surrogate loss (PPO paper eq. 7, negated for minimisation), as
+    lm-human-preferences' ``pg_losses``
+    (https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/lm_human_preferences/train_policy.py#L350-L355).
 
     ``ratio = exp(logprobs - old_logprobs)``;
     ``loss_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps))``.
@@ -290,8 +301,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
                normalizer: float | torch.Tensor | None = None
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss: ``0.5 * max((V - R)^2, (V_clip - R)^2)`` with
-    ``V_clip = V_old + clip(V - V_old, -c, c)`` (as in OpenAI baselines ppo2); ``clip_range=None``
-    gives the plain ``0.5 * (V - R)^2``.
+    ``V_clip = V_old + clip(V - V_old, -c, c)`` (as in baselines ppo2,
+    https://github.com/openai/baselines/blob/ea25b9e8b234e6ee1bca43083f8f3cf974143998/baselines/ppo2/model.py#L66-L75
+    ); ``clip_range=None`` gives the plain ``0.5 * (V - R)^2``.
 
     Args:
         values: ``[B, T]`` current values, with grad.  old_values: ``[B, T]`` at rollout time.
@@ -314,7 +326,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 
 class AdaptiveKLController:
-    """Adaptive KL coefficient of Ziegler et al. 2019 (lm-human-preferences AdaptiveKLController).
+    """Adaptive KL coefficient of Ziegler et al. 2019, as lm-human-preferences'
+    ``AdaptiveKLController`` (https://github.com/openai/lm-human-preferences/blob/cbfd210bb8b08f6bc5c26878c10984b90f516c66/lm_human_preferences/train_policy.py#L115-L124).
 
     ``e = clip(KL / target - 1, -0.2, 0.2)``; ``coef *= 1 + e * n_steps / horizon``, where KL is
     the mean summed KL per sequence of the last batch and ``n_steps`` the number of sequences in it.

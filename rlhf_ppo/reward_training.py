@@ -18,16 +18,15 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import finetune as ft
-from .config import FinetuneOptimConfig, ModelConfig, PeftConfig, RunConfig, check
+from .config import ModelConfig, PeftConfig, check
 from .data import DataError, _is_messages, render_prompt
-from .finetune import TrainConfig
 from .models import is_peft, load_sequence_classifier, load_tokenizer, transformer
 from .rewards import score_sequences
 
@@ -37,17 +36,9 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- config
 
 @dataclass
-class RewardDataConfig:
+class RewardDataConfig(ft.FinetuneDataConfig):
     path: str | None = None
     """preference pairs: local .json/.jsonl/.csv/.parquet file, `save_to_disk` folder, or hub id"""
-    split: str = "train"
-    """dataset split of `path`"""
-    heldout_path: str | None = None
-    """held-out pairs in the same format (default: `heldout_fraction` of `path`)"""
-    heldout_split: str = "test"
-    """dataset split of `heldout_path` (any name for a local file)"""
-    heldout_fraction: float = 0.1
-    """share of `path` held out for the held-out accuracy when there is no `heldout_path` (0: none)"""
     prompt_column: str = "prompt"
     """optional column with the prompt (string or chat messages), shared by both responses"""
     chosen_column: str = "chosen"
@@ -67,27 +58,19 @@ class RewardDataConfig:
 
 
 @dataclass
-class RewardTrainConfig(RunConfig):
+class RewardTrainConfig(ft.FinetuneRunConfig):
     """``rlhf-ppo reward``: reward-model training on preference pairs."""
 
     output_dir: str = "runs/reward"
     """folder for metrics.jsonl, config.yaml and the reward model (OUTPUT_DIR/final)"""
     seed: int = 0
     """random seed for the held-out split, data order and new weights (score head, LoRA)"""
-    overwrite: bool = False
-    """start afresh in an output_dir that holds another run (its files are deleted)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     """starting checkpoint: a causal LM (a new score head is added) or a one-output classifier"""
     peft: PeftConfig = field(default_factory=PeftConfig)
     """LoRA on the backbone (the score head trains fully); the output is always merged"""
-    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
-    """optimizer and schedule"""
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
     """preference pairs"""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """passes, steps and batch sizes"""
-
-    RENAMED: ClassVar[dict[str, str]] = ft.FINETUNE_RENAMED
 
     def __post_init__(self) -> None:
         validate(self)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import builtin
+from . import builtin, ops
 from .config import ModelConfig, RewardConfig, RewardSource
 from .errors import RewardError
 from .models import (
@@ -233,8 +233,7 @@ def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """
     if hasattr(model, "score"):
         hidden = backbone_hidden(model, input_ids, attention_mask)  # (B, L, H)
-        last = (torch.arange(input_ids.shape[1], device=input_ids.device)
-                * attention_mask.long()).argmax(-1)
+        last = ops.last_token_index(attention_mask)  # (B,)
         h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return model.score(h_last).squeeze(-1)
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]

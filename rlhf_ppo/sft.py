@@ -16,15 +16,14 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from . import finetune as ft
-from .config import FinetuneOptimConfig, ModelConfig, PeftConfig, RunConfig
+from .config import ModelConfig, PeftConfig
 from .data import DataError, _is_messages, render_prompt
-from .finetune import TrainConfig
 from .models import apply_lora, is_peft, load_causal_lm, load_tokenizer, token_logprobs, transformer
 
 logger = logging.getLogger(__name__)
@@ -36,17 +35,9 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------- config
 
 @dataclass
-class SFTDataConfig:
+class SFTDataConfig(ft.FinetuneDataConfig):
     path: str | None = None
     """training data: local .json/.jsonl/.csv/.parquet file, `save_to_disk` folder, or hub id"""
-    split: str = "train"
-    """dataset split of `path`"""
-    heldout_path: str | None = None
-    """held-out data in the same format (default: `heldout_fraction` of `path`)"""
-    heldout_split: str = "test"
-    """dataset split of `heldout_path` (any name for a local file)"""
-    heldout_fraction: float = 0.1
-    """share of `path` held out for the held-out loss when there is no `heldout_path` (0: none)"""
     prompt_column: str = "prompt"
     """column with the prompt: a string, or chat messages rendered with the generation prompt"""
     response_column: str = "response"
@@ -64,27 +55,19 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTConfig(RunConfig):
+class SFTConfig(ft.FinetuneRunConfig):
     """``rlhf-ppo sft``: supervised fine-tuning."""
 
     output_dir: str = "runs/sft"
     """folder for metrics.jsonl, config.yaml and the fine-tuned model (OUTPUT_DIR/final)"""
     seed: int = 0
     """random seed for the held-out split, data order and new weights (LoRA)"""
-    overwrite: bool = False
-    """start afresh in an output_dir that holds another run (its files are deleted)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     """the causal LM to fine-tune (model.name_or_path, tokenizer, revision, dtype, gguf_file, ...)"""
     peft: PeftConfig = field(default_factory=PeftConfig)
     """LoRA: train an adapter instead of all weights (saved in final/, merged copy optional)"""
-    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
-    """optimizer and schedule"""
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     """prompt/response or chat data"""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """passes, steps and batch sizes"""
-
-    RENAMED: ClassVar[dict[str, str]] = ft.FINETUNE_RENAMED
 
     def __post_init__(self) -> None:
         validate(self)
