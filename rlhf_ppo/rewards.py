@@ -28,6 +28,7 @@ from .errors import RewardError
 from .models import (
     active_adapter,
     backbone_hidden,
+    build_actor_critic,
     load_pretrained,
     load_sequence_classifier,
     resolve,
@@ -279,6 +280,19 @@ class RewardSum:
     def load_state_dict(self, state: dict[str, dict]) -> None:
         """Restore :meth:`state_dict`."""
         self.moments.load_state_dict(state["score_moments"])
+
+    def build_actor_critic(self, model_cfg: ModelConfig, peft_cfg):
+        """:func:`models.build_actor_critic` with this reward's first reward model available as the
+        critic's start (``model.critic_init: reward``; with LoRA the critic is an adapter on that
+        very module, whose scoring then runs with the adapter off). Returns ``(actor_critic,
+        reference, the scorer inside the actor-critic or None)``."""
+        rm = next(iter(self.model_sources()), None)
+        model, ref = build_actor_critic(model_cfg, peft_cfg, reward_model=rm.model if rm else None,
+                                        reward_path=rm.path if rm else None)
+        scorer = rm.scorer if model.critic_on_reward_model else None
+        if scorer is not None:
+            scorer.adapters_off = True
+        return model, ref, scorer
 
     def model_sources(self) -> list[ModelReward]:
         """The reward-model sources (their ``.scorer`` is placed on the device by the trainer)."""

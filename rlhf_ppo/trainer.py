@@ -36,7 +36,6 @@ from .experience import Experience, records_logprobs, rollout_outputs
 from .metrics import greedy_samples, iteration_metrics, skipped_metrics
 from .models import (
     ActorCritic,
-    build_actor_critic,
     check_lengths,
     load_checkpoint_weights,
     load_tokenizer,
@@ -96,16 +95,8 @@ class PPOTrainer:
         self.sampler = PromptSampler(prompts, self.batch_size, cfg.seed, cfg.data.shuffle,
                                      acc.process_index, acc.num_processes)
         self.rewards = RewardSum(cfg.reward, cfg.model, self.tokenizer)
-        # critic_init: reward starts the critic from the first reward model (with LoRA: an
-        # adapter on that very module, whose scoring then runs with the adapter off)
-        rm = next(iter(self.rewards.model_sources()), None)
         set_seed(cfg.seed)  # fresh weights (LoRA, a new critic head) are the same on every run
-        model, self.ref = build_actor_critic(
-            cfg.model, cfg.peft, reward_model=rm.model if rm else None,
-            reward_path=rm.path if rm else None)
-        self._critic_scorer = rm.scorer if model.critic_on_reward_model else None
-        if self._critic_scorer is not None:
-            self._critic_scorer.adapters_off = True
+        model, self.ref, self._critic_scorer = self.rewards.build_actor_critic(cfg.model, cfg.peft)
         check_lengths(cfg, model.policy.config, max(len(x.input_ids) for x in prompts),
                       len(self.tokenizer))
         if resume is not None:
