@@ -1,11 +1,18 @@
 """Shared fixtures: tiny models built from configs, saved and loaded back through real loading."""
 
+import logging
 import os
+import signal
+import sys
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from rlhf_ppo import builtin
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser):
@@ -34,6 +41,70 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("RLHF_PPO_CACHE", None)
     else:
         os.environ["RLHF_PPO_CACHE"] = old
+
+
+class CliResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """``rlhf-ppo ARGS`` run in this process: ``cli("train", "--config", ...)`` returns a
+    ``CliResult(returncode, stdout, stderr)`` like a finished subprocess (argparse's exits,
+    ``--help`` included, become return codes). Runs in the repository root, as a user would;
+    what a run changes in the process (environment variables, the working directory, the root
+    logger's handlers and level from ``logging.basicConfig``, signal handlers) is put back."""
+    from rlhf_ppo import cli as cli_module
+
+    monkeypatch.chdir(ROOT)
+    env = dict(os.environ)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()  # only this command's output
+        # the log lines go to stderr too, as basicConfig sends them in a process of its own
+        # (under pytest the root logger has handlers already, so basicConfig adds none)
+        log = logging.StreamHandler(sys.stderr)
+        log.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(log)
+        root.setLevel(logging.INFO)
+        try:
+            code = cli_module.main([str(a) for a in args])
+        except SystemExit as e:  # argparse: --help, usage errors
+            code = 0 if e.code is None else e.code
+        finally:
+            root.removeHandler(log)
+            root.setLevel(level)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    yield run
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    for s, handler in signals.items():
+        signal.signal(s, handler)
+    os.environ.clear()
+    os.environ.update(env)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one state per process and fixes its mixed precision when the first
+    ``Accelerator`` is made: a test that needs another precision starts from a cleared state, and
+    clears it again after, so the tests after it get their own default."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(scope="session")

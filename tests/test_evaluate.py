@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from rlhf_ppo import builtin
-from rlhf_ppo.cli import main
 from rlhf_ppo.config import ConfigError, ModelConfig, load_config
 from rlhf_ppo.evaluate import (
     EvalConfig,
@@ -188,10 +187,17 @@ def ppo_run(tmp_path_factory, tiny_policy_dir):
     return out
 
 
-def test_cli_evaluates_a_ppo_run_with_consistent_outputs(tmp_path, ppo_run, tiny_policy_dir):
+def test_cli_evaluates_a_ppo_run_with_consistent_outputs(tmp_path, ppo_run, tiny_policy_dir, cli):
     out = tmp_path / "eval"
-    assert main(["evaluate", f"policy={ppo_run / 'final'}", f"output_dir={out}", *SMALL]) == 0
+    run = cli("evaluate", f"policy={ppo_run / 'final'}", f"output_dir={out}", *SMALL)
+    assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
+    # the closing line: the summary's numbers and where the report is
+    f = lambda d: f"{d['mean']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+    assert run.stdout.splitlines()[-1] == (
+        f"done: score policy {f(summary['policy']['score'])} vs reference "
+        f"{f(summary['reference']['score'])}, win rate {f(summary['win_rate'])}, "
+        f"kl {summary['kl']['mean']:.3f}; report: {out}/report.html")
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     # the reference defaults to the run's initial policy, read from its config
     assert summary["reference_path"] == tiny_policy_dir
@@ -306,7 +312,7 @@ def test_lora_ppo_run_defaults_to_its_base_as_reference(tmp_path, tiny_policy_di
     (["policy=POLICY", "reference=POLICY", "tokenizer=EMPTY"], 1, "tokenizer: could not load"),
     (["policy=NOTOK", "reference=POLICY"], 1, "policy: could not load"),
 ])
-def test_bad_inputs_give_clear_errors(tmp_path, capsys, tiny_policy_dir, args, code, message):
+def test_bad_inputs_give_clear_errors(tmp_path, cli, tiny_policy_dir, args, code, message):
     (tmp_path / "empty").mkdir()
     notok = shutil.copytree(tiny_policy_dir, tmp_path / "notok")  # weights, no tokenizer files
     for f in notok.iterdir():
@@ -314,8 +320,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, tiny_policy_dir, args, c
             f.unlink()
     args = [a.replace("POLICY", tiny_policy_dir).replace("EMPTY", str(tmp_path / "empty"))
             .replace("NOTOK", str(notok)) for a in args]
-    assert main(["evaluate", f"output_dir={tmp_path / 'out'}", *args]) == code
-    assert message in capsys.readouterr().err
+    out = cli("evaluate", f"output_dir={tmp_path / 'out'}", *args)
+    assert out.returncode == code and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
@@ -329,7 +336,11 @@ def test_python_api_raises_the_error_types(tmp_path, tiny_policy_dir):
 
 def test_builtin_policy_name_resolves(tmp_path):
     # `builtin:tiny` resolves to its built folder, like any model name
-    summary, _ = evaluate(tmp_path, "builtin:tiny", "reference=builtin:tiny", "num_prompts=1",
-                          "samples_per_prompt=1")
+    summary, rows = evaluate(tmp_path, "builtin:tiny", "reference=builtin:tiny", "num_prompts=1",
+                             "samples_per_prompt=1")
     assert summary["num_prompts"] == 1 and summary["kl"]["mean"] == 0.0
-    assert Path(builtin.resolve_model("builtin:tiny")).is_dir()
+    folder = builtin.resolve_model("builtin:tiny")
+    assert Path(folder).is_dir() and summary["policy_path"] == folder
+    # both names load the same model: the same sample, scored the same
+    assert [r["policy_response"] for r in rows] == [r["reference_response"] for r in rows]
+    assert [r["policy_score"] for r in rows] == [r["reference_score"] for r in rows]

@@ -13,9 +13,16 @@ import torch
 
 from rlhf_ppo import builtin
 from rlhf_ppo import finetune as ft
-from rlhf_ppo.config import ConfigError, DataConfig, ModelConfig, PeftConfig, RewardSource, load_config
+from rlhf_ppo.config import (
+    ConfigError,
+    DataConfig,
+    FinetuneOptimConfig,
+    ModelConfig,
+    PeftConfig,
+    RewardSource,
+    load_config,
+)
 from rlhf_ppo.data import DataError, Prompt, left_pad, load_prompts
-from rlhf_ppo.config import FinetuneOptimConfig
 from rlhf_ppo.finetune import TrainConfig
 from rlhf_ppo.models import load_tokenizer
 from rlhf_ppo.reward_training import (

@@ -12,9 +12,8 @@ import torch
 
 from rlhf_ppo import builtin
 from rlhf_ppo import finetune as ft
-from rlhf_ppo.config import ConfigError, ModelConfig, PeftConfig, load_config
+from rlhf_ppo.config import ConfigError, FinetuneOptimConfig, ModelConfig, PeftConfig, load_config
 from rlhf_ppo.data import DataError
-from rlhf_ppo.config import FinetuneOptimConfig
 from rlhf_ppo.finetune import TrainConfig
 from rlhf_ppo.models import build_actor_critic, load_causal_lm, load_tokenizer
 from rlhf_ppo.sft import (

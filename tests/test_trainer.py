@@ -220,7 +220,7 @@ def test_python_m_rlhf_ppo_runs_the_command_in_its_own_process():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage: rlhf-ppo ")
     for command in ("train", "sft", "reward", "evaluate", "quickstart"):
-        assert command in out.stdout.split("\n", 1)[0]
+        assert command in out.stdout.split("\n\n", 1)[0]  # the usage lines
 
 
 def test_python_m_rlhf_ppo_exits_with_mains_code(monkeypatch, capsys, cli):
