@@ -346,3 +346,22 @@ def test_cache_implementations_match_transformers():
     from rlhf_ppo.config import CACHE_IMPLEMENTATIONS
 
     assert sorted(CACHE_IMPLEMENTATIONS) == sorted(ALL_CACHE_IMPLEMENTATIONS)
+
+
+def test_renamed_ppo_keys_map_to_the_new_ones_with_a_warning():
+    with pytest.warns(FutureWarning, match="eval_every is deprecated .* use sample_every"):
+        cfg = C.load_config(None, ["eval_every=3", "eval_prompts=2"])
+    assert (cfg.sample_every, cfg.sample_prompts) == (3, 2)
+    with pytest.raises(C.ConfigError, match="eval_every: renamed to sample_every, and both are set"):
+        C.load_config(None, ["eval_every=3", "sample_every=2"])
+
+
+def test_every_renamed_key_points_to_a_key_that_exists():
+    from rlhf_ppo.reward_training import RewardTrainConfig
+    from rlhf_ppo.sft import SFTConfig
+
+    for cls in (C.Config, SFTConfig, RewardTrainConfig):
+        keys = {key for key, *_ in C.iter_fields(cls)}
+        assert cls.RENAMED, cls
+        for old, new in cls.RENAMED.items():
+            assert new in keys and old not in keys, (cls.__name__, old, new)
