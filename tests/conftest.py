@@ -43,6 +43,16 @@ def _isolated_cache(tmp_path_factory):
         os.environ["RLHF_PPO_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_after_each_test():
+    """A test that changes torch's thread count (a script's main, a command) must not change
+    the float rounding of the tests after it: the bitwise comparisons with subprocesses, which
+    run on one thread, depend on it."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 class CliResult(NamedTuple):
     returncode: int
     stdout: str

@@ -548,12 +548,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compare_trl is not None:  # before any side effect: a refused run changes nothing
+        args.compare_trl = resolve_trl_python(args.compare_trl)
     import torch
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.compare_trl is not None:
-        args.compare_trl = resolve_trl_python(args.compare_trl)
     if args.table:
         rows = []
         for size in args.sizes:
