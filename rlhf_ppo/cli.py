@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 
 from .config import iter_fields, load_config
@@ -27,6 +28,12 @@ COMMANDS = {
 }
 
 
+def plain(text: str) -> str:
+    """Docstring text for a terminal: reST literals (````x````) and roles (``:func:`x```) as
+    plain ``x``."""
+    return re.sub(r":\w+:`([^`]+)`", r"\1", text).replace("``", "")
+
+
 def _fields_help(command: str) -> str | None:
     try:
         cls = _config_class(command)
@@ -34,7 +41,7 @@ def _fields_help(command: str) -> str | None:
         return None
     lines = ["config keys (override any with key.sub=value):"]
     for key, tp, default, doc in iter_fields(cls):
-        lines.append(f"  {key} ({tp}, default {default!r}): {doc}")
+        lines.append(plain(f"  {key} ({tp}, default {default!r}): {doc}"))
     return "\n".join(lines)
 
 
@@ -45,7 +52,7 @@ def _config_class(command: str):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``rlhf-ppo``."""
-    parser = argparse.ArgumentParser(prog="rlhf-ppo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="rlhf-ppo", description=plain(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, _, _, help_text) in COMMANDS.items():
@@ -113,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # transformers' per-file "Loading weights" / "Writing model shards" bars at every load and
+    # save are noise here: the commands show their own progress
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         return _run(args)
     except Exception as e:  # the errors users see (errors.py) get their exit code; bugs raise

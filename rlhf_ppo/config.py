@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import textwrap
 import types
@@ -369,6 +370,9 @@ class RunConfig:
     """start afresh in an output_dir that holds another run (its metrics and checkpoints are deleted)"""
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     """autocast the trained model's forward (float32 master weights); null: the launch config's"""
+    threads: int | None = None
+    """CPU threads torch uses in each process; null: `OMP_NUM_THREADS` when set, else this
+    machine's usable cores divided among its processes. On a shared, busy machine 1 is steadier"""
     model: ModelConfig = field(default_factory=ModelConfig)
     """the model to train"""
     peft: PeftConfig = field(default_factory=PeftConfig)
@@ -378,6 +382,10 @@ class RunConfig:
 
     # Renamed keys: old dotted key -> new dotted key (the old one still works, with a warning).
     RENAMED: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        check(self.threads is None or self.threads >= 1, "threads", "an integer >= 1 or null",
+              self.threads)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of the config (YAML/JSON-serialisable)."""
@@ -440,6 +448,7 @@ def check(ok: bool, key: str, expected: str, value: Any) -> None:
 def validate(cfg: Config) -> None:
     """The top-level keys and the checks across sections (each section checks its own keys when
     it is built); raise ConfigError naming the key."""
+    RunConfig.__post_init__(cfg)
     p, g, r = cfg.ppo, cfg.generation, cfg.reward
     check(cfg.iterations >= 1, "iterations", "an integer >= 1", cfg.iterations)
     check(cfg.save_every >= 0, "save_every", "an integer >= 0", cfg.save_every)
@@ -536,8 +545,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
+            close = difflib.get_close_matches(str(k), sorted(names), n=1, cutoff=0.75)
+            hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
             raise ConfigError(
-                f"{key}: unknown key; expected one of {', '.join(sorted(names))}")
+                f"{key}: unknown key; {hint}expected one of {', '.join(sorted(names))}")
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)  # Config.__post_init__ validates once every section is built
 

@@ -60,6 +60,21 @@ def multi_process_cpu() -> bool:
     return not torch.cuda.is_available() and launch_world_size() > 1
 
 
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads for this process and return the number: ``threads``, else
+    ``OMP_NUM_THREADS`` when set, else the cores this process may use divided among the
+    processes of this machine (``LOCAL_WORLD_SIZE`` of torchrun / accelerate launch)."""
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            threads = int(os.environ["OMP_NUM_THREADS"])
+        else:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            threads = max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def make_accelerator(mixed_precision: str | None, gradient_accumulation_steps: int = 1,
                      log_with: list[str] | None = None, project_dir: str | None = None,
                      find_unused_parameters: bool = False):

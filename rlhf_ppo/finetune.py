@@ -21,7 +21,7 @@ import torch.nn as nn
 from .checkpoint import atomic_folder
 from .config import DataConfig, FinetuneOptimConfig, ModelConfig, RunConfig, check, config_from_dict
 from .data import load_rows
-from .distributed import make_accelerator
+from .distributed import make_accelerator, set_threads
 from .errors import ConfigError, DataError, NonFiniteError
 from .optim import make_optimizer as make_opt
 from .runs import FINETUNE_RUN_FILES, RunLog, init_run_folder, prepare_output_dir
@@ -174,6 +174,8 @@ def start_run(cfg, cls: type):
     out = Path(cfg.output_dir)
     prepare_output_dir(out, cfg.overwrite, FINETUNE_RUN_FILES)
     acc = make_accelerator(cfg.mixed_precision)
+    threads = set_threads(cfg.threads)
+    logger.info("%d process(es), device %s, torch threads %d", acc.num_processes, acc.device, threads)
     init_run_folder(out, cfg, FINETUNE_RUN_FILES, cfg.overwrite, acc.is_main_process,
                     acc.wait_for_everyone)
     set_seed(cfg.seed)

@@ -62,6 +62,36 @@ def load_pretrained(loader, name: str, key: str, **kwargs):
         raise ModelLoadError(msg) from e
 
 
+class _NoLoadReport(logging.Filter):
+    """Drops transformers' ``LOAD REPORT`` (a multi-line table with terminal colour codes, logged
+    as a warning whenever a checkpoint's keys differ from the model's, as they do by design when
+    a reward model or critic gets a new score head); :func:`load_model` logs one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def load_model(loader, name: str, key: str, **kwargs):
+    """:func:`load_pretrained` for a model, with one INFO line naming the weights that were
+    newly initialised or left unused (instead of transformers' colour-coded table)."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _NoLoadReport()
+    report_logger.addFilter(quiet)
+    try:
+        model, info = load_pretrained(loader, name, key, output_loading_info=True, **kwargs)
+    finally:
+        report_logger.removeFilter(quiet)
+    new = sorted(set(info.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k
+                                                      for k in info.get("mismatched_keys", ())})
+    unused = sorted(info.get("unexpected_keys", ()))
+    if new or unused:
+        short = lambda keys: ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        logger.info("%s: loaded %s%s%s", key, name,
+                    f"; newly initialised: {short(new)}" if new else "",
+                    f"; not used from the checkpoint: {short(unused)}" if unused else "")
+    return model
+
+
 def load_tokenizer(cfg: ModelConfig, key: str | None = None):
     """The policy tokenizer, left-padding, with a pad token (EOS reused when there is none).
     ``key``: the config key errors name (default ``model.tokenizer`` or ``model.name_or_path``)."""
@@ -121,16 +151,25 @@ def load_causal_lm(name: str, cfg: ModelConfig, key: str, gguf_file: str | None 
                   trust_remote_code=cfg.trust_remote_code)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    model = load_pretrained(AutoModelForCausalLM.from_pretrained, resolve(name, key), key, **kwargs)
+    model = load_model(AutoModelForCausalLM.from_pretrained, resolve(name, key), key, **kwargs)
     if gguf_file:
         plain_after_gguf(model, key)
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
-        # Recompute activations in backward: memory for time. use_reentrant=False works with
-        # frozen inputs (LoRA) and under DDP.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward: memory for time. ``use_reentrant=False`` works with
+    frozen inputs (LoRA) and under DDP. (transformers 5 renamed gradient checkpointing to
+    activation checkpointing; the old name warns.)"""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def plain_after_gguf(model: nn.Module, key: str) -> None:
@@ -165,7 +204,7 @@ def load_sequence_classifier(name: str, cfg: ModelConfig, key: str, trainable: b
         if getattr(config, "num_labels", 1) != 1:
             raise ModelLoadError(f"{key}: {name!r} has num_labels={config.num_labels}; a reward "
                                  "model must output one score (num_labels=1)")
-    model = load_pretrained(AutoModelForSequenceClassification.from_pretrained, path, key, **kwargs)
+    model = load_model(AutoModelForSequenceClassification.from_pretrained, path, key, **kwargs)
     if cfg.disable_dropout:
         disable_dropout(model)
     if not trainable:

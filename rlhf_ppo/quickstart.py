@@ -163,16 +163,17 @@ def stage_configs(out: Path, data: dict) -> dict[str, dict]:
     optim = dict(scheduler="constant", warmup_steps=0)
     return {
         "sft": dict(
-            output_dir=str(out / "sft"), overwrite=True, model=dict(name_or_path=str(out / "base")),
+            output_dir=str(out / "sft"), overwrite=True, threads=1,
+            model=dict(name_or_path=str(out / "base")),
             data=dict(path=data["sft"], heldout_fraction=0.05, max_length=48),
             train=dict(train, epochs=2, batch_size=32), optim=dict(optim, lr=3e-3)),
         "reward": dict(
-            output_dir=str(out / "reward"), overwrite=True,
+            output_dir=str(out / "reward"), overwrite=True, threads=1,
             model=dict(name_or_path=str(out / "sft" / "final")),
             data=dict(path=data["pairs"], heldout_fraction=0.1, max_length=48),
             train=dict(train, epochs=3, batch_size=32), optim=dict(optim, lr=1e-3)),
         "ppo": dict(
-            output_dir=str(out / "ppo"), overwrite=True, iterations=40, sample_every=10,
+            output_dir=str(out / "ppo"), overwrite=True, threads=1, iterations=40, sample_every=10,
             # A critic started from the reward model, trained toward Monte-Carlo returns (critic
             # lambda 1), its gradient clipped apart from the policy's: the best of the critics on
             # the learning benchmark against TRL (docs/critic.md).

@@ -28,9 +28,11 @@ PPO_RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "final")
 FINETUNE_RUN_FILES = ("metrics.jsonl", "final", "config.yaml")
 """what makes a folder hold an SFT or reward-model run"""
 
-# Keys that may differ between a run and its resumption (they do not change the trajectory).
 RESUMABLE_KEYS = {"iterations", "resume_from", "overwrite", "save_every", "keep_last",
-                  "report_to", "output_dir", "on_nonfinite"}
+                  "report_to", "output_dir", "on_nonfinite", "sample_every", "sample_prompts",
+                  "peft.save_merged", "threads"}
+"""keys that may differ between a run and its resumption: what and where it writes, how long
+it runs, how often it saves and logs samples, the threads; none changes the trajectory"""
 
 
 def config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -72,9 +74,10 @@ def prepare_output_dir(output_dir: str | Path, overwrite: bool, run_files: tuple
         if saved_cfg.is_file() and config is not None and not overwrite:
             diff = config_diff(yaml.safe_load(saved_cfg.read_text()), config)
             if diff:
-                raise ConfigError(f"resume_from: {folder} was trained with other settings: "
-                                  f"{'; '.join(diff)}. Use the same config (or overwrite=true "
-                                  "to resume anyway)")
+                raise ConfigError(
+                    f"resume_from: {folder} was trained with other settings: {'; '.join(diff)}. "
+                    "They change the training itself, so resume with the saved values (its "
+                    f"{ckpt.STATE_DIR}/config.yaml), or start a new run in another output_dir")
         return folder
     held = held_run_files(out, run_files)
     if held and not overwrite:

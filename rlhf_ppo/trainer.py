@@ -30,6 +30,7 @@ from .distributed import (
     match_partitioned_dtype,
     ppo_batch_per_process,
     prepare_frozen,
+    set_threads,
 )
 from .errors import NonFiniteError, TrainingInterrupted
 from .experience import Experience, records_logprobs, rollout_outputs
@@ -59,6 +60,35 @@ from .update import ppo_update
 logger = logging.getLogger(__name__)
 
 
+def start_lines(t: PPOTrainer) -> list[str]:
+    """What a run is about to do, for the log: data, rewards, models with their parameter counts,
+    the batch arithmetic and where the outputs go."""
+    cfg, p, acc = t.cfg, t.cfg.ppo, t.accelerator
+    count = lambda params: sum(q.numel() for q in params)
+    ac = t.unwrapped
+    trainable = count(q for q in ac.parameters() if q.requires_grad)
+    mini = t.batch_size // p.num_minibatches
+    micro = min(p.micro_batch_size, mini)
+    steps = p.ppo_epochs * p.num_minibatches
+    sources = ", ".join(f"{w:g} x {s.name}" for w, s in t.rewards.sources)
+    return [
+        f"prompts: {len(t.sampler.prompts)} from {cfg.data.path} (column {cfg.data.prompt_column!r})",
+        f"reward: {sources}",
+        f"policy: {cfg.model.name_or_path} ({count(ac.policy.parameters()) / 1e6:.2f}M parameters"
+        + (", LoRA" if cfg.peft.enabled else "") + f"); critic: {cfg.model.critic}"
+        + (f" from the {cfg.model.critic_init}" if cfg.model.critic == "separate" else " value head")
+        + f"; reference: {cfg.model.ref_name_or_path or 'the initial policy'}",
+        f"trained parameters: {trainable / 1e6:.2f}M of {count(ac.parameters()) / 1e6:.2f}M",
+        f"batch: {p.batch_size} rollouts per iteration = {acc.num_processes} process(es) x "
+        f"{t.batch_size}; {p.num_minibatches} minibatches of {mini} per process in micro-batches of "
+        f"{micro}; {p.ppo_epochs} epochs: {steps} optimizer steps per iteration, "
+        f"{steps * cfg.iterations} in {cfg.iterations} iterations",
+        f"device: {acc.device} ({acc.distributed_type.name}), torch threads "
+        f"{torch.get_num_threads()}",
+        f"output: {t.output_dir}/ (metrics.jsonl, checkpoint-N/, final/)",
+    ]
+
+
 class PPOTrainer:
     """Aligns ``cfg.model`` to ``cfg.reward`` with PPO. ``PPOTrainer(cfg).train()`` runs it all."""
 
@@ -68,10 +98,9 @@ class PPOTrainer:
                                     cfg.to_dict())  # before any model loads
         self.cfg = cfg
         self.accelerator = acc = accelerator or make_ppo_accelerator(cfg)
+        set_threads(cfg.threads)
         self.batch_size = ppo_batch_per_process(cfg, acc.num_processes)  # B
         if acc.is_main_process:
-            logger.info("%d process(es), %s, device %s", acc.num_processes,
-                        acc.distributed_type, acc.device)
             warn_off_policy(cfg.generation)
         check_engine_support(cfg, acc)
         model = self._load(resume)
@@ -82,6 +111,8 @@ class PPOTrainer:
         self.nonfinite_skips = 0
         self.history: list[dict] = []
         self._start(resume)
+        if acc.is_main_process:
+            logger.info("%s", "\n  ".join(["run:", *start_lines(self)]))
 
     # ------------------------------------------------------------------ build
 
@@ -185,11 +216,13 @@ class PPOTrainer:
         checkpoint after the current iteration and goes on (a checkpoint on demand).
         """
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         acc, cfg = self.accelerator, self.cfg
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo",
                    disable=not acc.is_main_process, dynamic_ncols=True)
-        with SignalRequests(lambda: self.iteration) as requests:
+        # log lines go through tqdm.write, so they do not glue onto the progress bar
+        with SignalRequests(lambda: self.iteration) as requests, logging_redirect_tqdm():
             try:
                 if cfg.sample_every and self.iteration == 0:
                     self.log_samples()  # the starting point

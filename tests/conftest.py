@@ -35,6 +35,8 @@ def _isolated_cache(tmp_path_factory):
     os.environ["RLHF_PPO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["HF_HUB_OFFLINE"] = "1"
     # Tiny models: one thread is fastest, and several spin against each other on a busy machine.
+    # OMP_NUM_THREADS too: the commands' `threads: null` reads it (and subprocesses inherit it).
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     yield
     if old is None:

@@ -241,3 +241,21 @@ def test_nonfinite_gradient_never_reaches_the_weights(tmp_path, monkeypatch):
         calls["n"] = 2  # poison the next call again, now with on_nonfinite=error
         trainer.cfg.on_nonfinite = "error"
         trainer.step()
+
+
+def test_resume_accepts_output_only_changes_and_refuses_the_others(tmp_path):
+    from rlhf_ppo.runs import config_diff
+
+    # output-only keys may change (peft.save_merged among them); the others are named
+    assert config_diff({"peft": {"save_merged": False, "r": 8}, "sample_every": 0},
+                       {"peft": {"save_merged": True, "r": 16}, "sample_every": 5}) == [
+        "peft.r (saved 8, now 16)"]
+    PPOTrainer(cfg_for(tmp_path, "iterations=1")).train()
+    resumed = PPOTrainer(cfg_for(tmp_path, "iterations=2", "resume_from=latest", "sample_every=1",
+                                 "sample_prompts=2", "keep_last=3"))
+    assert resumed.iteration == 1
+    with pytest.raises(ConfigError) as err:
+        PPOTrainer(cfg_for(tmp_path, "iterations=2", "resume_from=latest", "optim.lr=0.5"))
+    message = str(err.value)
+    assert "optim.lr (saved" in message and "now 0.5" in message
+    assert "overwrite" not in message  # never sent to the key that deletes the run

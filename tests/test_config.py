@@ -365,3 +365,24 @@ def test_every_renamed_key_points_to_a_key_that_exists():
         assert cls.RENAMED, cls
         for old, new in cls.RENAMED.items():
             assert new in keys and old not in keys, (cls.__name__, old, new)
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(C.ConfigError, match=r"ppo.kl_coeff: unknown key; did you mean ppo.kl_coef\? "
+                                            r"expected one of adaptive_kl, "):
+        C.load_config(None, ["ppo.kl_coeff=0.1"])
+    with pytest.raises(C.ConfigError) as err:  # nothing close: no guess
+        C.load_config(None, ["ppo.zzz=1"])
+    assert "did you mean" not in str(err.value)
+
+
+def test_help_shows_no_rest_markup(capsys):
+    from rlhf_ppo import cli
+
+    for command in ([], ["train"], ["sft"], ["reward"], ["evaluate"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args([*command, "--help"])
+        out = capsys.readouterr().out
+        assert "``" not in out and ":func:" not in out and ":class:" not in out, command
+    assert cli.plain("the ``rlhf-ppo`` command, see :func:`ops.whiten`") == \
+        "the rlhf-ppo command, see ops.whiten"

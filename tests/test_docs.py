@@ -127,3 +127,16 @@ def test_a_command_can_redocument_a_section_field():
     assert evaluate["reward.normalize"].startswith("ignored")
     assert evaluate["data.path"] == train["data.path"]  # the others keep their docs
     assert not set(EvalConfig.NESTED_DOCS) - set(evaluate)  # every override names a real key
+
+
+def test_readme_python_example_runs_twice(tmp_path, monkeypatch):
+    """The README's Python example, run as a user would from a checkout (relative paths), twice:
+    the second run must not be refused because the first left its run folder behind."""
+    block = re.search(r"```python\n(from rlhf_ppo import .*?)```", README.read_text(), re.S).group(1)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        scope: dict = {}
+        exec(compile(block, "README.md", "exec"), scope)
+        assert [m["iteration"] for m in scope["history"]] == list(range(1, 11))
+    assert (tmp_path / scope["cfg"].output_dir / "final" / "config.json").is_file()
