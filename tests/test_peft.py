@@ -103,7 +103,15 @@ def test_saved_adapter_and_merged_model_reproduce_the_policy(tmp_path):
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir),
                                         tmp_path / "final")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final" / "merged")
+    # the adapter names its base as the config did (portable), not the resolved cache path ...
+    saved = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "builtin:tiny" != base_dir
+    # ... and load_policy resolves it again
+    from rlhf_ppo import load_policy
+
+    loaded = load_policy(tmp_path / "final")
     with torch.no_grad():
+        torch.testing.assert_close(reference_logprobs(loaded, ids, am, P)[mask], expected[mask])
         torch.testing.assert_close(reference_logprobs(adapter, ids, am, P)[mask], expected[mask])
         torch.testing.assert_close(reference_logprobs(merged, ids, am, P)[mask], expected[mask],
                                    atol=1e-5, rtol=1e-4)
