@@ -222,11 +222,14 @@ class PPOTrainer:
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         # log lines go through tqdm.write, so they do not glue onto the progress bar
-        with SignalRequests(lambda: self.iteration) as requests, logging_redirect_tqdm():
+        in_step = False  # from a step's start until its stop/save requests are read
+        with SignalRequests(lambda: self.iteration + (not in_step)) as requests, \
+                logging_redirect_tqdm():
             try:
                 if cfg.sample_every and self.iteration == 0:
                     self.log_samples()  # the starting point
                 while self.iteration < cfg.iterations:
+                    in_step = True
                     metrics = self.step()
                     warn_on_jumps(self.history, metrics, acc.is_main_process)
                     self.history.append(metrics)
@@ -237,6 +240,7 @@ class PPOTrainer:
                     if cfg.sample_every and self.iteration % cfg.sample_every == 0:
                         self.log_samples()
                     signum, save_now = requests.agreed(acc)
+                    in_step = False
                     folder = self.output_dir / f"checkpoint-{self.iteration}"
                     if signum:
                         self.save_checkpoint(folder)

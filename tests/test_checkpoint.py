@@ -130,6 +130,8 @@ def test_signal_writes_a_checkpoint_and_exits_nonzero(tmp_path, signum):
     (ckpt,) = list_checkpoints(tmp_path)
     k = int(ckpt.name.split("-")[1])
     assert k == len(metrics_lines(tmp_path)) >= 2
+    # the message names the iteration that was then finished and checkpointed
+    assert f"received: finishing iteration {k}, then writing a checkpoint" in err, err[-2000:]
     resumed = PPOTrainer(cfg_for(tmp_path, f"iterations={k + 1}", "resume_from=latest"))
     resumed.train()
     assert [m["iteration"] for m in metrics_lines(tmp_path)] == list(range(1, k + 2))

@@ -184,3 +184,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_policy_dir):
         assert getattr(ac.policy, "is_activation_checkpointing", None) == flag
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+
+
+def test_a_new_score_head_is_one_log_line_not_a_load_report(tiny_policy_dir, caplog, capfd):
+    """transformers prints a colour-coded LOAD REPORT table whenever checkpoint and model keys
+    differ, as they do by design for a critic started from a causal LM: rlhf_ppo logs one line."""
+    from rlhf_ppo.models import load_sequence_classifier
+
+    capfd.readouterr()
+    with caplog.at_level("INFO"):
+        load_sequence_classifier(tiny_policy_dir, ModelConfig(), "model.critic_name_or_path",
+                                 trainable=True)
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err + caplog.text and "\x1b[" not in err
+    assert f"model.critic_name_or_path: loaded {tiny_policy_dir}; newly initialised: score.weight" \
+        in caplog.text

@@ -425,3 +425,20 @@ def test_global_stats_mean_variance_and_count(tmp_path):
     assert (m3, v3, n3) == (2.5, 0.0, 1.0)
     assert global_moments(acc, x, mask) == (pytest.approx(7 / 3), pytest.approx(7 / 3))
     assert global_mean(acc, x) == pytest.approx(3.5)
+
+
+def test_start_of_run_says_what_the_run_will_do(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="rlhf_ppo.trainer"):
+        trainer = PPOTrainer(tiny_config(tmp_path, "iterations=3", "ppo.batch_size=8",
+                                         "ppo.micro_batch_size=2", "ppo.num_minibatches=2",
+                                         "ppo.ppo_epochs=3"))
+    text = caplog.text
+    n_params = sum(q.numel() for q in trainer.unwrapped.parameters())
+    assert f"prompts: {len(trainer.sampler.prompts)} from builtin:tiny" in text
+    assert "reward: 1 x rlhf_ppo.rewards:keyword_share" in text
+    assert f"trained parameters: {n_params / 1e6:.2f}M of {n_params / 1e6:.2f}M" in text
+    # 8 rollouts, 2 minibatches of 4 in micro-batches of 2, 3 epochs: 6 steps per iteration
+    assert ("batch: 8 rollouts per iteration = 1 process(es) x 8; 2 minibatches of 4 per process "
+            "in micro-batches of 2; 3 epochs: 6 optimizer steps per iteration, 18 in 3 iterations"
+            ) in text
+    assert f"torch threads {torch.get_num_threads()}" in text and f"output: {tmp_path}/" in text
