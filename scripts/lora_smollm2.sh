@@ -29,7 +29,7 @@ done
 
 echo "== 1/2 PPO with LoRA -> $OUT/final"
 "${CLI[@]}" train --config "$ROOT/configs/smollm2_lora.yaml" output_dir="$OUT" overwrite=true \
-    data.path="$PROMPTS" eval_every=10 ${train_args[@]+"${train_args[@]}"}
+    data.path="$PROMPTS" sample_every=10 ${train_args[@]+"${train_args[@]}"}
 
 # The adapter is evaluated on its base; the reference is the base without it (both found in the
 # run's config.yaml). Same prompts, response length and reward functions as in training.

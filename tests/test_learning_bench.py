@@ -95,7 +95,7 @@ def test_run_config_and_variants(quickstart_ppo, tmp_path):
     cfg = lb.run_config(task, opts, 0.1, 2, 5, tmp_path / "train")
     assert name == "separate" and cfg["model"]["critic"] == "separate"
     assert cfg["model"]["critic_name_or_path"] == "/r"
-    assert (cfg["ppo"]["kl_coef"], cfg["seed"], cfg["iterations"], cfg["eval_every"]) == (0.1, 2, 5, 0)
+    assert (cfg["ppo"]["kl_coef"], cfg["seed"], cfg["iterations"], cfg["sample_every"]) == (0.1, 2, 5, 0)
     assert quickstart_ppo["ppo"]["kl_coef"] == 0.5  # the task's config is not changed
     ev = lb.eval_config(task, "/run/final", tmp_path / "eval", 0)
     assert ev["reference"] == "/p" and ev["data"] == {"path": "/x.jsonl", "shuffle": False}

@@ -323,7 +323,7 @@ def run_config(task: dict, overrides: list[str], kl_coef: float, seed: int, iter
     items = [o.replace("{reward}", task["reward"]).replace("{policy}", task["policy"])
              for o in overrides]
     apply_overrides(cfg, items)
-    cfg.update(output_dir=str(output_dir), overwrite=True, seed=seed, eval_every=0,
+    cfg.update(output_dir=str(output_dir), overwrite=True, seed=seed, sample_every=0,
                iterations=iterations)
     cfg.setdefault("ppo", {})["kl_coef"] = kl_coef
     return cfg
