@@ -149,6 +149,8 @@ class DataConfig:
     """keep the last `max_prompt_length` tokens of long prompts instead of dropping them"""
     shuffle: bool = True
     """reshuffle the prompts every pass over the dataset"""
+    drop_final_assistant_turn: bool = False
+    """chat prompts whose last turn is the assistant's: drop that turn (false: refuse them, naming the row)"""
 
     def __post_init__(self) -> None:
         check(self.max_prompt_length >= 1, "data.max_prompt_length", "an integer >= 1",

@@ -1,4 +1,5 @@
-"""Prompt datasets: loading, chat templates, length filtering, sharding and left-padded batches."""
+"""Prompt datasets: loading, formats (:mod:`formats`), chat templates, length filtering, sharding
+and left-padded batches."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import builtin
+from . import builtin, formats
 from .config import DataConfig
 from .errors import DataError
 
@@ -119,26 +120,33 @@ def load_rows(cfg: DataConfig):
     return ds
 
 
-def _is_messages(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) > 0
-            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+_is_messages = formats.is_messages
 
 
-def render_prompt(value: Any, tokenizer, row: int, column: str) -> tuple[str, list[dict] | None]:
-    """Prompt text for one dataset value: a string as is, chat messages through the template."""
+def render_prompt(value: Any, tokenizer, row: int, column: str, drop_final_assistant: bool | None = None
+                  ) -> tuple[str, list[dict] | None]:
+    """Prompt text for one dataset value: a string as is, chat messages through the template
+    with the generation prompt.
+
+    An Anthropic HH-style string (``\\n\\nHuman: ...\\n\\nAssistant:``) is parsed into messages
+    when the tokenizer has a chat template (:func:`formats.hh_prompt`). Messages whose last turn
+    is the assistant's are refused (DataError naming the row), or that turn is dropped when
+    ``drop_final_assistant`` (None: the command has no such option; the error says so).
+    """
+    value = formats.prompt_value(value, tokenizer.chat_template is not None)
     if isinstance(value, str):
         if not value.strip():
-            raise DataError(f"data.prompt_column {column!r}: row {row} is an empty prompt")
+            raise DataError(f"{column}: row {row} is an empty prompt")
         return value, None
     if _is_messages(value):
         if tokenizer.chat_template is None:
-            raise DataError(f"data.prompt_column {column!r}: row {row} holds chat messages but the "
-                            "tokenizer has no chat template")
+            raise DataError(f"{column}: row {row} holds chat messages but the tokenizer has no chat "
+                            "template")
+        value = formats.final_assistant_turn(list(value), row, column, drop_final_assistant)
         text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
         return text, value
-    raise DataError(f"data.prompt_column {column!r}: row {row} is {type(value).__name__} "
-                    f"{str(value)[:80]!r}; expected a string or a list of chat messages "
-                    "({'role': ..., 'content': ...})")
+    raise DataError(f"{column}: row {row} is {type(value).__name__} {str(value)[:80]!r}; expected a "
+                    "string or a list of chat messages ({'role': ..., 'content': ...})")
 
 
 def _encode(text: str, messages: list[dict] | None, tokenizer) -> list[int]:
@@ -150,29 +158,42 @@ def _encode(text: str, messages: list[dict] | None, tokenizer) -> list[int]:
 def load_prompts(cfg: DataConfig, tokenizer) -> list[Prompt]:
     """Load, render, tokenize and length-filter the prompts.
 
-    Prompts longer than ``data.max_prompt_length`` tokens are dropped (count logged), or cut to
-    their last ``max_prompt_length`` tokens when ``data.truncate_long_prompts``.
+    The prompt is ``data.prompt_column`` (prompt-only data, or the prompt of prompt-completion /
+    preference data; a string prompt is a user turn when the row's completion or chosen /
+    rejected are chat messages, as SFT and reward training read it). Without that column (at its
+    default name): the common start of ``chosen`` and ``rejected`` (implicit-prompt preference),
+    or a ``messages`` column's conversations. :func:`formats.detect_prompts` logs the format.
+    Every other column is passed to reward functions. Prompts longer than
+    ``data.max_prompt_length`` tokens are dropped (count logged), or cut to their last
+    ``max_prompt_length`` tokens when ``data.truncate_long_prompts``.
     """
     ds = load_rows(cfg)
-    if cfg.prompt_column not in ds.column_names:
-        raise DataError(f"data.prompt_column: column {cfg.prompt_column!r} not in {cfg.path!r}; "
-                        f"columns are {ds.column_names}")
     if len(ds) == 0:
         raise DataError(f"data.path: {cfg.path!r} split {cfg.split!r} has no rows")
+    chat = tokenizer.chat_template is not None
+    fmt = formats.detect_prompts(ds, cfg, repr(cfg.path), chat)
+    # `data.drop_final_assistant_turn` where the config has it (None: the error says to edit the data)
+    drop = getattr(cfg, "drop_final_assistant_turn", None)
+    column = fmt.columns.get("prompt")
+    where = f"data.prompt_column {column!r}" if column == cfg.prompt_column else f"column {column!r}"
     prompts, dropped = [], 0
     for i, row in enumerate(ds):
-        text, messages = render_prompt(row[cfg.prompt_column], tokenizer, i, cfg.prompt_column)
+        if column is None:
+            value = formats.implicit_prompt(row["chosen"], row["rejected"], chat, i, repr(cfg.path))
+            where = "the common start of 'chosen' and 'rejected'"
+        else:
+            value = formats.row_prompt(row[column], row, chat)
+        text, messages = render_prompt(value, tokenizer, i, where, drop)
         ids = _encode(text, messages, tokenizer)
         if not ids:
-            raise DataError(f"data.prompt_column {cfg.prompt_column!r}: row {i} tokenizes to no "
-                            "tokens; a prompt needs at least one")
+            raise DataError(f"{where}: row {i} tokenizes to no tokens; a prompt needs at least one")
         if len(ids) > cfg.max_prompt_length:
             if not cfg.truncate_long_prompts:
                 dropped += 1
                 continue
             ids = ids[-cfg.max_prompt_length:]
             text = tokenizer.decode(ids)
-        extra = {k: v for k, v in row.items() if k != cfg.prompt_column}
+        extra = {k: v for k, v in row.items() if k != column}
         prompts.append(Prompt(text, ids, messages, extra))
     if dropped:
         logger.warning("dropped %d of %d prompts longer than data.max_prompt_length=%d tokens "

@@ -9,6 +9,11 @@ the text ``ModelReward`` re-tokenizes: the conversation through the reward model
 or prompt and response decoded together. ``data.policy_tokenizer`` names the policy's tokenizer
 when it is not the reward model's own.
 
+Formats (TRL's, :mod:`formats`, docs/data.md): preference (``prompt``, ``chosen``, ``rejected``)
+and implicit-prompt preference (``chosen`` / ``rejected`` holding the whole conversation), standard
+or conversational; Anthropic HH transcripts are parsed into chat messages, and conversations that
+repeat the prompt (UltraFeedback) keep it once.
+
 Shape legend: ``B`` pairs in a micro-batch, ``L`` padded sequence length.
 """
 
@@ -25,9 +30,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import finetune as ft
+from . import formats
 from .config import ModelConfig, PeftConfig, check
 from .data import DataError, _is_messages, render_prompt
-from .models import is_peft, load_sequence_classifier, load_tokenizer, transformer
+from .models import (
+    enable_activation_checkpointing,
+    is_peft,
+    load_sequence_classifier,
+    load_tokenizer,
+    transformer,
+)
 from .rewards import score_sequences
 
 logger = logging.getLogger(__name__)
@@ -40,7 +52,7 @@ class RewardDataConfig(ft.FinetuneDataConfig):
     path: str | None = None
     """preference pairs: local .json/.jsonl/.csv/.parquet file, `save_to_disk` folder, or hub id"""
     prompt_column: str = "prompt"
-    """optional column with the prompt (string or chat messages), shared by both responses"""
+    """optional column with the prompt (string or messages) of both sides; without it: their common start"""
     chosen_column: str = "chosen"
     """column with the preferred response: text, or chat messages ending with the assistant's"""
     rejected_column: str = "rejected"
@@ -119,12 +131,6 @@ class Pair:
     """required score gap"""
 
 
-def _prompt_messages(prompt: Any) -> list[dict]:
-    if prompt is None or prompt == "":
-        return []
-    return list(prompt) if _is_messages(prompt) else [{"role": "user", "content": prompt}]
-
-
 class PairFormatter:
     """Token ids of (prompt, response) as PPO's ``ModelReward`` will present them.
 
@@ -145,9 +151,15 @@ class PairFormatter:
               ) -> tuple[str, list[dict] | None, str]:
         """``(prompt text, prompt messages or None, response text)`` of one pair side;
         ``column`` names its config key and column (``data.chosen_column 'chosen'``) in errors.
-        A chat response is the last (assistant) message of prompt + response messages."""
+        A chat response is the last (assistant) message of prompt + response messages; turns
+        that the response repeats from the end of the prompt (UltraFeedback's ``chosen`` starts
+        with the ``prompt``'s user turn) are kept once (:func:`formats.join_conversation`)."""
+        prompt_key = f"data.prompt_column {self.prompt_column!r}"
         if _is_messages(response):
-            conv = _prompt_messages(prompt) + list(response)
+            value = formats.prompt_value(prompt, self.policy.chat_template is not None)
+            value = None if value == "" else value
+            conv, _ = formats.join_conversation(formats.as_messages(value), list(response), row,
+                                                column)
             if conv[-1]["role"] != "assistant" or len(conv) < 2:
                 raise DataError(f"{column}: row {row} is a conversation that does not end with "
                                 "an assistant message after at least one other message")
@@ -161,7 +173,7 @@ class PairFormatter:
                             f"{str(response)[:80]!r}; expected a string or a list of chat messages")
         if prompt is None or prompt == "":
             return "", None, response
-        text, messages = render_prompt(prompt, self.policy, row, self.prompt_column)
+        text, messages = render_prompt(prompt, self.policy, row, prompt_key)
         return text, messages, response
 
     def encode(self, prompt: Any, response: Any, row: int, column: str) -> list[int]:
@@ -197,17 +209,20 @@ def _fit(ids: list[int], max_length: int, truncate: bool) -> list[int] | None:
 
 def encode_pairs(ds, formatter: PairFormatter, data: RewardDataConfig, where: str) -> list[Pair]:
     """Every row as a :class:`Pair`; over-long pairs dropped or cut, identical ones dropped (both
-    logged)."""
-    ft.check_columns(ds, [data.chosen_column, data.rejected_column], where,
-                     ["data.chosen_column", "data.rejected_column"])
-    has_prompt = data.prompt_column in ds.column_names
+    logged). The format (preference or implicit-prompt preference) is detected from the columns
+    and logged (:func:`formats.detect_pairs`); rows are split by :func:`formats.preference_row`."""
+    if len(ds) == 0:
+        raise DataError(f"{where}: no rows")
+    chat = formatter.policy.chat_template is not None
+    has_prompt = "prompt" in formats.detect_pairs(ds, data, where, chat).columns
     has_margin = data.margin_column in ds.column_names
     pairs, too_long, cut, identical = [], 0, 0, 0
     for i, row in enumerate(ds):
-        prompt = row[data.prompt_column] if has_prompt else None
-        chosen = formatter.encode(prompt, row[data.chosen_column], i,
-                                  f"data.chosen_column {data.chosen_column!r}")
-        rejected = formatter.encode(prompt, row[data.rejected_column], i,
+        prompt, chosen, rejected = formats.preference_row(
+            row[data.prompt_column] if has_prompt else None, row[data.chosen_column],
+            row[data.rejected_column], chat)
+        chosen = formatter.encode(prompt, chosen, i, f"data.chosen_column {data.chosen_column!r}")
+        rejected = formatter.encode(prompt, rejected, i,
                                     f"data.rejected_column {data.rejected_column!r}")
         if chosen == rejected:
             identical += 1
@@ -297,7 +312,7 @@ def load_reward_model(cfg: RewardTrainConfig, tokenizer) -> nn.Module:
     if model.config.pad_token_id is None:  # transformers' own pooling needs it to batch
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if not cfg.peft.enabled:
         return model
     from peft import LoraConfig, get_peft_model

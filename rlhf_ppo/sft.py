@@ -1,5 +1,8 @@
 """Supervised fine-tuning (``rlhf-ppo sft``): next-token loss on the response tokens of
-prompt/response or chat data, before PPO.
+prompt-completion or chat data (or on every token of plain text), before PPO.
+
+Formats (TRL's, :mod:`formats`, docs/data.md): language modeling (``text`` or ``messages``) and
+prompt-completion (``prompt`` + ``completion`` / ``response``), standard or conversational.
 
 Sequences are laid out the way PPO will see them: the prompt tokenized as ``data.load_prompts``
 does (chat prompts through the chat template with the generation prompt), then the response's own
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,18 @@ import torch
 import torch.nn as nn
 
 from . import finetune as ft
+from . import formats
 from .config import ModelConfig, PeftConfig
 from .data import DataError, _is_messages, render_prompt
-from .models import apply_lora, is_peft, load_causal_lm, load_tokenizer, token_logprobs, transformer
+from .models import (
+    apply_lora,
+    is_peft,
+    load_causal_lm,
+    load_tokenizer,
+    record_portable_base,
+    token_logprobs,
+    transformer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +51,13 @@ class SFTDataConfig(ft.FinetuneDataConfig):
     path: str | None = None
     """training data: local .json/.jsonl/.csv/.parquet file, `save_to_disk` folder, or hub id"""
     prompt_column: str = "prompt"
-    """column with the prompt: a string, or chat messages rendered with the generation prompt"""
+    """prompt-completion data: the prompt, a string or chat messages (rendered with the generation prompt)"""
     response_column: str = "response"
-    """column with the response text (tokenized on its own and appended to the prompt's tokens)"""
+    """prompt-completion data: the response, text or messages (at this default TRL's `completion` too)"""
     messages_column: str = "messages"
-    """column with whole conversations (used when present): the loss covers every assistant turn"""
+    """conversations (used when present): the loss covers every assistant turn"""
+    text_column: str = "text"
+    """plain text (used without messages or prompt-completion columns): the loss covers every token"""
     max_length: int = 512
     """longest example in tokens (prompt + response + EOS)"""
     truncate_long: bool = False
@@ -75,7 +89,7 @@ class SFTConfig(ft.FinetuneRunConfig):
 
 def validate(cfg: SFTConfig) -> None:
     """Value ranges and cross-field constraints; ConfigError naming the key."""
-    ft.validate_data(cfg.data, ("prompt_column", "response_column", "messages_column"))
+    ft.validate_data(cfg.data, ("prompt_column", "response_column", "messages_column", "text_column"))
     ft.validate_model_keys(cfg.model, "sft")
 
 
@@ -96,12 +110,31 @@ class SFTExample:
 def encode_prompt_response(prompt: Any, response: Any, tokenizer, row: int, data: SFTDataConfig
                            ) -> SFTExample:
     """Prompt tokens (as ``data.load_prompts`` encodes a prompt: special tokens added to plain
-    text, none to a rendered chat template), then the response's tokens and EOS, labelled."""
-    text, messages = render_prompt(prompt, tokenizer, row, data.prompt_column)
+    text, none to a rendered chat template), then the response's tokens and EOS, labelled.
+
+    A response of chat messages (TRL's conversational prompt-completion) is appended to the
+    prompt's messages (a string prompt: one user turn; turns the response repeats from the prompt
+    kept once) and the whole is encoded as :func:`encode_chat` does, the loss on the response's
+    assistant turns only."""
+    prompt_key = f"data.prompt_column {data.prompt_column!r}"
+    response_key = f"data.response_column {data.response_column!r}"
+    if _is_messages(response):
+        chat = tokenizer.chat_template is not None
+        value = formats.prompt_value(prompt, chat)
+        if isinstance(value, str) and not value.strip():
+            raise DataError(f"{prompt_key}: row {row} is an empty prompt")
+        if not (isinstance(value, str) or _is_messages(value)):
+            render_prompt(value, tokenizer, row, prompt_key)  # raises, naming the type
+        conv, n_prompt = formats.join_conversation(formats.as_messages(value), list(response), row,
+                                                   response_key)
+        if n_prompt < len(conv) and conv[n_prompt - 1]["role"] == "assistant":
+            formats.final_assistant_turn(conv[:n_prompt], row, prompt_key, None)  # raises
+        return encode_chat(conv, tokenizer, row, data, first_turn=n_prompt, column=response_key)
+    text, messages = render_prompt(prompt, tokenizer, row, prompt_key)
     prompt_ids = tokenizer(text, add_special_tokens=messages is None)["input_ids"]
     if not isinstance(response, str) or not response.strip():
-        raise DataError(f"data.response_column {data.response_column!r}: row {row} is "
-                        f"{type(response).__name__} {str(response)[:80]!r}; expected a non-empty string")
+        raise DataError(f"{response_key}: row {row} is {type(response).__name__} "
+                        f"{str(response)[:80]!r}; expected a non-empty string or chat messages")
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if data.append_eos:
         response_ids = response_ids + [tokenizer.eos_token_id]
@@ -115,8 +148,22 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
                                          add_generation_prompt=generation_prompt)
 
 
-def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns.
+def encode_text(text: Any, tokenizer, row: int, data: SFTDataConfig) -> SFTExample:
+    """Plain text (standard language modeling): its tokens (special tokens added, as for a
+    plain-text prompt) and EOS, every one labelled."""
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"data.text_column {data.text_column!r}: row {row} is "
+                        f"{type(text).__name__} {str(text)[:80]!r}; expected a non-empty string")
+    ids = tokenizer(text)["input_ids"]
+    if data.append_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return SFTExample(ids, list(ids), list(range(len(ids))))
+
+
+def assistant_spans(messages: list[dict], tokenizer, first_turn: int = 1
+                    ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (from message
+    ``first_turn`` on; at least 1: the first message is context).
 
     Turn i's span runs from the end of the rendering of ``messages[:i]`` with the generation
     prompt (what PPO would give the policy) to the end of ``messages[:i + 1]`` (so it includes
@@ -126,7 +173,7 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[in
     full = _render(tokenizer, messages, False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or i == 0:
+        if m["role"] != "assistant" or i < max(first_turn, 1):
             continue
         before = _render(tokenizer, messages[:i], True)
         upto = full if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1], False)
@@ -135,11 +182,13 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[in
     return full, spans
 
 
-def encode_chat(messages: Any, tokenizer, row: int, data: SFTDataConfig) -> SFTExample:
-    """The conversation through the chat template, labelled on its assistant turns (see
-    :func:`assistant_spans`). EOS is appended, labelled, when the conversation ends with an
-    assistant turn whose rendering does not already contain it."""
-    column = f"data.messages_column {data.messages_column!r}"
+def encode_chat(messages: Any, tokenizer, row: int, data: SFTDataConfig, first_turn: int = 1,
+                column: str | None = None) -> SFTExample:
+    """The conversation through the chat template, labelled on its assistant turns from message
+    ``first_turn`` on (see :func:`assistant_spans`). EOS is appended, labelled, when the
+    conversation ends with an assistant turn whose rendering does not already contain it.
+    ``column`` names the data in errors (default: ``data.messages_column``)."""
+    column = column or f"data.messages_column {data.messages_column!r}"
     if not _is_messages(messages):
         raise DataError(f"{column}: row {row} is {type(messages).__name__} "
                         f"{str(messages)[:80]!r}; expected a list of chat messages "
@@ -147,7 +196,7 @@ def encode_chat(messages: Any, tokenizer, row: int, data: SFTDataConfig) -> SFTE
     if tokenizer.chat_template is None:
         raise DataError(f"{column}: row {row} holds chat messages but the tokenizer has no chat "
                         "template")
-    full, spans = assistant_spans(messages, tokenizer)
+    full, spans = assistant_spans(messages, tokenizer, first_turn)
     if not spans:
         raise DataError(f"{column}: row {row} has no assistant turn after another message; "
                         "expected e.g. a user turn followed by an assistant turn")
@@ -179,17 +228,19 @@ def fit_length(ex: SFTExample, max_length: int, truncate: bool) -> SFTExample | 
 
 
 def encode_rows(ds, tokenizer, data: SFTDataConfig, where: str) -> list[SFTExample]:
-    """Every row of a dataset as an :class:`SFTExample`, length-checked (drops/cuts logged)."""
-    chat = data.messages_column in ds.column_names
-    if not chat:
-        ft.check_columns(ds, [data.prompt_column, data.response_column], where,
-                         ["data.prompt_column", "data.response_column"])
-    elif len(ds) == 0:
+    """Every row of a dataset as an :class:`SFTExample`, length-checked (drops/cuts logged).
+    The format is detected from the columns (:func:`formats.detect_sft`, logged)."""
+    if len(ds) == 0:
         raise DataError(f"{where}: no rows")
+    fmt = formats.detect_sft(ds, data, where, tokenizer.chat_template is not None)
+    if fmt.columns.get("completion", data.response_column) != data.response_column:
+        data = replace(data, response_column=fmt.columns["completion"])  # TRL's `completion`
     out, dropped, cut = [], 0, 0
     for i, row in enumerate(ds):
-        if chat:
+        if "messages" in fmt.columns:
             ex = encode_chat(row[data.messages_column], tokenizer, i, data)
+        elif "text" in fmt.columns:
+            ex = encode_text(row[data.text_column], tokenizer, i, data)
         else:
             ex = encode_prompt_response(row[data.prompt_column], row[data.response_column],
                                         tokenizer, i, data)
@@ -323,12 +374,15 @@ def load_model(cfg: SFTConfig) -> nn.Module:
     return model
 
 
-def save_model(model: nn.Module, tokenizer, folder: Path, save_merged: bool) -> None:
+def save_model(model: nn.Module, tokenizer, folder: Path, save_merged: bool,
+               base_name: str | None = None) -> None:
     """``save_pretrained`` model (or LoRA adapter) + tokenizer into ``folder``; with LoRA and
-    ``save_merged`` also the merged weights into ``folder/merged``."""
+    ``save_merged`` also the merged weights into ``folder/merged``. ``base_name``: the base as
+    the config names it, recorded in the adapter (:func:`models.record_portable_base`)."""
     if is_peft(model):
         # Only the trained adapter: with peft.adapter_path, "reference" is the frozen start.
         model.save_pretrained(folder, selected_adapters=["default"])
+        record_portable_base(folder, base_name)
         tokenizer.save_pretrained(folder)
         if save_merged:
             merged = model.merge_and_unload(adapter_names=["default"])
@@ -383,7 +437,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     # step 4. save (the main process writes)
     merged = cfg.peft.enabled and cfg.peft.save_merged
-    ft.save_final(acc, final, lambda tmp: save_model(ft.unwrap(acc, module), tokenizer, tmp, merged))
+    ft.save_final(acc, final, lambda tmp: save_model(ft.unwrap(acc, module), tokenizer, tmp, merged,
+                                                     cfg.model.name_or_path))
     if acc.is_main_process:
         logger.info("sft: %d steps, train loss %.4f -> %.4f, held-out loss %s -> %s; saved to %s",
                     len(plan), history[0]["loss"], history[-1]["loss"], ft.fmt(before.get("loss")),

@@ -259,7 +259,8 @@ def test_margin_column_and_dropped_pairs_are_reported(tok, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"prompt": "a", "good": "fun", "rejected": "bad"}], "data.chosen_column: column 'chosen' not in 'd'"),
+    ([{"prompt": "a", "good": "fun", "rejected": "bad"}],
+     "data.chosen_column: 'd' has columns ['prompt', 'good', 'rejected'], which fit no format"),
     ([{"chosen": "fun", "rejected": "fun"}],
      "'d': no usable pair (every pair is identical chosen and rejected)"),
     ([{"chosen": "fun", "rejected": "bad", "margin": "big"}], "data.margin_column 'margin': row 0 of 'd'"),

@@ -236,6 +236,22 @@ def test_lora_sft_saves_an_adapter_that_ppo_starts_from(tmp_path, tiny_policy_di
         torch.testing.assert_close(ac.policy(input_ids=x).logits, merged(input_ids=x).logits)
 
 
+def test_lora_sft_adapter_of_a_builtin_base_is_portable(tmp_path, reviews):
+    """The adapter names its base `builtin:tiny` (as the config did), not the cache folder that
+    name resolved to on this machine; load_policy resolves it again."""
+    import json
+
+    from rlhf_ppo import load_policy
+
+    out = run_sft(sft_cfg("builtin:tiny", reviews, tmp_path, train=dict(max_steps=1),
+                          peft=PeftConfig(enabled=True, r=4)))
+    final = Path(out["output"])
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] \
+        == "builtin:tiny"
+    policy = load_policy(final)
+    assert type(policy).__name__ == "PeftModelForCausalLM" and policy.active_adapter == "default"
+
+
 # --------------------------------------------------------------------------- errors
 
 def test_long_examples_are_dropped_or_cut_with_a_log_line(tok, tmp_path, caplog):
@@ -256,7 +272,8 @@ def test_long_examples_are_dropped_or_cut_with_a_log_line(tok, tmp_path, caplog)
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"prompt": "the day was", "answer": "good"}], "data.response_column: column 'response' not in"),
+    ([{"prompt": "the day was", "answer": "good"}],
+     "data.response_column: 'd.jsonl' has columns ['prompt', 'answer'], which fit no format"),
     ([{"prompt": "the day was", "response": ""}], "data.response_column 'response': row 0"),
     ([{"prompt": "", "response": "good"}], "data.prompt_column 'prompt': row 0 is an empty prompt"),
     ([{"messages": [{"role": "user", "content": "hi"}]}], "row 0 has no assistant turn"),
@@ -264,8 +281,9 @@ def test_long_examples_are_dropped_or_cut_with_a_log_line(tok, tmp_path, caplog)
 ])
 def test_bad_rows_name_the_column(tok, tmp_path, rows, message):
     ds = ft.load_table(write_jsonl(tmp_path / "d.jsonl", rows), "train", "data.path")
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError) as e:
         encode_rows(ds, tok, SFTDataConfig(path="x"), "'d.jsonl'")
+    assert message in str(e.value)
 
 
 def test_missing_or_empty_files_name_the_key(tmp_path, tiny_policy_dir):
