@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, epilog=_fields_help(name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--config", help="YAML config file (default: the built-in defaults)")
+        p.add_argument("--config", help="YAML config file (default: the built-in defaults)" + (
+            "; or a PPO run's config.yaml, whose data, reward and generation sections are used"
+            if name == "evaluate" else ""))
         p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                        help="dotted overrides, values parsed as YAML")
     q = sub.add_parser("quickstart", help="the whole pipeline offline on a built-in review task: "
@@ -94,7 +96,12 @@ def _run(args) -> int:
 
         run_quickstart(args.output_dir, fresh=args.fresh)
         return 0
-    cfg = load_config(args.config, args.overrides, cls=_config_class(args.command))
+    if args.command == "evaluate":  # --config may also be a PPO run's config.yaml
+        from .evaluate import load_eval_config
+
+        cfg = load_eval_config(args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides, cls=_config_class(args.command))
     if args.command == "train":
         return _train(cfg, args)
     module, _, fn, _ = COMMANDS[args.command]

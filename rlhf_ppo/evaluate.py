@@ -7,6 +7,10 @@ reward sources; the report gives means with bootstrap confidence intervals, the 
 score difference, KL(policy || reference), response length, distinct-1/2 and the stop rate.
 Outputs: ``OUTPUT_DIR/samples.jsonl``, ``summary.json`` and a self-contained ``report.html``.
 
+When the policy comes from a PPO run (its config is found with the policy folder), the run's
+``data``, ``reward`` and ``generation`` sections are used, except for the keys set for evaluate (in
+its config file or on the command line), key by key: see :func:`effective_config`.
+
 Shape legend: ``N`` prompts, ``K`` samples per prompt, ``B`` sequences of a batch, ``R`` response
 length, ``S`` reward sources.
 """
@@ -34,7 +38,10 @@ from .config import (
     GenerationConfig,
     ModelConfig,
     RewardConfig,
+    apply_overrides,
     check,
+    config_from_dict,
+    load_config,
 )
 from .data import Prompt, load_prompts
 from .jsonl import json_safe
@@ -58,6 +65,36 @@ ADAPTER_CONFIG = "adapter_config.json"
 # checkpoint's training_state/, OUTPUT_DIR/config.yaml beside final/, or final/ above final/merged.
 RUN_CONFIG_CANDIDATES = ("rlhf_ppo_config.yaml", "training_state/config.yaml", "../config.yaml",
                          "../rlhf_ppo_config.yaml")
+
+
+# The sections evaluate takes from the PPO run that trained the policy, unless set for evaluate.
+RUN_SECTIONS = ("data", "reward", "generation")
+
+
+class _RecordsSetKeys:
+    """Mixin of evaluate's section classes: ``explicit_keys`` holds the fields the constructor was
+    given (the keys a config file or override named: ``config_from_dict`` passes exactly those),
+    so that the PPO run's values fill in only the others."""
+
+    explicit_keys: frozenset[str]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        names = [f.name for f in dataclasses.fields(self)]
+        self.explicit_keys = frozenset(names[:len(args)]) | frozenset(kwargs)
+
+
+class EvalDataConfig(_RecordsSetKeys, DataConfig):
+    """evaluate's ``data`` section: a :class:`DataConfig` that records the keys it was given."""
+
+
+class EvalGenerationConfig(_RecordsSetKeys, GenerationConfig):
+    """evaluate's ``generation`` section: a :class:`GenerationConfig` that records the keys it was
+    given."""
+
+
+class EvalRewardConfig(_RecordsSetKeys, RewardConfig):
+    """evaluate's ``reward`` section: a :class:`RewardConfig` that records the keys it was given."""
 
 
 @dataclass
@@ -98,12 +135,15 @@ class EvalConfig:
     """PPO metrics.jsonl for the training curves; default: the one beside the policy folder, if any"""
     plot_training: bool = True
     """plot training curves in the report (when a metrics.jsonl is found)"""
-    data: DataConfig = field(default_factory=DataConfig)
-    """prompt dataset (`data.shuffle`: draw the `num_prompts` prompts at random instead of the first ones)"""
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """sampling settings, the same for both models; log-probs for the KL use `generation.temperature`"""
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    """reward sources; the score is their weighted sum before any penalty, normalisation or clipping"""
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    """prompt dataset (`data.shuffle`: draw the `num_prompts` prompts at random instead of the
+    first ones); default: the PPO run's, key by key"""
+    generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
+    """sampling settings, the same for both models; log-probs for the KL use
+    `generation.temperature`; default: the PPO run's, key by key"""
+    reward: EvalRewardConfig = field(default_factory=EvalRewardConfig)
+    """reward sources; the score is their weighted sum before any penalty, normalisation or
+    clipping; default: the PPO run's, key by key"""
 
     # Docs of section fields that mean something else here than in training (config reference).
     NESTED_DOCS: ClassVar[dict[str, str]] = {
@@ -114,6 +154,13 @@ class EvalConfig:
         "reward.normalize": "ignored: evaluate reports the raw weighted scores",
         "reward.clip": "ignored: evaluate reports the raw weighted scores",
     }
+
+    # Set on an instance by load_eval_config (not config keys): the PPO run's config given as
+    # --config (its dict and path: the run to take the reference from when the policy folder has
+    # none), and where each data / reward / generation key was set ("section.key" or "section"
+    # -> "the command line" or "--config FILE"), for the log lines.
+    ppo_config_file: ClassVar[tuple[dict, Path] | None] = None
+    key_sources: ClassVar[dict[str, str] | None] = None
 
     def __post_init__(self) -> None:
         validate_eval(self)
@@ -215,6 +262,29 @@ def mean_ci(values: np.ndarray, num_samples: int, level: float, seed: int) -> di
     return {"mean": float(np.mean(values)), "ci_low": low, "ci_high": high}
 
 
+def source_mean_ci(values: np.ndarray, num_samples: int, level: float, seed: int
+                   ) -> dict[str, float]:
+    """:func:`mean_ci` of one source's ``[N, K]`` scores; NaN entries (responses a TRL-style
+    function did not score) are left out: the mean is over the scored responses, and each
+    bootstrap resample of prompts gives the mean of its scored responses. ``scored``: their
+    share (only where some are missing; the mean and interval are NaN when none is scored)."""
+    x = np.asarray(values, dtype=np.float64)
+    ok = ~np.isnan(x)
+    if ok.all():
+        return mean_ci(x, num_samples, level, seed)
+    if not ok.any():
+        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "scored": 0.0}
+    x = x[:, None] if x.ndim == 1 else x
+    sums, counts = np.where(ok, x, 0.0).reshape(len(x), -1).sum(1), ok.reshape(len(x), -1).sum(1)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(num_samples, len(x)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums[idx].sum(1) / counts[idx].sum(1)  # NaN for a resample of unscored prompts
+    low, high = np.nanquantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(sums.sum() / counts.sum()), "ci_low": float(low), "ci_high": float(high),
+            "scored": float(ok.mean())}
+
+
 # --------------------------------------------------------------------------- models
 
 @dataclass(frozen=True)
@@ -304,6 +374,147 @@ def resolve_specs(cfg: EvalConfig, folder: Path, run: tuple[dict, Path] | None
                           f"rlhf_ppo_config.yaml or {folder.parent}/config.yaml); set reference to "
                           f"the model to compare against{hint}")
     return policy, reference_from_run(run[0], str(run[1]))
+
+
+# --------------------------------------------------------------------------- the run's settings
+
+def set_keys(section: Any) -> set[str]:
+    """The keys of a data / reward / generation section set for evaluate: those its constructor
+    was given (``explicit_keys``: every config loaded from a file or overrides), or, for a plain
+    section object built in Python, the keys whose value differs from the default."""
+    keys = getattr(section, "explicit_keys", None)
+    if keys is not None:
+        return set(keys)
+    default = type(section)()
+    return {f.name for f in dataclasses.fields(section)
+            if getattr(section, f.name) != getattr(default, f.name)}
+
+
+def _describe(name: str, section: Any) -> str:
+    values = dataclasses.asdict(section)
+    if name == "reward":
+        values["sources"] = [f"{s['function'] or s['model']} (weight {s['weight']:g})"
+                             + (f" kwargs {s['kwargs']}" if s["kwargs"] else "")
+                             for s in values["sources"]]
+    return ", ".join(f"{k}={v!r}" for k, v in values.items())
+
+
+def effective_config(cfg: EvalConfig, run: tuple[dict, Path] | None
+                     ) -> tuple[EvalConfig, dict[str, str]]:
+    """``cfg`` with its ``data``, ``reward`` and ``generation`` sections completed from the PPO
+    run that trained the policy (``run``: its config dict and path, see :func:`find_run_config`).
+
+    Key by key: a key set for evaluate (:func:`set_keys`: named in its config file or on the
+    command line) wins; every other key takes the run's value (the PPO default where the run's
+    config leaves it out). Without a run, the evaluate config is used as it is. Returns the
+    config and, per section, where its settings came from (logged as one INFO line per section,
+    and written to ``summary.json`` as ``settings_from``).
+    """
+    run_cfg = None
+    if run is not None:
+        try:
+            run_cfg = config_from_dict({k: run[0][k] for k in RUN_SECTIONS if k in run[0]}, Config)
+        except ConfigError as e:
+            raise ConfigError(f"the run config {run[1]}: {e}; fix it or set the data, reward and "
+                              "generation sections for evaluate") from e
+    fallback = (f"the PPO run's config {run[1]}" if run is not None
+                else "the defaults (no PPO run config found with the policy)")
+    sources = getattr(cfg, "key_sources", None) or {}
+    merged, origins = {}, {}
+    for name in RUN_SECTIONS:
+        mine = getattr(cfg, name)
+        keys = set_keys(mine)
+        if run_cfg is None or not keys:
+            merged[name] = getattr(run_cfg, name) if run_cfg is not None else mine
+        else:
+            try:
+                merged[name] = dataclasses.replace(getattr(run_cfg, name),
+                                                   **{k: getattr(mine, k) for k in keys})
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{e} (from combining the {name} keys set for evaluate, "
+                    f"{', '.join(sorted(keys))}, with the rest of the PPO run's {name} section in "
+                    f"{run[1]}: set the key it is checked against for evaluate too)") from e
+        groups: dict[str, list[str]] = {}
+        for f in dataclasses.fields(mine):
+            if f.name in keys:
+                label = sources.get(f"{name}.{f.name}", sources.get(name, "the evaluate config"))
+                groups.setdefault(label, []).append(f.name)
+        rest = len(dataclasses.fields(mine)) - sum(len(v) for v in groups.values())
+        if rest:
+            groups["the rest"] = []
+        if len(groups) == 1:
+            origins[name] = f"all from {fallback if rest else next(iter(groups))}"
+        else:
+            origins[name] = "; ".join(f"{', '.join(v)} from {label}" if v else
+                                      f"the rest from {fallback}" for label, v in groups.items())
+    out = dataclasses.replace(cfg, **merged)
+    for name in RUN_SECTIONS:
+        logger.info("evaluate %s: %s (%s)", name, _describe(name, getattr(out, name)),
+                    origins[name])
+    return out, origins
+
+
+def is_ppo_config(data: Any, where: str = "config") -> bool:
+    """True when a config dict is a PPO (``rlhf-ppo train``) config rather than evaluate's: it
+    names a key only PPO has (``model``, ``ppo``, ``iterations``, ...) and none only evaluate has.
+    A dict with both raises a ConfigError starting with ``where``."""
+    if not isinstance(data, dict):
+        return False
+    ppo_keys = {f.name for f in dataclasses.fields(Config)}
+    eval_keys = {f.name for f in dataclasses.fields(EvalConfig)}
+    ppo_only = sorted(k for k in data if k in ppo_keys - eval_keys)
+    eval_only = sorted(k for k in data if k in eval_keys - ppo_keys)
+    if ppo_only and eval_only:
+        raise ConfigError(f"{where}: mixes keys of a PPO run's config ({', '.join(ppo_only)}) "
+                          f"with evaluate's ({', '.join(eval_only)}); give evaluate either its own "
+                          "config or a PPO run's config.yaml (of which it uses the data, reward and "
+                          "generation sections)")
+    return bool(ppo_only)
+
+
+def load_eval_config(path: str | Path | None = None, overrides: list[str] | None = None
+                     ) -> EvalConfig:
+    """``rlhf-ppo evaluate``'s config: :func:`config.load_config` with :class:`EvalConfig`, except
+    that ``path`` may also be a PPO run's config (e.g. ``RUN/config.yaml``, see
+    :func:`is_ppo_config`). Of that, evaluate uses the ``data``, ``reward`` and ``generation``
+    sections (as if written in its own config file: they win over the policy's run config) and
+    ignores the other keys (``output_dir``, ``seed``, ``model``, ``ppo``, ...: the run folder is
+    not evaluate's output folder), with an INFO line; the file is validated as a PPO config first.
+    Overrides then apply as usual. The config remembers where each section key was set
+    (``key_sources``), for :func:`effective_config`'s log lines."""
+    import yaml
+
+    data = None
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = None  # load_config reports the file's problem
+    ppo_file = is_ppo_config(data, f"config file {str(path)!r}")
+    if not ppo_file:
+        cfg = load_config(path, overrides, cls=EvalConfig)
+    else:
+        try:
+            config_from_dict(data, Config)
+        except ConfigError as e:
+            raise ConfigError(f"config file {str(path)!r} (a PPO run's config): {e}") from e
+        ignored = sorted(k for k in data if k not in RUN_SECTIONS)
+        logger.info("%s is a PPO run's config: evaluate uses its %s section(s) and ignores %s",
+                    path, ", ".join(k for k in RUN_SECTIONS if k in data) or "(no)",
+                    ", ".join(ignored) or "nothing else")
+        sections = apply_overrides({k: data[k] for k in RUN_SECTIONS if k in data},
+                                   list(overrides or []))
+        cfg = config_from_dict(sections, EvalConfig)
+        cfg.ppo_config_file = (data, Path(path).resolve())
+    file_label = f"--config {path}" if path is not None else "the evaluate config"
+    sources = {name: file_label for name in RUN_SECTIONS}
+    for item in overrides or []:
+        parts = item.split("=", 1)[0].split(".")
+        if parts[0] in RUN_SECTIONS:
+            sources[".".join(parts[:2])] = "the command line"
+    cfg.key_sources = sources
+    return cfg
 
 
 def adapter_base(folder: Path) -> str | None:
@@ -432,16 +643,23 @@ def select_prompts(prompts: list[Prompt], num_prompts: int | None, shuffle: bool
 
 
 def score_rollout(rewards: RewardSum, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted score ``[B]`` and each source's raw score ``[S, B]``; RewardError on NaN / inf."""
-    per_source = []
+    """Weighted score ``[B]`` and each source's raw score ``[S, B]`` (NaN where a TRL-style
+    function returned None: left out of the weighted sum, as TRL's ``nansum``). RewardError on a
+    NaN / inf score, or a response that no source scored."""
+    per_source, scored = rewards.score_sources(rollout)  # (S, B) each
     for i, (_, source) in enumerate(rewards.sources):
-        raw = source(rollout).float()
-        if not torch.isfinite(raw).all():
+        if not torch.isfinite(per_source[i][scored[i]]).all():
             raise RewardError(f"reward.sources[{i}] ({source.name}) returned NaN or inf")
-        per_source.append(raw)
+    unscored = (~scored.any(0)).nonzero().flatten().tolist()
+    if unscored:
+        b = unscored[0]
+        raise RewardError(
+            f"no reward source scored {len(unscored)} of {len(scored[0])} responses (every one "
+            f"returned None), e.g. the response {rollout.response_texts[b]!r} to "
+            f"{rollout.prompts[b].text!r}; evaluate compares a score per response: add a source "
+            "that scores every response")
     weights = torch.tensor([w for w, _ in rewards.sources], dtype=torch.float32)
-    stacked = torch.stack(per_source)  # (S, B)
-    return (weights[:, None] * stacked).sum(0), stacked
+    return torch.where(scored, weights[:, None] * per_source, 0.0).sum(0), per_source
 
 
 def response_logprobs(side: Side, rollout: Rollout, temperature: float, device: torch.device
@@ -479,7 +697,7 @@ def side_summary(s: SideSamples, names: list[str], shape: tuple[int, int], boot:
     return {
         "score": mean_ci(np.asarray(s.scores).reshape(shape), **boot),
         "sources": [{"source": f"reward.sources[{i}]", "name": name,
-                     **mean_ci(per_source[..., i], **boot)} for i, name in enumerate(names)],
+                     **source_mean_ci(per_source[..., i], **boot)} for i, name in enumerate(names)],
         "response_length": float(np.mean(s.lengths)),
         "stop_rate": float(np.mean(s.stopped)),
         "distinct_1": distinct_n(s.tokens, 1),
@@ -488,8 +706,10 @@ def side_summary(s: SideSamples, names: list[str], shape: tuple[int, int], boot:
 
 
 def build_summary(cfg: EvalConfig, pol: SideSamples, ref: SideSamples, kl: list[float],
-                  source_names: list[str], shape: tuple[int, int], names: dict[str, str]) -> dict:
-    """The ``summary.json`` dict (see the README for every field)."""
+                  source_names: list[str], shape: tuple[int, int], names: dict[str, str],
+                  settings_from: dict[str, str] | None = None) -> dict:
+    """The ``summary.json`` dict (docs/finetune.md lists every field). ``settings_from``: per
+    data / reward / generation section, where its settings came from (:func:`effective_config`)."""
     boot = dict(num_samples=cfg.bootstrap_samples, level=cfg.ci_level, seed=cfg.seed)
     p_scores, r_scores = np.asarray(pol.scores).reshape(shape), np.asarray(ref.scores).reshape(shape)
     return {
@@ -505,6 +725,7 @@ def build_summary(cfg: EvalConfig, pol: SideSamples, ref: SideSamples, kl: list[
         "score_diff": mean_ci(p_scores - r_scores, **boot),
         "kl": mean_ci(np.asarray(kl).reshape(shape), **boot),
         "config": cfg.to_dict(),
+        **({"settings_from": settings_from} if settings_from is not None else {}),
     }
 
 
@@ -549,10 +770,18 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     and report.html to ``cfg.output_dir``. Returns the summary dict."""
     from . import report
 
-    # step 1. resolve the models (defaults from the PPO run's config) before loading anything
+    # step 1. resolve the models and the data / reward / generation settings (defaults from the
+    # PPO run's config) before loading anything
     folder = policy_dir(cfg)
-    run = find_run_config(folder)
+    run = find_run_config(folder) or cfg.ppo_config_file
     pol_spec, ref_spec = resolve_specs(cfg, folder, run)
+    # training-time shaping keys set for evaluate get a warning; the run's (also when read from a
+    # PPO config given as --config) are expected there
+    sources = cfg.key_sources or {}
+    shaping_set = {k for k in set_keys(cfg.reward) & {"normalize", "clip", "missing_stop_penalty"}
+                   if cfg.ppo_config_file is None
+                   or sources.get(f"reward.{k}", sources.get("reward")) == "the command line"}
+    cfg, settings_from = effective_config(cfg, run)
     revision = ((run[0].get("model") or {}).get("revision")) if run else None
     model_cfg = ModelConfig(name_or_path=pol_spec.name, dtype=cfg.dtype, revision=revision,
                             trust_remote_code=cfg.trust_remote_code)
@@ -560,9 +789,11 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device)
     r = cfg.reward
     if r.normalize or r.clip is not None or r.missing_stop_penalty is not None:
-        logger.warning("reward.normalize, reward.clip and reward.missing_stop_penalty shape the "
-                       "training signal; evaluate ignores them and reports the weighted raw scores "
-                       "(and the stop rate separately)")
+        # set by the user for evaluate: a warning; inherited from the training run: expected
+        log = logger.warning if shaping_set else logger.info
+        log("reward.normalize, reward.clip and reward.missing_stop_penalty shape the training "
+            "signal; evaluate ignores them and reports the weighted raw scores (and the stop rate "
+            "separately)")
 
     # step 2. prompts, models and reward sources
     tokenizer = load_tokenizer(tokenizer_config(cfg, pol_spec, model_cfg),
@@ -594,7 +825,7 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     # step 4. statistics and outputs
     names = [src.function or src.model for src in cfg.reward.sources]
     summary = build_summary(cfg, pol, ref, kl, names, (len(prompts), K),
-                            {"policy": pol_spec.name, "reference": ref_spec.name})
+                            {"policy": pol_spec.name, "reference": ref_spec.name}, settings_from)
     rows = sample_rows(prompts, K, pol, ref, kl)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

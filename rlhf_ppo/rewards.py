@@ -1,17 +1,31 @@
 """Reward sources (reward models and Python functions), their weighted sum, and score processing.
 
-A reward function has the signature ``fn(prompts: list[str], responses: list[str], **kwargs)
--> list[float]``. It receives the prompt texts (chat prompts as rendered by the policy's chat
-template), the response texts (special tokens and stop strings removed), the ``kwargs`` from its
-config entry, every other dataset column as a list, and ``stopped`` (list[bool]: the response
-emitted a stop token).
+A reward function is written in one of two styles, told apart by its signature
+(:func:`function_style`):
+
+- rlhf_ppo's ``fn(prompts: list[str], responses: list[str], **kwargs) -> list[float]``: the prompt
+  texts (chat prompts as rendered by the policy's chat template) and the response texts (special
+  tokens and stop strings removed) by position;
+- TRL's ``fn(completions, **kwargs) -> list[float | None]``, called with keywords only, as TRL's
+  GRPO/RLOO trainers call it: ``prompts`` (the dataset's prompts: chat messages for a chat
+  dataset), ``completions`` (strings, or ``[{"role": "assistant", "content": ...}]`` per response
+  when the prompts are chat messages) and ``completion_ids`` (the response token ids, the stop
+  token included). ``None`` (or NaN) for a response means "not scored by this function": it is
+  left out of the weighted sum, like TRL's ``nansum``.
+
+Both also receive the ``kwargs`` from their config entry, every other dataset column as a list
+(with the type the dataset loader gave it), and ``stopped`` (list[bool]: the response emitted a
+stop token); a function without ``**kwargs`` gets only the keyword arguments it names.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import importlib
 import importlib.util
 import inspect
+import math
 import numbers
 import os
 import re
@@ -110,7 +124,8 @@ def load_function(spec: str, key: str = "reward.sources[].function") -> Callable
     return fn
 
 
-def _check_scores(values, n: int, where: str) -> torch.Tensor:
+def _check_scores(values, n: int, where: str, allow_none: bool = False) -> torch.Tensor:
+    """Scores as a float32 tensor ``[n]``; ``allow_none``: a None score becomes NaN (TRL style)."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().flatten().tolist()
     try:
@@ -122,42 +137,139 @@ def _check_scores(values, n: int, where: str) -> torch.Tensor:
         raise RewardError(f"{where}: returned {len(values)} scores for {n} responses; expected "
                           "one number per response")
     for i, v in enumerate(values):
+        if v is None and allow_none:
+            continue
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise RewardError(f"{where}: score {i} is {type(v).__name__} {v!r}; expected a number")
+            hint = (" (None, for a response a function does not score, is accepted from TRL-style "
+                    "functions `fn(completions, **kwargs)`)" if v is None else "")
+            raise RewardError(f"{where}: score {i} is {type(v).__name__} {v!r}; expected a "
+                              f"number{hint}")
     # NaN / inf are numbers: the trainer's `on_nonfinite` policy decides what happens to them.
-    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+    return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+
+
+OWN_STYLE, TRL_STYLE = "rlhf_ppo", "trl"
+ACCEPTED_SIGNATURES = (
+    "rlhf_ppo's `fn(prompts, responses, **kwargs) -> list[float]` (prompt and response texts by "
+    "position) or TRL's `fn(completions, **kwargs) -> list[float | None]` (called with keywords "
+    "only: prompts, completions, completion_ids and the dataset columns)")
+
+
+def function_style(fn: Callable, where: str = "reward function") -> tuple[str, set[str] | None]:
+    """The calling convention of a reward function, from its signature, and the keyword arguments
+    it accepts (None: it takes ``**kwargs``, so everything).
+
+    1. a parameter named ``completions`` (not positional-only): TRL style;
+    2. else two positional parameters (or ``*args``): rlhf_ppo style ``fn(prompts, responses)``;
+    3. else only ``**kwargs`` and at most one positional-or-keyword parameter (e.g. TRL's
+       ``fn(completion_ids, **kwargs)`` or ``fn(**kwargs)``): TRL style;
+    4. else RewardError showing both accepted signatures.
+
+    A callable whose signature cannot be read (some builtins) is taken as rlhf_ppo style.
+    """
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return OWN_STYLE, None
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    var_pos = any(p.kind is p.VAR_POSITIONAL for p in params)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    accepts = None if var_kw else names
+    if "completions" in names:
+        return TRL_STYLE, accepts
+    if var_pos or len(positional) >= 2:
+        return OWN_STYLE, accepts
+    if var_kw and not any(p.kind is p.POSITIONAL_ONLY for p in positional):
+        return TRL_STYLE, accepts
+    try:
+        shown = f"{getattr(fn, '__name__', 'fn')}{inspect.signature(fn)}"
+    except (TypeError, ValueError):
+        shown = repr(fn)
+    raise RewardError(f"{where}: the signature {shown} fits neither accepted reward function "
+                      f"style; expected {ACCEPTED_SIGNATURES}")
 
 
 class FunctionReward:
-    """A Python reward function with its config ``kwargs``."""
+    """A Python reward function (rlhf_ppo or TRL style, see :func:`function_style`) with its config
+    ``kwargs``."""
 
     def __init__(self, source: RewardSource, key: str):
         self.fn, self.kwargs, self.key = load_function(source.function, f"{key}.function"), \
             dict(source.kwargs), key
         self.name = source.function
-        # A function without **kwargs gets only the keyword arguments it names.
+        # accepts: the keyword arguments a function without **kwargs names (None: all of them)
+        self.style, self.accepts = function_style(self.fn, f"{key}.function ({source.function})")
+        self.positional: tuple[str, ...] = ()
+        """names of the parameters that take prompts and responses (rlhf_ppo style)"""
+        self.required: set[str] = set()
+        """keyword arguments the function cannot do without (dataset columns, config kwargs)"""
         try:
-            params = inspect.signature(self.fn).parameters.values()
+            params = list(inspect.signature(self.fn).parameters.values())
         except (TypeError, ValueError):
             params = []
-        self.accepts = (None if not params or any(p.kind is p.VAR_KEYWORD for p in params)
-                        else {p.name for p in params})
+        if self.style == OWN_STYLE:
+            self.positional = tuple(p.name for p in params
+                                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[:2]
+        self.required = {p.name for p in params if p.default is p.empty
+                         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                         and p.name not in self.positional}
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:
+        """Scores ``[B]`` (NaN where a TRL-style function returned None)."""
+        return self.score(rollout)[0]
+
+    def arguments(self, rollout: Rollout) -> tuple[tuple, dict]:
+        """The positional and keyword arguments of the call for ``rollout``."""
+        ours = (("prompts", "completions", "completion_ids") if self.style == TRL_STYLE
+                else ("prompts", "responses", *self.positional))
         columns: dict[str, list] = {}
         for p in rollout.prompts:
             for k, v in p.extra.items():
-                if k not in ("prompts", "responses"):  # the positional arguments win
+                if k not in ours:  # the prompts and responses arguments win
                     columns.setdefault(k, []).append(v)
         kwargs = {**columns, "stopped": rollout.stopped.tolist(), **self.kwargs}
+        texts = list(rollout.response_texts)
+        if self.style == OWN_STYLE:
+            args = ([p.text for p in rollout.prompts], texts)
+        else:
+            # As TRL's GRPOTrainer._calculate_rewards: the dataset's prompts, and the completions
+            # as chat messages when the (first) prompt is one.
+            chat = bool(rollout.prompts) and rollout.prompts[0].messages is not None
+            lengths = rollout.response_mask.sum(-1).tolist()
+            kwargs.update(
+                prompts=[copy.deepcopy(p.messages) if p.messages is not None else p.text
+                         for p in rollout.prompts],
+                completions=([[{"role": "assistant", "content": t}] for t in texts] if chat
+                             else texts),
+                completion_ids=[rollout.response_ids[b, :int(n)].tolist()
+                                for b, n in enumerate(lengths)])
+            args = ()
         if self.accepts is not None:
             kwargs = {k: v for k, v in kwargs.items() if k in self.accepts}
-        prompts = [p.text for p in rollout.prompts]
+        return args, kwargs
+
+    def score(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``[B]`` and the mask ``[B]`` of the responses the function scored (a TRL-style
+        function's None or NaN: not scored)."""
+        args, kwargs = self.arguments(rollout)
+        where = f"{self.key} ({self.name})"
+        missing = sorted(self.required - set(kwargs))
+        if missing:
+            columns = sorted(rollout.prompts[0].extra) if rollout.prompts else []
+            raise RewardError(f"{where}: needs the argument(s) {', '.join(missing)}, which are "
+                              f"neither dataset columns (the columns are {columns}) nor in its "
+                              "config kwargs")
         try:
-            out = self.fn(prompts, list(rollout.response_texts), **kwargs)
+            out = self.fn(*args, **kwargs)
+            if inspect.isawaitable(out):  # an async reward function, as TRL accepts
+                out = asyncio.run(out)
         except Exception as e:
-            raise RewardError(f"{self.key} ({self.name}) raised {type(e).__name__}: {e}") from e
-        return _check_scores(out, len(prompts), f"{self.key} ({self.name})")
+            raise RewardError(f"{where} raised {type(e).__name__}: {e}") from e
+        trl = self.style == TRL_STYLE
+        scores = _check_scores(out, len(rollout.prompts), where, allow_none=trl)
+        scored = ~torch.isnan(scores) if trl else torch.ones(len(scores), dtype=torch.bool)
+        return scores, scored
 
 
 class ModelReward:
@@ -298,17 +410,43 @@ class RewardSum:
         """The reward-model sources (their ``.scorer`` is placed on the device by the trainer)."""
         return [s for _, s in self.sources if isinstance(s, ModelReward)]
 
+    def score_sources(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each source's raw scores ``[S, B]`` and the mask ``[S, B]`` of the scores it gave (False
+        where a TRL-style function returned None or NaN; the score there is NaN)."""
+        raw, scored = [], []
+        for _, source in self.sources:
+            if isinstance(source, FunctionReward):
+                r, s = source.score(rollout)
+            else:
+                r = source(rollout)
+                s = torch.ones(r.shape, dtype=torch.bool)
+            raw.append(r.float())
+            scored.append(s)
+        return torch.stack(raw), torch.stack(scored)
+
     def __call__(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scores ``(B,)`` for the rollout and per-source raw means for the metrics."""
+        """Scores ``(B,)`` for the rollout and per-source raw means for the metrics.
+
+        The weighted sum skips the responses a source did not score (TRL's None: ``nansum``); a
+        response that no source scored gets NaN, which the trainer's ``on_nonfinite`` handles.
+        """
+        raw, scored = self.score_sources(rollout)
         total = torch.zeros(len(rollout.prompts))
         metrics = {}
         self.nonfinite_sources = []
         for i, (weight, source) in enumerate(self.sources):
-            raw = source(rollout)
-            if not torch.isfinite(raw).all():
+            values = raw[i][scored[i]]
+            if not torch.isfinite(values).all():
                 self.nonfinite_sources.append(f"reward.sources[{i}] ({source.name})")
-            metrics[f"reward/source{i}_mean"] = raw.mean().item()
-            total += weight * raw
+            metrics[f"reward/source{i}_mean"] = (values.mean().item() if len(values)
+                                                 else math.nan)
+            total += torch.where(scored[i], weight * raw[i], 0.0)
+        unscored = ~scored.any(0)
+        if unscored.any():
+            total[unscored] = math.nan
+            self.nonfinite_sources.append(
+                f"{int(unscored.sum())} of {len(unscored)} responses that no reward source scored "
+                "(every one returned None)")
         return total, metrics
 
     def penalize(self, raw: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:

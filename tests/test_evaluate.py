@@ -1,7 +1,9 @@
 """`rlhf-ppo evaluate`: statistics against hand-computed values, default resolution of the
 reference, and end-to-end runs on tiny models (a real 2-iteration PPO run, self-comparison, LoRA)."""
 
+import dataclasses
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -11,14 +13,23 @@ import pytest
 import torch
 
 from rlhf_ppo import builtin
-from rlhf_ppo.config import ConfigError, ModelConfig, load_config
+from rlhf_ppo.config import (
+    ConfigError,
+    DataConfig,
+    GenerationConfig,
+    ModelConfig,
+    RewardConfig,
+    load_config,
+)
 from rlhf_ppo.evaluate import (
     EvalConfig,
     ModelSpec,
     bootstrap_ci,
     distinct_n,
+    effective_config,
     find_run_config,
     load_sides,
+    mean_ci,
     reference_from_run,
     resolve_specs,
     run_evaluate,
@@ -28,7 +39,7 @@ from rlhf_ppo.evaluate import (
 )
 from rlhf_ppo.models import ModelLoadError
 from rlhf_ppo.report import CURVE_KEYS, read_metrics
-from rlhf_ppo.rewards import keyword_share
+from rlhf_ppo.rewards import RewardError, keyword_share
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -344,3 +355,228 @@ def test_builtin_policy_name_resolves(tmp_path):
     # both names load the same model: the same sample, scored the same
     assert [r["policy_response"] for r in rows] == [r["reference_response"] for r in rows]
     assert [r["policy_score"] for r in rows] == [r["reference_score"] for r in rows]
+
+
+# --------------------------------------------------------------------------- the run's settings
+
+RUN_PROMPTS = ["our city was", "this song is", "that game was", "my food is"]
+RUN_REWARD = '''
+def answer_words(completions, answer, **kwargs):
+    """TRL style: 1 when the completion has `answer` words, else minus the distance."""
+    return [-abs(len(c.split()) - a) + 1.0 if len(c.split()) != a else 1.0
+            for c, a in zip(completions, answer)]
+'''
+
+
+@pytest.fixture(scope="module")
+def custom_run(tmp_path_factory, tiny_policy_dir):
+    """A 1-iteration PPO run whose config has its own prompts file (with an `answer` column), a
+    TRL-style reward function of that column, max_new_tokens 3 and temperature 0.7."""
+    from rlhf_ppo import PPOTrainer
+
+    root = tmp_path_factory.mktemp("custom_run")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "answer": i + 1}) + "\n"
+                               for i, p in enumerate(RUN_PROMPTS)))
+    (root / "run_reward.py").write_text(RUN_REWARD)
+    out = root / "run"
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml",
+                      [f"output_dir={out}", f"model.name_or_path={tiny_policy_dir}", "iterations=1",
+                       "ppo.batch_size=4", "ppo.num_minibatches=1", "ppo.micro_batch_size=4",
+                       "ppo.ppo_epochs=1", f"data.path={prompts}",
+                       f"reward.sources=[{{function: '{root / 'run_reward.py'}:answer_words'}}]",
+                       "generation.max_new_tokens=3", "generation.temperature=0.7"])
+    PPOTrainer(cfg).train()
+    return out, f"{root / 'run_reward.py'}:answer_words", str(prompts)
+
+
+RUN_SMALL = ["num_prompts=4", "samples_per_prompt=2", "batch_size=4", "bootstrap_samples=50"]
+
+
+def test_evaluate_uses_the_runs_data_reward_and_generation(tmp_path, custom_run, caplog):
+    run, reward, prompts_file = custom_run
+    with caplog.at_level("INFO", logger="rlhf_ppo.evaluate"):
+        cfg = load_config(None, [f"policy={run / 'final'}", f"output_dir={tmp_path}", *RUN_SMALL],
+                          cls=EvalConfig)
+        summary = run_evaluate(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    # the run's prompts, not the built-in ones
+    assert {r["prompt"] for r in rows} == set(RUN_PROMPTS)
+    # the run's reward function, fed the prompts file's `answer` column
+    for side in ("policy", "reference"):
+        assert [s["name"] for s in summary[side]["sources"]] == [reward]
+    answers = {p: i + 1 for i, p in enumerate(RUN_PROMPTS)}
+    for r in rows:
+        words = len(r["policy_response"].split())
+        a = answers[r["prompt"]]
+        assert r["policy_score"] == (1.0 if words == a else 1.0 - abs(words - a))
+    # the run's generation settings: at most 3 tokens, temperature 0.7
+    assert max(max(r["policy_length"], r["reference_length"]) for r in rows) <= 3
+    assert summary["config"]["generation"]["max_new_tokens"] == 3
+    assert summary["config"]["generation"]["temperature"] == 0.7
+    assert summary["config"]["data"]["path"] == prompts_file
+    run_config = run / "final" / "rlhf_ppo_config.yaml"
+    assert summary["settings_from"] == {s: f"all from the PPO run's config {run_config}"
+                                        for s in ("data", "reward", "generation")}
+    # one INFO line per section, saying what it uses and where from
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate ")]
+    for section, shown in (("data", f"path={prompts_file!r}"), ("reward", reward),
+                           ("generation", "max_new_tokens=3")):
+        (line,) = [m for m in lines if m.startswith(f"evaluate {section}: ")]
+        assert shown in line and f"all from the PPO run's config {run_config}" in line
+
+
+def test_keys_set_for_evaluate_win_key_by_key(tmp_path, custom_run):
+    run, _, prompts_file = custom_run
+    # temperature 1.0 is the default, and still wins over the run's 0.7: it was set
+    cfg = load_config(None, [f"policy={run / 'final'}", f"output_dir={tmp_path}", *RUN_SMALL,
+                             "generation.temperature=1.0",
+                             "reward.sources=[{function: 'rlhf_ppo.rewards:response_length'}]"],
+                      cls=EvalConfig)
+    summary = run_evaluate(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    gen = summary["config"]["generation"]
+    assert (gen["temperature"], gen["max_new_tokens"]) == (1.0, 3)  # max_new_tokens: the run's
+    assert summary["policy"]["sources"][0]["name"] == "rlhf_ppo.rewards:response_length"
+    assert all(r["policy_score"] == len(r["policy_response"].split()) for r in rows)
+    assert {r["prompt"] for r in rows} == set(RUN_PROMPTS)  # data: the run's
+    run_config = run / "final" / "rlhf_ppo_config.yaml"
+    assert summary["settings_from"] == {
+        "data": f"all from the PPO run's config {run_config}",
+        "reward": f"sources from the evaluate config; the rest from the PPO run's config {run_config}",
+        "generation": f"temperature from the evaluate config; the rest from the PPO run's config "
+                      f"{run_config}"}
+
+
+def test_cli_accepts_a_ppo_runs_config_file(tmp_path, custom_run, cli):
+    run, reward, prompts_file = custom_run
+    out = tmp_path / "eval"
+    res = cli("evaluate", "--config", run / "config.yaml", f"policy={run / 'final'}",
+              f"output_dir={out}", *RUN_SMALL, "generation.max_new_tokens=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    # the PPO-only keys are ignored (output_dir among them: the run folder is left alone)
+    assert (f"{run / 'config.yaml'} is a PPO run's config: evaluate uses its data, reward, "
+            "generation section(s) and ignores iterations, keep_last, ") in res.stderr
+    assert not (run / "summary.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {r["prompt"] for r in rows} == set(RUN_PROMPTS)
+    assert summary["policy"]["sources"][0]["name"] == reward
+    assert max(r["policy_length"] for r in rows) <= 2  # the command line wins over the file
+    assert summary["config"]["generation"]["temperature"] == 0.7
+    others = [f.name for f in dataclasses.fields(GenerationConfig) if f.name != "max_new_tokens"]
+    assert summary["settings_from"] == {
+        "data": f"all from --config {run / 'config.yaml'}",
+        "reward": f"all from --config {run / 'config.yaml'}",
+        "generation": f"max_new_tokens from the command line; {', '.join(others)} from --config "
+                      f"{run / 'config.yaml'}"}
+    assert f"INFO rlhf_ppo.evaluate: evaluate data: path={prompts_file!r}" in res.stderr
+
+
+def test_effective_config_without_a_run_and_from_python(tmp_path):
+    cfg = load_config(None, ["policy=x", "generation.max_new_tokens=32"], cls=EvalConfig)
+    same, origins = effective_config(cfg, None)
+    assert same.generation.max_new_tokens == 32
+    assert origins["generation"] == ("max_new_tokens from the evaluate config; the rest from the "
+                                     "defaults (no PPO run config found with the policy)")
+    assert origins["data"] == "all from the defaults (no PPO run config found with the policy)"
+    run = ({"model": {"name_or_path": "m"}, "ppo": {},
+            "generation": {"max_new_tokens": 7, "top_k": 5}, "data": {"path": "p.jsonl"}},
+           tmp_path / "config.yaml")
+    # the loaded config set max_new_tokens (to its default, 32): it wins; top_k is the run's
+    merged, _ = effective_config(cfg, run)
+    assert (merged.generation.max_new_tokens, merged.generation.top_k) == (32, 5)
+    assert merged.data.path == "p.jsonl" and merged.reward == RewardConfig()
+    # sections built in Python: the keys that differ from the defaults count as set
+    py = EvalConfig(policy="x", generation=GenerationConfig(top_k=3), data=DataConfig())
+    merged, _ = effective_config(py, run)
+    assert (merged.generation.max_new_tokens, merged.generation.top_k) == (7, 3)
+    assert merged.data.path == "p.jsonl"
+    # a combination the section's checks refuse names the key and where the other value came from
+    bad = load_config(None, ["policy=x", "generation.min_new_tokens=10"], cls=EvalConfig)
+    with pytest.raises(ConfigError) as e:
+        effective_config(bad, run)
+    assert str(e.value).startswith(
+        "generation.min_new_tokens: expected an integer in [0, generation.max_new_tokens], got 10 "
+        f"(from combining the generation keys set for evaluate, min_new_tokens, with the rest of "
+        f"the PPO run's generation section in {tmp_path / 'config.yaml'}")
+
+
+def test_a_config_file_mixing_ppo_and_evaluate_keys_is_refused(tmp_path, cli):
+    f = tmp_path / "mixed.yaml"
+    f.write_text("policy: x\nppo: {batch_size: 4}\n")
+    res = cli("evaluate", "--config", f)
+    assert res.returncode == 2 and (f"config file {str(f)!r}: mixes keys of a PPO run's config "
+                                    "(ppo) with evaluate's (policy)") in res.stderr, res.stderr
+    f.write_text("ppo: {batch_sise: 4}\ngeneration: {max_new_tokens: 4}\n")
+    res = cli("evaluate", "--config", f, "policy=x")
+    assert res.returncode == 2 and "(a PPO run's config): ppo.batch_sise: unknown key" in res.stderr
+
+
+# --------------------------------------------------------------------------- unscored responses
+
+def test_source_mean_ci_leaves_out_unscored_responses():
+    from rlhf_ppo.evaluate import source_mean_ci
+
+    nan = float("nan")
+    assert source_mean_ci(np.array([[2.0, nan], [2.0, 2.0]]), 50, 0.95, 0) == {
+        "mean": 2.0, "ci_low": 2.0, "ci_high": 2.0, "scored": 0.75}
+    out = source_mean_ci(np.array([[1.0, nan], [3.0, 5.0], [nan, nan]]), 500, 0.9, 0)
+    # the mean of the 3 scored responses; resamples of prompts 0 and 1 give means in [1, 4]
+    assert out["mean"] == 3.0 and out["scored"] == 0.5
+    assert 1.0 <= out["ci_low"] <= 3.0 <= out["ci_high"] <= 4.0
+    assert math.isnan(source_mean_ci(np.full((2, 2), nan), 50, 0.95, 0)["mean"])
+    # without missing scores: mean_ci, unchanged
+    x = np.random.default_rng(0).normal(size=(6, 2))
+    assert source_mean_ci(x, 100, 0.95, 3) == {**mean_ci(x, 100, 0.95, 3)}
+
+
+SKIPPING_REWARD = """
+def skip_even_prompts(prompts, completions, **kwargs):
+    # TRL style: no score (None) for the prompts of even length
+    return [None if len(p) % 2 == 0 else 1.0 for p in prompts]
+
+
+def skip_all(completions, **kwargs):
+    return [None] * len(completions)
+"""
+
+
+def test_evaluate_with_a_function_that_skips_responses(tmp_path, tiny_policy_dir):
+    (tmp_path / "skip.py").write_text(SKIPPING_REWARD)
+    fn = f"{tmp_path / 'skip.py'}:skip_even_prompts"
+    summary, rows = evaluate(
+        tmp_path / "out", tiny_policy_dir, f"reference={tiny_policy_dir}", "num_prompts=8",
+        f"reward.sources=[{{function: '{fn}', weight: 2.0}}, "
+        "{function: 'rlhf_ppo.rewards:response_length'}]")
+    skipped = [len(r["prompt"]) % 2 == 0 for r in rows]
+    assert any(skipped) and not all(skipped)
+    for r, skip in zip(rows, skipped):
+        words = len(r["policy_response"].split())
+        assert r["policy_source_scores"] == [None if skip else 1.0, words]  # null in the file
+        assert r["policy_score"] == words + (0.0 if skip else 2.0)  # left out of the sum
+    src = summary["policy"]["sources"][0]
+    assert src["mean"] == 1.0 and src["scored"] == pytest.approx(1 - np.mean(skipped))
+    assert "scored" not in summary["policy"]["sources"][1]
+    # a response that no source scores cannot be compared
+    with pytest.raises(RewardError, match=r"^no reward source scored 4 of 4 responses"):
+        evaluate(tmp_path / "none", tiny_policy_dir, f"reference={tiny_policy_dir}",
+                 f"reward.sources=[{{function: '{tmp_path / 'skip.py'}:skip_all'}}]")
+
+
+def test_a_ppo_config_given_as_config_names_the_reference_of_a_moved_policy(tmp_path, custom_run,
+                                                                            tiny_policy_dir, cli):
+    # the policy folder copied away from its run, without the run's config
+    run, _, _ = custom_run
+    moved = shutil.copytree(run / "final", tmp_path / "moved" / "final")
+    (moved / "rlhf_ppo_config.yaml").unlink()
+    assert find_run_config(moved) is None
+    res = cli("evaluate", f"policy={moved}", f"output_dir={tmp_path / 'a'}", *RUN_SMALL)
+    assert res.returncode == 2 and "reference: no PPO run config" in res.stderr
+    res = cli("evaluate", "--config", run / "config.yaml", f"policy={moved}",
+              f"output_dir={tmp_path / 'b'}", *RUN_SMALL)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["reference_path"] == tiny_policy_dir  # model.name_or_path of that config
+    assert {r["prompt"] for r in map(json.loads, (tmp_path / "b" / "samples.jsonl").read_text()
+                                     .splitlines())} == set(RUN_PROMPTS)

@@ -1,6 +1,7 @@
 """Reward sources: built-in functions, function loading, FunctionReward/ModelReward, the weighted
 sum and score post-processing."""
 
+import dataclasses
 import math
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from rlhf_ppo.rewards import (
     ModelReward,
     RewardError,
     RewardSum,
+    function_style,
     keyword_share,
     load_function,
     response_length,
@@ -330,6 +332,225 @@ def test_function_tensor_and_array_returns(tok, model_cfg, reward_file, fn_rollo
     total, _ = rs(fn_rollout)
     assert total.dtype == torch.float32
     assert total.tolist() == expected
+
+
+# --------------------------------------------------------------------------- TRL-style functions
+
+TRL_MODULE = textwrap.dedent("""
+    import math
+
+
+    def trl_capture(completions, **kwargs):
+        # TRL's usual signature: everything by keyword; `sink` comes from the config kwargs
+        kwargs.pop("sink").append({"completions": completions, **kwargs})
+        return [float(len(c.split())) for c in completions]
+
+
+    def chat_capture(prompts, completions, sink, **kwargs):
+        sink.append({"prompts": prompts, "completions": completions, **kwargs})
+        return [1.0 if c[0]["content"].startswith("good") else 0.0 for c in completions]
+
+
+    def count_ids(completion_ids, **kwargs):
+        # like TRL's own repetition-penalty reward: completion_ids by keyword
+        return [float(len(ids)) for ids in completion_ids]
+
+
+    def skip_bad(completions, **kwargs):
+        # TRL's accuracy_reward returns None for the rows it cannot judge
+        return [None if "bad" in c else 1.0 for c in completions]
+
+
+    def nan_for_bad(completions, **kwargs):
+        return [math.nan if "bad" in c else 1.0 for c in completions]
+
+
+    def equals_answer(completions, answer, **kwargs):
+        return [1.0 if len(c.split()) == a else 0.0 for c, a in zip(completions, answer)]
+
+
+    def keyword_only(*, completions, stopped):
+        return [0.5 if s else -0.5 for s in stopped]
+
+
+    async def async_len(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+
+    def two_texts(prompts, responses):
+        return [float(len(r)) for r in responses]
+
+
+    def one_arg(x):
+        return [0.0]
+
+
+    def no_args():
+        return [0.0]
+
+
+    def prompts_only(prompts):
+        return [0.0]
+
+
+    def positional_only(completions, /, **kwargs):
+        return [0.0]
+""")
+
+
+@pytest.fixture(scope="module")
+def trl_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("trl_fn") / "trl_fns.py"
+    f.write_text(TRL_MODULE)
+    return str(f)
+
+
+def chat_version(rollout):
+    """``rollout`` with chat prompts: each prompt's text as one user message."""
+    prompts = [Prompt(p.text, p.input_ids, messages=[{"role": "user", "content": p.text}],
+                      extra=p.extra) for p in rollout.prompts]
+    return dataclasses.replace(rollout, prompts=prompts)
+
+
+# fn_rollout's response tokens: good=9 great=10 <eos> | bad=51 <eos> | very nice fun day (no stop)
+COMPLETION_IDS = [[9, 10, EOS], [51, EOS], [46, 15, 14, 23]]
+
+
+@pytest.mark.parametrize("name,style", [
+    ("trl_capture", "trl"), ("chat_capture", "trl"), ("count_ids", "trl"), ("skip_bad", "trl"),
+    ("equals_answer", "trl"), ("keyword_only", "trl"), ("async_len", "trl"),
+    ("two_texts", "rlhf_ppo"),
+])
+def test_function_style_from_signature(trl_file, name, style):
+    assert function_style(load_function(f"{trl_file}:{name}"))[0] == style
+    assert function_style(keyword_share) == ("rlhf_ppo", None)  # **kwargs: every keyword
+    assert function_style(lambda *args, **kw: None)[0] == "rlhf_ppo"
+    assert function_style(lambda **kw: None)[0] == "trl"
+
+
+def test_trl_function_gets_keywords_as_trl_passes_them(tok, model_cfg, trl_file, fn_rollout):
+    sink = []
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{trl_file}:trl_capture",
+                                                   kwargs={"sink": sink, "scale": 2.0}))
+    total, metrics = rs(fn_rollout)
+    assert total.tolist() == [2.0, 1.0, 4.0]  # words per completion
+    assert metrics == {"reward/source0_mean": pytest.approx(7 / 3)}
+    (got,) = sink
+    assert got == {
+        "prompts": ["the movie was", "i think the book is", "today"],  # plain-text prompts: str
+        "completions": ["good great", "bad", "very nice fun day"],
+        "completion_ids": COMPLETION_IDS,  # the valid response tokens, the stop token included
+        "label": [1, 0, 1], "tag": ["x", "y", "z"],  # dataset columns
+        "stopped": [True, True, False],
+        "scale": 2.0,  # config kwargs
+    }
+
+
+def test_trl_function_with_chat_prompts_gets_messages(tok, model_cfg, trl_file, fn_rollout):
+    sink = []
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{trl_file}:chat_capture",
+                                                   kwargs={"sink": sink}))
+    chat = chat_version(fn_rollout)
+    total, _ = rs(chat)
+    assert total.tolist() == [1.0, 0.0, 0.0]  # the content of the assistant message starts "good"
+    (got,) = sink
+    assert got == {
+        "prompts": [[{"role": "user", "content": "the movie was"}],
+                    [{"role": "user", "content": "i think the book is"}],
+                    [{"role": "user", "content": "today"}]],
+        "completions": [[{"role": "assistant", "content": "good great"}],
+                        [{"role": "assistant", "content": "bad"}],
+                        [{"role": "assistant", "content": "very nice fun day"}]],
+        "completion_ids": COMPLETION_IDS,
+        "label": [1, 0, 1], "tag": ["x", "y", "z"], "stopped": [True, True, False],
+    }
+    # the prompts are copies: a function that edits them leaves the dataset's messages alone
+    got["prompts"][0][0]["content"] = "edited"
+    assert chat.prompts[0].messages == [{"role": "user", "content": "the movie was"}]
+
+
+def test_own_style_with_chat_prompts_still_gets_texts(tok, model_cfg, reward_file, fn_rollout):
+    sink = []
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{reward_file}:capture",
+                                                   kwargs={"sink": sink}))
+    total, _ = rs(chat_version(fn_rollout))
+    assert total.tolist() == [2.0, 1.0, 4.0]
+    (got,) = sink
+    assert got == {"prompts": ["the movie was", "i think the book is", "today"],
+                   "responses": ["good great", "bad", "very nice fun day"], "scale": 1.0,
+                   "label": [1, 0, 1], "tag": ["x", "y", "z"], "stopped": [True, True, False]}
+
+
+def test_trl_function_of_completion_ids(tok, model_cfg, trl_file, fn_rollout):
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{trl_file}:count_ids"))
+    assert rs(fn_rollout)[0].tolist() == [3.0, 2.0, 4.0]
+
+
+def test_trl_keyword_only_and_async_functions(tok, model_cfg, trl_file, fn_rollout):
+    # without **kwargs a function gets only what it names; a coroutine function is awaited
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{trl_file}:keyword_only"),
+                      RewardSource(function=f"{trl_file}:async_len", weight=0.5))
+    # stopped: 0.5, 0.5, -0.5; characters: 10, 3, 17
+    assert rs(fn_rollout)[0].tolist() == [5.5, 2.0, 8.0]
+
+
+def test_trl_none_scores_are_left_out_of_the_weighted_sum(tok, model_cfg, trl_file, fn_rollout):
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{trl_file}:skip_bad", weight=2.0),
+                      RewardSource(function="rlhf_ppo.rewards:response_length"))
+    raw, scored = rs.score_sources(fn_rollout)
+    assert scored.tolist() == [[True, False, True], [True, True, True]]
+    assert math.isnan(raw[0, 1]) and raw[0, [0, 2]].tolist() == [1.0, 1.0]
+    total, metrics = rs(fn_rollout)
+    # 2 * 1 + 2 words | (None skipped) 1 word | 2 * 1 + 4 words, as TRL's nansum
+    assert total.tolist() == [4.0, 1.0, 6.0]
+    assert metrics == {"reward/source0_mean": 1.0, "reward/source1_mean": pytest.approx(7 / 3)}
+    assert rs.nonfinite_sources == []
+
+
+@pytest.mark.parametrize("fn", ["skip_bad", "nan_for_bad"])
+def test_trl_response_no_source_scores_is_nan(tok, model_cfg, trl_file, fn_rollout, fn):
+    # TRL treats None and NaN alike; a response no function scored has no score (TRL: NaN too):
+    # the trainer's on_nonfinite policy decides, and names why
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{trl_file}:{fn}"))
+    total, metrics = rs(fn_rollout)
+    assert total[[0, 2]].tolist() == [1.0, 1.0] and math.isnan(total[1])
+    assert metrics == {"reward/source0_mean": 1.0}
+    assert rs.nonfinite_sources == ["1 of 3 responses that no reward source scored (every one "
+                                    "returned None)"]
+
+
+def test_trl_dataset_columns_keep_the_loaders_types(tmp_path, tok, model_cfg, trl_file):
+    # a CSV column of numbers arrives as int (the type `datasets` inferred), not as text
+    from rlhf_ppo.config import DataConfig
+    from rlhf_ppo.data import load_prompts
+
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt,answer\nthe movie was,2\ntoday,1\n")
+    prompts = load_prompts(DataConfig(path=str(csv), max_prompt_length=16), tok)
+    assert [p.extra for p in prompts] == [{"answer": 2}, {"answer": 1}]
+    assert all(type(p.extra["answer"]) is int for p in prompts)
+    rollout = make_rollout(tok, [p.text for p in prompts], ["good great", "good great"],
+                           [True, True], extras=[p.extra for p in prompts])
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{trl_file}:equals_answer"))
+    assert rs(rollout)[0].tolist() == [1.0, 0.0]
+
+
+def test_trl_function_missing_a_column_names_it(tok, model_cfg, trl_file, fn_rollout):
+    rs = function_sum(tok, model_cfg, RewardSource(function=f"{trl_file}:equals_answer"))
+    with pytest.raises(RewardError, match=r"reward\.sources\[0\].*needs the argument\(s\) answer"
+                       r".*\['label', 'tag'\]"):
+        rs(fn_rollout)
+
+
+@pytest.mark.parametrize("name", ["one_arg", "no_args", "prompts_only", "positional_only"])
+def test_bad_signature_shows_both_styles(tok, model_cfg, trl_file, name):
+    with pytest.raises(RewardError) as e:
+        function_sum(tok, model_cfg, RewardSource(function="rlhf_ppo.rewards:keyword_share"),
+                     RewardSource(function=f"{trl_file}:{name}"))
+    msg = str(e.value)
+    assert msg.startswith(f"reward.sources[1].function ({trl_file}:{name}): the signature {name}(")
+    assert "fn(prompts, responses, **kwargs) -> list[float]" in msg
+    assert "fn(completions, **kwargs) -> list[float | None]" in msg
 
 
 # --------------------------------------------------------------------------- RewardSum
