@@ -119,6 +119,8 @@ class EvalConfig:
     """allow model code from the hub to run; off unless you trust the source"""
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:1`, ..."""
+    threads: int | None = None
+    """CPU threads torch uses; null: `OMP_NUM_THREADS` when set, else this machine's usable cores"""
     seed: int = 0
     """seed of the prompt subset, the sampling (batch b uses seed + b for both models) and the bootstrap"""
     num_prompts: int | None = 64
@@ -177,6 +179,7 @@ def validate_eval(cfg: EvalConfig) -> None:
     check(cfg.reference is None or cfg.reference != "", "reference", "a model folder, hub id or null",
            cfg.reference)
     check(cfg.samples_per_prompt >= 1, "samples_per_prompt", "an integer >= 1", cfg.samples_per_prompt)
+    check(cfg.threads is None or cfg.threads >= 1, "threads", "an integer >= 1 or null", cfg.threads)
     check(cfg.num_prompts is None or cfg.num_prompts >= 1, "num_prompts", "an integer >= 1 or null",
            cfg.num_prompts)
     check(cfg.batch_size >= 1, "batch_size", "an integer >= 1", cfg.batch_size)
@@ -769,6 +772,9 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     """Sample, score and compare the policy and the reference; write samples.jsonl, summary.json
     and report.html to ``cfg.output_dir``. Returns the summary dict."""
     from . import report
+    from .distributed import set_threads
+
+    logger.info("evaluate: torch threads %d", set_threads(cfg.threads))
 
     # step 1. resolve the models and the data / reward / generation settings (defaults from the
     # PPO run's config) before loading anything

@@ -186,7 +186,7 @@ def stage_configs(out: Path, data: dict) -> dict[str, dict]:
                      kl_coef=0.5, vf_coef=0.5, critic_lam=1.0),
             optim=dict(lr=5e-4, critic_lr=3e-3, separate_grad_clip=True)),
         "eval": dict(
-            output_dir=str(out / "eval"), policy=str(out / "ppo" / "final"),
+            output_dir=str(out / "eval"), threads=1, policy=str(out / "ppo" / "final"),
             reference=str(out / "sft" / "final"), metrics_path=str(out / "ppo" / "metrics.jsonl"),
             num_prompts=len(TITLES), samples_per_prompt=8,
             data=dict(path=data["prompts"], shuffle=False),
