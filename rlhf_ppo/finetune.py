@@ -182,6 +182,22 @@ def start_run(cfg, cls: type):
     return cfg, acc, RunLog(out, acc.is_main_process)
 
 
+def log_start(stage: str, cfg, model: nn.Module, n_items: int, unit: str, steps: int,
+              num_processes: int) -> None:
+    """One summary of what the run is about to do: the model with its parameter counts, the
+    batch arithmetic and where the outputs go."""
+    count = lambda params: sum(q.numel() for q in params)
+    t = cfg.train
+    logger.info(
+        "%s run:\n  model: %s (%.2fM parameters, %.2fM trained%s)\n  batch: %d %s per step over "
+        "%d process(es), micro-batches of %d per process; %d steps (%d epoch(s) of %d %s%s)\n"
+        "  output: %s/ (metrics.jsonl, config.yaml, final/)", stage, cfg.model.name_or_path,
+        count(model.parameters()) / 1e6, count(q for q in model.parameters() if q.requires_grad) / 1e6,
+        ", LoRA" if cfg.peft.enabled else "", t.batch_size, unit, num_processes,
+        t.micro_batch_size, steps, t.epochs, n_items, unit,
+        f", at most {t.max_steps} steps" if t.max_steps else "", cfg.output_dir)
+
+
 def save_final(acc, folder: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` on the main process into a temporary folder that becomes ``folder`` once
     whole (:func:`checkpoint.atomic_folder`); every process waits for it."""

@@ -370,6 +370,7 @@ def run_reward_training(cfg: RewardTrainConfig) -> dict[str, Any]:
     plan = ft.step_plan(len(train), t, cfg.seed, acc.process_index, acc.num_processes)
     optimizer, scheduler = ft.make_optimizer([p for p in model.parameters() if p.requires_grad],
                                              cfg.optim, len(plan))
+    ft.log_start("reward", cfg, model, len(train), "pairs", len(plan), acc.num_processes)
     module, optimizer = acc.prepare(RewardScorer(model), optimizer)
 
     def batches(pairs: list[Pair], size: int) -> tuple[list[dict], list[float]]:

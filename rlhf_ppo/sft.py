@@ -420,6 +420,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     plan = ft.step_plan(len(items), t, cfg.seed, acc.process_index, acc.num_processes)
     optimizer, scheduler = ft.make_optimizer([p for p in model.parameters() if p.requires_grad],
                                              cfg.optim, len(plan))
+    ft.log_start("sft", cfg, model, len(items), "blocks" if cfg.data.packing else "examples",
+                 len(plan), acc.num_processes)
     module, optimizer = acc.prepare(CausalLMLoss(model), optimizer)
 
     def step_batches(rows: list[int]) -> tuple[list[dict], list[float]]:

@@ -93,3 +93,27 @@ def test_ppo_batch_size_counts_over_all_processes():
         ppo_batch_per_process(cfg, 3)
     with pytest.raises(ConfigError, match="1 rollouts each, not a multiple of ppo.num_minibatches=2"):
         ppo_batch_per_process(cfg, 16)
+
+
+def test_threads_default_reads_omp_then_splits_the_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from rlhf_ppo.distributed import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(3) == 3 and torch.get_num_threads() == 3  # the setting wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert set_threads(None) == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        cores = len(os.sched_getaffinity(0))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))
+        assert set_threads(None) == 1  # one core per process
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert set_threads(None) == cores
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(Exception, match="threads: expected an integer >= 1 or null"):
+        load_config(None, ["threads=0"])
