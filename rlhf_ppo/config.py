@@ -256,8 +256,46 @@ class PPOConfig:
     """horizon of the adaptive controller, in sequences"""
     whiten_advantages: bool = True
     """whiten advantages over the valid tokens of the batch"""
-    loss_aggregation: Literal["token-mean", "seq-mean"] = "token-mean"
-    """average the losses over tokens, or per sequence then over sequences"""
+    loss_aggregation: Literal["token-mean", "seq-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                              "seq-mean-token-sum-norm"] = "token-mean"
+    """`token-mean`: over all tokens; `seq-mean` (= `seq-mean-token-mean`): each sequence's token
+    mean, averaged over sequences; `seq-mean-token-sum`: each sequence's token sum, averaged;
+    `seq-mean-token-sum-norm`: the token sum over a constant (sequences x
+    `generation.max_new_tokens`, Dr. GRPO)"""
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                 "reinforce_pp_baseline"] = "gae"
+    """`gae` (a critic); critic-free: `grpo` (score minus the group mean, over the group std),
+    `dr_grpo` (no std division), `rloo` (leave-one-out mean), `reinforce_pp` (KL-shaped
+    returns, whitened over the batch), `reinforce_pp_baseline` (group mean subtracted first).
+    docs/estimators.md"""
+    samples_per_prompt: int = 1
+    """responses sampled per prompt (the group of the group estimators); `batch_size` counts
+    responses, so it holds `batch_size / samples_per_prompt` prompts; a group stays on one process"""
+    kl_loss_coef: float = 0.0
+    """coefficient of the KL to the reference as a loss term (GRPO); 0: off. Independent of
+    `kl_coef` (the KL in the reward): either, both or neither"""
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """per-token KL estimator of the loss term (GRPO: k3)"""
+    clip_range_high: float | None = None
+    """upper ratio clip `1 + clip_range_high` (DAPO's clip-higher); null: `clip_range`"""
+    dual_clip: float | None = None
+    """dual-clip bound c > 1: a negative-advantage token's loss is at most `-A * c`; null: off"""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """`token` (PPO) or `sequence`: one ratio per response, the geometric mean of its tokens'
+    (GSPO)"""
+    tis_cap: float | None = None
+    """truncated importance sampling: weight each token's loss by min(pi_old / pi_sampling, cap),
+    pi_sampling the log-probs recorded while sampling (they differ e.g. in bf16); null: off"""
+    dynamic_sampling: bool = False
+    """drop groups whose scores are all equal (no signal) and sample more until the batch is
+    full (DAPO); needs `samples_per_prompt` > 1"""
+    mask_truncated: bool = False
+    """leave responses that hit `max_new_tokens` without a stop token out of the loss"""
+    overlong_buffer: int | None = None
+    """soft overlong penalty (DAPO): the last N tokens before `max_new_tokens` cost up to
+    `overlong_penalty` linearly; null: off"""
+    overlong_penalty: float = 1.0
+    """the largest overlong penalty (at `max_new_tokens`)"""
     target_kl: float | None = None
     """stop this iteration's updates when approx KL(old || new) exceeds it (null: never)"""
     critic_warmup: int = 0
@@ -301,6 +339,28 @@ class PPOConfig:
         check(self.target_kl is None or self.target_kl > 0, "ppo.target_kl", "a number > 0 or null",
               self.target_kl)
         check(self.critic_warmup >= 0, "ppo.critic_warmup", "an integer >= 0", self.critic_warmup)
+        check(self.samples_per_prompt >= 1, "ppo.samples_per_prompt", "an integer >= 1",
+              self.samples_per_prompt)
+        check(self.batch_size % self.samples_per_prompt == 0, "ppo.batch_size",
+              f"a multiple of ppo.samples_per_prompt={self.samples_per_prompt}", self.batch_size)
+        group = self.advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+        check(not group or self.samples_per_prompt > 1, "ppo.samples_per_prompt",
+              f"an integer > 1 with ppo.advantage_estimator={self.advantage_estimator!r} (its "
+              "baseline is the group of responses to the same prompt)", self.samples_per_prompt)
+        check(not self.dynamic_sampling or self.samples_per_prompt > 1, "ppo.dynamic_sampling",
+              "false unless ppo.samples_per_prompt > 1 (it drops groups of equal scores)",
+              self.dynamic_sampling)
+        check(self.kl_loss_coef >= 0, "ppo.kl_loss_coef", "a number >= 0", self.kl_loss_coef)
+        check(self.clip_range_high is None or self.clip_range_high > 0, "ppo.clip_range_high",
+              "a number > 0 or null", self.clip_range_high)
+        check(self.dual_clip is None or self.dual_clip > 1, "ppo.dual_clip", "a number > 1 or null",
+              self.dual_clip)
+        check(self.tis_cap is None or self.tis_cap > 0, "ppo.tis_cap", "a number > 0 or null",
+              self.tis_cap)
+        check(self.overlong_buffer is None or self.overlong_buffer >= 1, "ppo.overlong_buffer",
+              "an integer >= 1 or null", self.overlong_buffer)
+        check(self.overlong_penalty >= 0, "ppo.overlong_penalty", "a number >= 0",
+              self.overlong_penalty)
 
 
 @dataclass
@@ -462,6 +522,11 @@ def validate(cfg: Config) -> None:
     check(p.old_logprobs != "generation" or g.backend == "native", "ppo.old_logprobs",
           "'auto' or 'recompute' with generation.backend='transformers' (only the native backend "
           "records log-probs while sampling)", p.old_logprobs)
+    check(p.overlong_buffer is None or p.overlong_buffer <= g.max_new_tokens, "ppo.overlong_buffer",
+          f"at most generation.max_new_tokens={g.max_new_tokens}", p.overlong_buffer)
+    check(p.tis_cap is None or g.backend == "native", "ppo.tis_cap",
+          "null with generation.backend='transformers' (only the native backend records the "
+          "sampling log-probs)", p.tis_cap)
     check(cfg.model.critic_init == "policy" or any(s.model for s in r.sources), "model.critic_init",
           "'policy' unless a reward.sources entry is a reward model (`model: ...`)",
           cfg.model.critic_init)

@@ -41,6 +41,10 @@ def ppo_batch_per_process(cfg: Config, num_processes: int) -> int:
     """Rollouts each process samples per iteration (``ppo.batch_size`` counts over all); it must
     split into ``ppo.num_minibatches`` whole minibatches."""
     b = per_process(cfg.ppo.batch_size, num_processes, "ppo.batch_size")
+    k = cfg.ppo.samples_per_prompt
+    if b % k:  # a group of responses to one prompt never splits across processes
+        raise ConfigError(f"ppo.batch_size: {cfg.ppo.batch_size} over {num_processes} processes is "
+                          f"{b} responses each, not a multiple of ppo.samples_per_prompt={k}")
     if b % cfg.ppo.num_minibatches:
         raise ConfigError(f"ppo.batch_size: {cfg.ppo.batch_size} over {num_processes} processes is "
                           f"{b} rollouts each, not a multiple of ppo.num_minibatches="

@@ -137,6 +137,16 @@ class EvalConfig:
     """PPO metrics.jsonl for the training curves; default: the one beside the policy folder, if any"""
     plot_training: bool = True
     """plot training curves in the report (when a metrics.jsonl is found)"""
+    accuracy_column: str | None = None
+    """dataset column with each prompt's reference answer (e.g. `answer`): report the accuracy
+    and pass@k of both models, a response being correct when `accuracy_function` gives it a
+    score >= 0.5; null: off"""
+    accuracy_function: str = "rlhf_ppo.reasoning:correct"
+    """answer checker `package.module:function` or `path/to/file.py:function`, called as
+    `fn(prompts, responses, answer=[the accuracy_column values])`, returning a score per response
+    (1 correct, 0 wrong)"""
+    pass_k: list[int] | None = None
+    """the k of pass@k (each <= samples_per_prompt); null: 1, 2, 4, ... and samples_per_prompt"""
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     """prompt dataset (`data.shuffle`: draw the `num_prompts` prompts at random instead of the
     first ones); default: the PPO run's, key by key"""
@@ -185,6 +195,14 @@ def validate_eval(cfg: EvalConfig) -> None:
     check(cfg.batch_size >= 1, "batch_size", "an integer >= 1", cfg.batch_size)
     check(cfg.bootstrap_samples >= 1, "bootstrap_samples", "an integer >= 1", cfg.bootstrap_samples)
     check(0 < cfg.ci_level < 1, "ci_level", "a number in (0, 1)", cfg.ci_level)
+    check(cfg.accuracy_column is None or cfg.accuracy_column != "", "accuracy_column",
+          "a column name or null", cfg.accuracy_column)
+    check(":" in cfg.accuracy_function, "accuracy_function",
+          "'package.module:function' or 'path/to/file.py:function'", cfg.accuracy_function)
+    check(cfg.pass_k is None or (len(cfg.pass_k) >= 1 and all(
+          1 <= k <= cfg.samples_per_prompt for k in cfg.pass_k)), "pass_k",
+          f"null or a list of integers in [1, samples_per_prompt={cfg.samples_per_prompt}]",
+          cfg.pass_k)
     check(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
            "device", "'auto', 'cpu', 'cuda' or 'cuda:N'", cfg.device)
     # The data, generation and reward sections are the PPO config's: reuse its checks (they name
@@ -257,6 +275,51 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
     Args: ``logprobs``, ``ref_logprobs``, ``mask``: ``[B, R]``. Returns ``[B]``.
     """
     return (ops.kl_penalty(logprobs, ref_logprobs, "k1") * mask).sum(-1)
+
+
+def pass_k_values(samples_per_prompt: int, pass_k: Sequence[int] | None = None) -> list[int]:
+    """The k of pass@k: ``pass_k`` sorted, or by default 1, 2, 4, ... up to and with K."""
+    if pass_k is not None:
+        return sorted(set(pass_k))
+    ks = [1 << i for i in range(samples_per_prompt.bit_length()) if 1 << i <= samples_per_prompt]
+    return sorted(set(ks) | {samples_per_prompt})
+
+
+def pass_at_k_per_prompt(correct: np.ndarray, k: int) -> np.ndarray:
+    """Unbiased pass@k (Chen et al. 2021, :func:`reasoning.pass_at_k`) of each row of a ``[N, K]``
+    0/1 array of correct samples: ``[N]``."""
+    from .reasoning import pass_at_k
+
+    x = np.asarray(correct, dtype=bool)
+    n = x.shape[1]
+    return np.array([pass_at_k(n, int(c), k) for c in x.sum(axis=1)], dtype=np.float64)
+
+
+def accuracy_summary(correct: np.ndarray, ks: Sequence[int], boot: dict) -> dict:
+    """``accuracy`` (mean over all samples) and ``pass@k`` per k (keys ``"1"``, ``"4"``, ...) of a
+    ``[N, K]`` 0/1 array, each with its prompt-bootstrap interval (:func:`mean_ci`)."""
+    x = np.asarray(correct, dtype=np.float64)
+    return {"accuracy": mean_ci(x, **boot),
+            "pass@k": {str(k): mean_ci(pass_at_k_per_prompt(x, k), **boot) for k in ks}}
+
+
+def check_answers(fn, prompts: Sequence[Prompt], texts: Sequence[str], column: str) -> list[bool]:
+    """Per response: the checker ``fn(prompts, responses, answer=...)`` (``accuracy_function``)
+    gives it a score >= 0.5. ConfigError when a prompt lacks the ``column``."""
+    answers = []
+    for p in prompts:
+        if column not in p.extra:
+            raise ConfigError(f"accuracy_column: the prompts have no column {column!r} (their "
+                              f"other columns: {sorted(p.extra)})")
+        answers.append(p.extra[column])
+    try:
+        scores = list(fn([p.text for p in prompts], list(texts), answer=answers))
+    except Exception as e:
+        raise RewardError(f"accuracy_function raised {type(e).__name__}: {e}") from e
+    if len(scores) != len(texts):
+        raise RewardError(f"accuracy_function returned {len(scores)} scores for {len(texts)} "
+                          "responses")
+    return [s is not None and float(s) >= 0.5 for s in scores]
 
 
 def mean_ci(values: np.ndarray, num_samples: int, level: float, seed: int) -> dict[str, float]:
@@ -622,6 +685,8 @@ class SideSamples:
     """valid response tokens, stop token included"""
     stopped: list[bool] = field(default_factory=list)
     """the response emitted a stop token before max_new_tokens"""
+    correct: list[bool] = field(default_factory=list)
+    """the answer is right (only with `accuracy_column`; empty otherwise)"""
 
     def extend(self, rollout: Rollout, scores: torch.Tensor, per_source: torch.Tensor) -> None:
         """Append a scored rollout: ``scores`` ``[B]``, ``per_source`` ``[S, B]``."""
@@ -694,9 +759,16 @@ def pick_device(name: str) -> torch.device:
 
 # --------------------------------------------------------------------------- summary
 
-def side_summary(s: SideSamples, names: list[str], shape: tuple[int, int], boot: dict) -> dict:
-    """Statistics of one model's samples; ``shape`` = (N, K) for the prompt-level bootstrap."""
+def side_summary(s: SideSamples, names: list[str], shape: tuple[int, int], boot: dict,
+                 pass_k: Sequence[int] | None = None) -> dict:
+    """Statistics of one model's samples; ``shape`` = (N, K) for the prompt-level bootstrap.
+    With answers checked (``s.correct``): also ``accuracy`` and ``pass@k`` (k in ``pass_k``,
+    default :func:`pass_k_values`)."""
     per_source = np.asarray(s.source_scores, dtype=np.float64).reshape(*shape, len(names))
+    accuracy = {}
+    if s.correct:
+        accuracy = accuracy_summary(np.asarray(s.correct).reshape(shape),
+                                    pass_k_values(shape[1], pass_k), boot)
     return {
         "score": mean_ci(np.asarray(s.scores).reshape(shape), **boot),
         "sources": [{"source": f"reward.sources[{i}]", "name": name,
@@ -705,6 +777,7 @@ def side_summary(s: SideSamples, names: list[str], shape: tuple[int, int], boot:
         "stop_rate": float(np.mean(s.stopped)),
         "distinct_1": distinct_n(s.tokens, 1),
         "distinct_2": distinct_n(s.tokens, 2),
+        **accuracy,
     }
 
 
@@ -722,11 +795,14 @@ def build_summary(cfg: EvalConfig, pol: SideSamples, ref: SideSamples, kl: list[
         "samples_per_prompt": shape[1],
         "bootstrap": {"samples": cfg.bootstrap_samples, "level": cfg.ci_level, "unit": "prompt",
                       "seed": cfg.seed},
-        "policy": side_summary(pol, source_names, shape, boot),
-        "reference": side_summary(ref, source_names, shape, boot),
+        "policy": side_summary(pol, source_names, shape, boot, cfg.pass_k),
+        "reference": side_summary(ref, source_names, shape, boot, cfg.pass_k),
         "win_rate": mean_ci(win_indicators(p_scores, r_scores), **boot),
         "score_diff": mean_ci(p_scores - r_scores, **boot),
         "kl": mean_ci(np.asarray(kl).reshape(shape), **boot),
+        **({"accuracy_diff": mean_ci(np.asarray(pol.correct, dtype=np.float64).reshape(shape)
+                                     - np.asarray(ref.correct, dtype=np.float64).reshape(shape),
+                                     **boot)} if pol.correct and ref.correct else {}),
         "config": cfg.to_dict(),
         **({"settings_from": settings_from} if settings_from is not None else {}),
     }
@@ -810,6 +886,11 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     for side in (policy, reference):
         side.lm.to(device)
     rewards = RewardSum(cfg.reward, model_cfg, tokenizer)
+    checker = None
+    if cfg.accuracy_column is not None:
+        from .rewards import load_function
+
+        checker = load_function(cfg.accuracy_function, "accuracy_function")
     for source in rewards.model_sources():
         source.scorer.to(device)
     logger.info("evaluating %s against %s on %d prompts x %d samples", pol_spec.name,
@@ -823,6 +904,9 @@ def run_evaluate(cfg: EvalConfig) -> dict:
         for side, out in ((policy, pol), (reference, ref)):
             rollout = sample(side, batch, tokenizer, cfg.generation, cfg.seed + b, device)
             out.extend(rollout, *score_rollout(rewards, rollout))
+            if checker is not None:
+                out.correct += check_answers(checker, batch, rollout.response_texts,
+                                             cfg.accuracy_column)
             if side is policy:  # k1 on the policy's own samples
                 lp = response_logprobs(policy, rollout, temperature, device)
                 ref_lp = response_logprobs(reference, rollout, temperature, device)
@@ -833,6 +917,9 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     summary = build_summary(cfg, pol, ref, kl, names, (len(prompts), K),
                             {"policy": pol_spec.name, "reference": ref_spec.name}, settings_from)
     rows = sample_rows(prompts, K, pol, ref, kl)
+    if checker is not None:
+        for row, p_ok, r_ok in zip(rows, pol.correct, ref.correct):
+            row.update(policy_correct=p_ok, reference_correct=r_ok)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not all(math.isfinite(x) for x in kl):  # a sampled token the reference gives probability 0
@@ -846,4 +933,10 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     logger.info("policy score %.4g vs reference %.4g, win rate %.3f, KL %.4g; report: %s",
                 summary["policy"]["score"]["mean"], summary["reference"]["score"]["mean"],
                 summary["win_rate"]["mean"], summary["kl"]["mean"], out_dir / "report.html")
+    if checker is not None:
+        p, r = summary["policy"], summary["reference"]
+        logger.info("accuracy policy %.3f vs reference %.3f; %s", p["accuracy"]["mean"],
+                    r["accuracy"]["mean"], ", ".join(
+                        f"pass@{k} {p['pass@k'][k]['mean']:.3f} vs {r['pass@k'][k]['mean']:.3f}"
+                        for k in p["pass@k"]))
     return summary

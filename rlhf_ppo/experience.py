@@ -49,15 +49,18 @@ class RolloutOutputs(NamedTuple):
     """V_old(s_t): the critic's values"""
     ref_logprobs: torch.Tensor
     """log pi_ref(a_t|s_t)"""
+    sampling_logprobs: torch.Tensor | None = None
+    """the log-probs recorded while sampling, when they were recomputed too (else None)"""
 
 
 @torch.no_grad()
 def rollout_outputs(model, ref, rollout: Rollout, temperature: float, batch_size: int,
-                    device: torch.device) -> RolloutOutputs:
+                    device: torch.device, recompute: bool = False) -> RolloutOutputs:
     """The reference's log-probs, and the policy's log-probs, entropy and values where sampling
-    did not record them (``rollout.logprobs`` etc. None), in no-grad batches of ``batch_size``.
+    did not record them (``rollout.logprobs`` etc. None) or ``recompute`` asks (truncated
+    importance sampling compares the two), in no-grad batches of ``batch_size``.
     ``model``: the unwrapped ActorCritic; ``ref``: the reference model."""
-    need_policy = rollout.logprobs is None or rollout.entropy is None
+    need_policy = recompute or rollout.logprobs is None or rollout.entropy is None
     need_values = rollout.values is None
     was_training = model.training
     model.eval()
@@ -81,7 +84,8 @@ def rollout_outputs(model, ref, rollout: Rollout, temperature: float, batch_size
     logprobs = torch.cat(out["lp"]) * mask if need_policy else rollout.logprobs
     entropy = torch.cat(out["ent"]) * mask if need_policy else rollout.entropy
     values = torch.cat(out["v"]) * mask if need_policy or need_values else rollout.values
-    return RolloutOutputs(logprobs, entropy, values, torch.cat(out["ref"]) * mask)
+    return RolloutOutputs(logprobs, entropy, values, torch.cat(out["ref"]) * mask,
+                          rollout.logprobs if recompute else None)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,8 @@ class Experience:
     """(B, R) log pi_old(a_t|s_t)"""
     values: torch.Tensor
     """(B, R) V_old(s_t)"""
+    ref_logprobs: torch.Tensor
+    """(B, R) log pi_ref(a_t|s_t) (the KL loss term)"""
     # ---- targets
     rewards: torch.Tensor
     """(B, R) per-token rewards r_t: -beta * KL_t, plus the score on the last valid token"""
@@ -109,6 +115,8 @@ class Experience:
     """(B, R) A_t: GAE advantages (whitened if configured)"""
     returns: torch.Tensor
     """(B, R) value targets"""
+    is_weights: torch.Tensor | None = None
+    """(B, R) truncated importance weights min(pi_old / pi_sampling, cap), or None (off)"""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -122,11 +130,14 @@ class Experience:
     def micro_batch(self, rows: torch.Tensor, device: torch.device) -> dict:
         """Rows ``rows`` trimmed to their longest sequence (:func:`trim_padding`) and moved to
         ``device``: ``input_ids``, ``attention_mask``, ``mask`` (float), ``prompt_length`` and
-        the per-token ``logprobs``, ``values``, ``advantages``, ``returns`` ``(b, r)``."""
+        the per-token ``logprobs``, ``values``, ``advantages``, ``returns``, ``ref_logprobs``
+        and ``is_weights`` (or None) ``(b, r)``."""
         ids, am, mask, P = trim_padding(self.input_ids[rows], self.attention_mask[rows],
                                         self.response_mask[rows], self.prompt_length)
         r = mask.shape[1]
         per_token = {k: getattr(self, k)[rows, :r].to(device)
-                     for k in ("logprobs", "values", "advantages", "returns")}
+                     for k in ("logprobs", "values", "advantages", "returns", "ref_logprobs")}
+        per_token["is_weights"] = (None if self.is_weights is None
+                                   else self.is_weights[rows, :r].to(device))
         return {"input_ids": ids.to(device), "attention_mask": am.to(device),
                 "mask": mask.to(device).float(), "prompt_length": P, **per_token}

@@ -18,7 +18,8 @@ def iteration_metrics(acc, *, iteration: int, all_scores: torch.Tensor, all_stop
                       mask: torch.Tensor, entropy: torch.Tensor, values: torch.Tensor,
                       returns: torch.Tensor, scores: torch.Tensor, reward_metrics: dict,
                       kl: float, kl_coef: float, returns_moments: tuple[float, float],
-                      update: dict, lr: float, nonfinite_skips: int, times: list[float]) -> dict:
+                      update: dict, lr: float, nonfinite_skips: int, times: list[float],
+                      with_critic: bool = True) -> dict:
     """The metrics of one iteration, in one reduction over processes.
 
     ``all_scores`` / ``all_stopped`` ``(B * processes,)``: raw scores and stops gathered from
@@ -38,6 +39,8 @@ def iteration_metrics(acc, *, iteration: int, all_scores: torch.Tensor, all_stop
     n_tokens = stats["lengths"][0] * stats["lengths"][2]
     t0, t1, t2, t3 = times
     update = dict(update)
+    if not with_critic:  # critic-free estimators: no value to explain
+        err_var = err_ms = float("nan")
     return {
         "iteration": iteration,
         "score_mean": all_scores.mean().item(),

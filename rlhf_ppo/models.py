@@ -348,12 +348,14 @@ class ActorCritic(nn.Module):
     """
 
     def __init__(self, policy: nn.Module, critic: nn.Module | None = None,
-                 critic_adapter: str | None = None, value_head: nn.Linear | None = None):
+                 critic_adapter: str | None = None, value_head: nn.Linear | None = None,
+                 with_critic: bool = True):
         super().__init__()
         self.policy = policy
         self.critic = critic
         self.critic_adapter = critic_adapter
-        if value_head is None and (critic is None or critic_adapter is not None):
+        self.has_critic = with_critic  # False: critic-free estimators (no value head, no critic)
+        if with_critic and value_head is None and (critic is None or critic_adapter is not None):
             hidden_size = transformer(critic or policy).config.get_text_config().hidden_size
             # Zero init: values start at 0, as in lm-human-preferences (value head init_scale=0).
             value_head = nn.Linear(hidden_size, 1)
@@ -414,7 +416,9 @@ class ActorCritic(nn.Module):
         lm = transformer(self.policy)
         logprobs, entropy = token_logprobs(lm.get_output_embeddings(), lm.config,
                                            h_resp, tokens, temperature, with_entropy)
-        if self.shares_backbone:
+        if not self.has_critic:
+            values = torch.zeros_like(logprobs)
+        elif self.shares_backbone:
             values = self.shared_values(ops.scale_gradient(h_resp, backbone_value_grad))
         else:
             values = self.values(input_ids, attention_mask, prompt_length)
@@ -424,7 +428,7 @@ class ActorCritic(nn.Module):
     def shares_backbone(self) -> bool:
         """True when the value head reads the policy's own last hidden state (``critic: shared``
         without a critic adapter), so values come with every policy forward."""
-        return self.critic is None and self.critic_adapter is None
+        return self.has_critic and self.critic is None and self.critic_adapter is None
 
     def shared_values(self, hidden: torch.Tensor) -> torch.Tensor:
         """Values ``[...]`` float32 from the policy's last hidden states ``[..., H]``."""
@@ -434,7 +438,11 @@ class ActorCritic(nn.Module):
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
                ) -> torch.Tensor:
         """Values ``[B, R]`` of the response states from the critic's own backbone pass (a
-        separate critic or the critic adapter; the shared head: one policy backbone pass)."""
+        separate critic or the critic adapter; the shared head: one policy backbone pass; zeros
+        without a critic)."""
+        if not self.has_critic:
+            return torch.zeros(input_ids.shape[0], input_ids.shape[1] - prompt_length,
+                               device=input_ids.device)
         if self.critic_on_reward_model:
             with active_adapter(self.critic, self.critic_adapter):
                 c_hidden = backbone_hidden(self.critic, input_ids, attention_mask)
@@ -572,13 +580,15 @@ def apply_lora(base: nn.Module, peft_cfg) -> tuple[nn.Module, str | None]:
 
 
 def build_actor_critic(cfg: ModelConfig, peft_cfg=None, reward_model: nn.Module | None = None,
-                       reward_path: str | None = None) -> tuple[ActorCritic, ReferenceModel]:
+                       reward_path: str | None = None, with_critic: bool = True
+                       ) -> tuple[ActorCritic, ReferenceModel]:
     """Load the policy (with its value head when present) and the reference; return both.
     ``peft_cfg`` (a ``PeftConfig`` with ``enabled``): LoRA, with the reference on the same base.
     ``model.critic_init: reward`` needs the reward model: ``reward_path`` (its folder or hub id,
     the critic's starting weights) and, with LoRA, ``reward_model`` itself (the loaded module,
-    which receives the critic adapter)."""
-    from_reward = cfg.critic == "separate" and cfg.critic_init == "reward"
+    which receives the critic adapter). ``with_critic=False`` (critic-free advantage estimators):
+    no value head and no critic are built."""
+    from_reward = with_critic and cfg.critic == "separate" and cfg.critic_init == "reward"
     if from_reward and reward_path is None:
         raise ModelLoadError("model.critic_init: 'reward' needs a reward model source "
                              "(reward.sources[].model)")
@@ -589,6 +599,8 @@ def build_actor_critic(cfg: ModelConfig, peft_cfg=None, reward_model: nn.Module 
                                  "base model (or peft.adapter_path); expected null")
         policy, ref_adapter = apply_lora(policy, peft_cfg)
         ref = ReferenceModel(policy, shared_peft=True, adapter=ref_adapter)
+        if not with_critic:
+            return _named(ActorCritic(policy, with_critic=False), cfg), ref
         if cfg.critic == "separate":
             if cfg.critic_name_or_path is not None:
                 raise ModelLoadError("model.critic_name_or_path: with peft.enabled the separate "
@@ -616,6 +628,8 @@ def build_actor_critic(cfg: ModelConfig, peft_cfg=None, reward_model: nn.Module 
                                  "from the policy's; expected the same tokenizer")
     if not isinstance(ref, ReferenceModel):
         ref = ReferenceModel(ref).eval()
+    if not with_critic:
+        return _named(ActorCritic(policy, with_critic=False), cfg), ref
     critic = None
     if cfg.critic == "separate":
         if from_reward:
@@ -706,7 +720,7 @@ def save_actor_critic(ac: ActorCritic, tokenizer, folder: str | Path,
         head_dir = folder / ac.critic_adapter if ac.critic_adapter is not None else folder
         save_file({k: v.detach().cpu().contiguous() for k, v in head.items()},
                   head_dir / VALUE_HEAD_FILE)
-    else:
+    elif ac.critic is not None:
         ac.critic.save_pretrained(folder / "critic", state_dict=_sub_state(state, "critic."))
         tokenizer.save_pretrained(folder / "critic")
 
@@ -736,7 +750,7 @@ def load_checkpoint_weights(model: ActorCritic, folder: Path) -> None:
         del saved
     if model.value_head is not None:
         model.value_head.load_state_dict(load_file(folder / VALUE_HEAD_FILE))
-    else:
+    elif model.critic is not None:
         critic = AutoModelForSequenceClassification.from_pretrained(folder / "critic")
         model.critic.load_state_dict(critic.state_dict())
 

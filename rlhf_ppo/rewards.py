@@ -393,14 +393,15 @@ class RewardSum:
         """Restore :meth:`state_dict`."""
         self.moments.load_state_dict(state["score_moments"])
 
-    def build_actor_critic(self, model_cfg: ModelConfig, peft_cfg):
+    def build_actor_critic(self, model_cfg: ModelConfig, peft_cfg, with_critic: bool = True):
         """:func:`models.build_actor_critic` with this reward's first reward model available as the
         critic's start (``model.critic_init: reward``; with LoRA the critic is an adapter on that
         very module, whose scoring then runs with the adapter off). Returns ``(actor_critic,
         reference, the scorer inside the actor-critic or None)``."""
         rm = next(iter(self.model_sources()), None)
         model, ref = build_actor_critic(model_cfg, peft_cfg, reward_model=rm.model if rm else None,
-                                        reward_path=rm.path if rm else None)
+                                        reward_path=rm.path if rm else None,
+                                        with_critic=with_critic)
         scorer = rm.scorer if model.critic_on_reward_model else None
         if scorer is not None:
             scorer.adapters_off = True

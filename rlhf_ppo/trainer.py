@@ -75,8 +75,11 @@ def start_lines(t: PPOTrainer) -> list[str]:
         f"prompts: {len(t.sampler.prompts)} from {cfg.data.path} (column {cfg.data.prompt_column!r})",
         f"reward: {sources}",
         f"policy: {cfg.model.name_or_path} ({count(ac.policy.parameters()) / 1e6:.2f}M parameters"
-        + (", LoRA" if cfg.peft.enabled else "") + f"); critic: {cfg.model.critic}"
-        + (f" from the {cfg.model.critic_init}" if cfg.model.critic == "separate" else " value head")
+        + (", LoRA" if cfg.peft.enabled else "") + "); critic: "
+        + (f"none ({p.advantage_estimator}, {p.samples_per_prompt} samples per prompt)"
+           if not ac.has_critic else cfg.model.critic
+           + (f" from the {cfg.model.critic_init}" if cfg.model.critic == "separate"
+              else " value head"))
         + f"; reference: {cfg.model.ref_name_or_path or 'the initial policy'}",
         f"trained parameters: {trainable / 1e6:.2f}M of {count(ac.parameters()) / 1e6:.2f}M",
         f"batch: {p.batch_size} rollouts per iteration = {acc.num_processes} process(es) x "
@@ -123,11 +126,13 @@ class PPOTrainer:
         cfg, acc = self.cfg, self.accelerator
         self.tokenizer = load_tokenizer(cfg.model)
         prompts = load_prompts(cfg.data, self.tokenizer)
-        self.sampler = PromptSampler(prompts, self.batch_size, cfg.seed, cfg.data.shuffle,
+        k = cfg.ppo.samples_per_prompt  # each prompt is sampled k times (a group)
+        self.sampler = PromptSampler(prompts, self.batch_size // k, cfg.seed, cfg.data.shuffle,
                                      acc.process_index, acc.num_processes)
         self.rewards = RewardSum(cfg.reward, cfg.model, self.tokenizer)
         set_seed(cfg.seed)  # fresh weights (LoRA, a new critic head) are the same on every run
-        model, self.ref, self._critic_scorer = self.rewards.build_actor_critic(cfg.model, cfg.peft)
+        model, self.ref, self._critic_scorer = self.rewards.build_actor_critic(
+            cfg.model, cfg.peft, with_critic=cfg.ppo.advantage_estimator == "gae")
         check_lengths(cfg, model.policy.config, max(len(x.input_ids) for x in prompts),
                       len(self.tokenizer))
         if resume is not None:
@@ -137,8 +142,9 @@ class PPOTrainer:
     def _prepare(self, model: ActorCritic) -> None:
         """Optimizer, schedule and KL controller; hand the models to the engine."""
         cfg, acc, o, p = self.cfg, self.accelerator, self.cfg.optim, self.cfg.ppo
-        groups = [{"params": model.policy_parameters(), "lr": o.lr},
-                  {"params": model.critic_parameters(), "lr": o.critic_lr or o.lr}]
+        groups = [{"params": model.policy_parameters(), "lr": o.lr}]
+        if model.has_critic:
+            groups.append({"params": model.critic_parameters(), "lr": o.critic_lr or o.lr})
         self.optimizer, self.scheduler = make_optimizer(
             groups, o, cfg.iterations * p.ppo_epochs * p.num_minibatches,
             fused=not is_deepspeed(acc) and acc.distributed_type.name != "FSDP")
@@ -156,7 +162,7 @@ class PPOTrainer:
         self.kl_ctl = (ops.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
                        if p.adaptive_kl else ops.FixedKLController(p.kl_coef))
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-        self._record_logprobs = records_logprobs(  # whether sampling records log pi_old
+        self._record_logprobs = p.tis_cap is not None or records_logprobs(  # log pi_old at sampling
             p.old_logprobs, cfg.generation.backend, next(model.policy.parameters()).dtype,
             acc.mixed_precision)
 
@@ -271,8 +277,9 @@ class PPOTrainer:
         if rollout is None:
             ac = self.unwrapped
             values_fn = ac.shared_values if ac.shares_backbone else None
+            prompts = [q for q in self.sampler.next_batch() for _ in range(p.samples_per_prompt)]
             with generation_model(acc, self.model, self.unwrapped) as policy:
-                rollout = generate(policy, self.sampler.next_batch(), self.tokenizer,
+                rollout = generate(policy, prompts, self.tokenizer,
                                    cfg.generation, acc.device, record=self._record_logprobs,
                                    value_fn=values_fn)
         t1 = time.perf_counter()
@@ -295,31 +302,50 @@ class PPOTrainer:
         # Normalisation statistics come from every process's scores, so processes agree.
         self.rewards.update_moments(all_raw, all_stopped)
         scores = self.rewards.process(raw_scores, rollout.stopped, update_moments=False)
+        if p.overlong_buffer is not None:  # DAPO's soft overlong punishment
+            scores = scores + ops.overlong_penalty(rollout.response_mask.sum(-1),
+                                                   cfg.generation.max_new_tokens,
+                                                   p.overlong_buffer, p.overlong_penalty)
         t2 = time.perf_counter()
 
-        # step 4. per-token rewards: -beta * KL_t, plus the score on the last valid token
+        # step 4. per-token rewards: -beta * KL_t, plus the score on the last valid token (for the
+        # group estimators: the score minus its group's baseline)
         mask = rollout.response_mask.float()
         kl = ops.kl_penalty(out.logprobs, out.ref_logprobs, p.kl_estimator) * mask
         kl_coef = self.kl_ctl.value
-        rewards = ops.shape_rewards(scores, kl, mask, kl_coef)
+        est = p.advantage_estimator
+        terminal = scores  # (B,) what the last token earns
+        if est in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):  # groups: on this process
+            terminal = ops.group_advantages(scores, p.samples_per_prompt, est)
+        rewards = ops.shape_rewards(terminal, kl, mask, kl_coef)
         mean_kl = global_mean(acc, kl.sum(-1))  # summed KL per sequence
         self.kl_ctl.update(mean_kl, n_steps=len(rollout.prompts) * acc.num_processes)
 
-        # step 5. advantages and returns (GAE, per sequence: local), advantages whitened over the
-        # valid tokens of all processes (a global statistic: the result must not depend on how
-        # the batch is split)
-        advantages, returns = ops.advantages_and_returns(
-            rewards, out.values, mask, p.gamma, p.lam, p.critic_lam, p.lam_length_alpha)
-        if p.whiten_advantages:
+        # step 5. advantages and returns: GAE with the critic's values, or the critic-free
+        # returns-to-go; whitened over the valid tokens of all processes (a global statistic: the
+        # result must not depend on how the batch is split)
+        if est == "gae":
+            advantages, returns = ops.advantages_and_returns(
+                rewards, out.values, mask, p.gamma, p.lam, p.critic_lam, p.lam_length_alpha)
+        else:
+            advantages = returns = ops.discounted_returns(rewards, mask, p.gamma)
+        if (est == "gae" and p.whiten_advantages) or est.startswith("reinforce_pp"):
             advantages = ops.whiten(advantages, mask, *global_moments(acc, advantages, mask))
+        is_weights, loss_mask = None, rollout.response_mask
+        if p.tis_cap is not None:  # pi_old recomputed vs pi_sampling recorded
+            is_weights, tis = ops.truncated_is_weights(out.logprobs, out.sampling_logprobs, mask,
+                                                       p.tis_cap)
+            reward_metrics.update({f"tis/{k}": v for k, v in tis.items()})
+        if p.mask_truncated:  # responses without a stop token: out of the loss
+            loss_mask = rollout.response_mask * rollout.stopped[:, None].to(loss_mask.dtype)
 
         # step 6. PPO epochs over shuffled minibatches; the value loss is divided by the returns'
         # variance (over every process's valid tokens) when it exceeds 1
         ret_moments = global_moments(acc, returns, mask)
         value_loss_scale = 1.0 / max(ret_moments[1], 1.0) if p.scale_value_loss else 1.0
         batch = Experience(rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
-                           rollout.response_mask, out.logprobs, out.values, rewards, advantages,
-                           returns)
+                           loss_mask, out.logprobs, out.values, out.ref_logprobs, rewards,
+                           advantages, returns, is_weights)
         update_metrics = self.update(batch, value_loss_scale)
         t3 = time.perf_counter()
 
@@ -329,12 +355,14 @@ class PPOTrainer:
             entropy=out.entropy, values=out.values, returns=returns, scores=scores,
             reward_metrics=reward_metrics, kl=mean_kl, kl_coef=kl_coef, returns_moments=ret_moments,
             update=update_metrics, lr=self.scheduler.get_last_lr()[0],
+            with_critic=self.unwrapped.has_critic,
             nonfinite_skips=self.nonfinite_skips, times=[t0, t1, t2, t3])
 
     def rollout_outputs(self, rollout: Rollout):
         """The no-grad pass of step 2 (:func:`experience.rollout_outputs`)."""
         return rollout_outputs(self.unwrapped, self.ref, rollout, self.cfg.generation.temperature,
-                               self.cfg.ppo.inference_batch_size, self.accelerator.device)
+                               self.cfg.ppo.inference_batch_size, self.accelerator.device,
+                               recompute=self.cfg.ppo.tis_cap is not None)
 
     # ------------------------------------------------------------------ update
 
@@ -346,7 +374,9 @@ class PPOTrainer:
             self.cfg.optim, self.cfg.generation.temperature, self.shuffle_gen,
             critic_only=self.iteration <= self.cfg.ppo.critic_warmup,
             value_loss_scale=value_loss_scale,
-            finite=lambda norm: self._finite("update", "the loss or its gradient", norm))
+            finite=lambda norm: self._finite("update", "the loss or its gradient", norm),
+            with_critic=self.unwrapped.has_critic,
+            max_response_length=self.cfg.generation.max_new_tokens)
 
     def _finite(self, stage: str, detail: str, *tensors: torch.Tensor) -> bool:
         """True when every value is finite on every process. Otherwise raise

@@ -18,13 +18,15 @@ from .distributed import clip_grad_norms
 from .experience import Experience
 
 NORM_KEYS = ("grad_norm", "grad_norm_policy", "grad_norm_critic")
-LOSS_KEYS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy_loss")
+LOSS_KEYS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy_loss",
+             "kl_loss", "dual_clipfrac")
 
 
 def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig, o: OptimConfig,
                temperature: float, generator: torch.Generator, critic_only: bool = False,
                value_loss_scale: float = 1.0,
-               finite: Callable[[torch.Tensor], bool] = lambda norm: bool(torch.isfinite(norm))
+               finite: Callable[[torch.Tensor], bool] = lambda norm: bool(torch.isfinite(norm)),
+               with_critic: bool = True, max_response_length: int | None = None
                ) -> dict[str, float]:
     """Train the prepared ActorCritic ``model`` on ``batch`` (this process's rows).
 
@@ -32,7 +34,9 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
     own with ``o.separate_grad_clip``); ``generator`` shuffles the minibatches; ``critic_only``:
     the policy loss is left out (value pretraining); the value loss enters the objective times
     ``p.vf_coef * value_loss_scale`` (its metric is unscaled); ``finite(grad_norm)`` decides
-    whether a step is taken (False: the update stops there, its gradient dropped).
+    whether a step is taken (False: the update stops there, its gradient dropped);
+    ``with_critic=False``: no value loss (critic-free estimators); ``max_response_length``: the
+    constant of the ``seq-mean-token-sum-norm`` aggregation (default: the batch's width).
     Returns the update's metrics, means over every process and minibatch step, with
     ``ppo_steps``, ``early_stopped`` and ``nonfinite_skipped``.
     """
@@ -49,14 +53,20 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
             counts = torch.tensor([float(mb.response_mask.sum()), float(len(mb))], device=acc.device)
             g_tokens, g_seqs = (acc.reduce(counts, "sum") / acc.num_processes).tolist()
             mb_tokens = torch.tensor(max(g_tokens, 1e-8))
-            normalizer = mb_tokens if p.loss_aggregation == "token-mean" else g_seqs
+            if p.loss_aggregation == "token-mean":
+                normalizer = mb_tokens
+            elif p.loss_aggregation == "seq-mean-token-sum-norm":  # a constant per sequence
+                normalizer = g_seqs * (max_response_length or batch.response_mask.shape[1])
+            else:
+                normalizer = g_seqs
             mb_stats = {k: torch.zeros((), device=acc.device) for k in LOSS_KEYS}
             # accelerate counts micro-batches and syncs gradients (DDP no_sync, DeepSpeed
             # accumulation boundary) only on the last one of each minibatch.
             for rows in torch.arange(len(mb)).split(p.micro_batch_size):
                 with acc.accumulate(model):
                     s = micro_step(acc, model, mb.micro_batch(rows, acc.device), p, temperature,
-                                   normalizer, mb_tokens, critic_only, value_loss_scale)
+                                   normalizer, mb_tokens, critic_only, value_loss_scale,
+                                   with_critic)
                 for name, value in s.items():
                     mb_stats[name] += value
             if p.target_kl is not None:
@@ -97,8 +107,8 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
 
 
 def micro_step(acc, model, mb: dict, p: PPOConfig, temperature: float, normalizer,
-               mb_tokens: torch.Tensor, critic_only: bool, value_loss_scale: float = 1.0
-               ) -> dict[str, torch.Tensor]:
+               mb_tokens: torch.Tensor, critic_only: bool, value_loss_scale: float = 1.0,
+               with_critic: bool = True) -> dict[str, torch.Tensor]:
     """Forward + backward of one micro-batch (:meth:`Experience.micro_batch`). Returns its loss
     terms (normalised, so they sum to the minibatch's) and its token-weighted share of the
     minibatch's token means."""
@@ -108,20 +118,34 @@ def micro_step(acc, model, mb: dict, p: PPOConfig, temperature: float, normalize
         mb["input_ids"], mb["attention_mask"], mb["prompt_length"], temperature,
         with_entropy=p.entropy_coef > 0,
         backbone_value_grad=0.0 if critic_only else p.value_backbone_grad)
+    variants = {k: v for k, v in dict(clip_range_high=p.clip_range_high, dual_clip=p.dual_clip,
+                                      is_weights=mb["is_weights"]).items() if v is not None}
+    if p.ratio_level != "token":
+        variants["ratio_level"] = p.ratio_level
     pg_loss, pg_stats = ops.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
-                                        p.clip_range, p.loss_aggregation, normalizer)
-    vf_loss, vf_stats = ops.value_loss(values, mb["values"], mb["returns"], mask,
-                                       p.clip_range_value, p.loss_aggregation, normalizer)
+                                        p.clip_range, p.loss_aggregation, normalizer, **variants)
     ent_loss = ops.aggregate_loss(entropy, mask, p.loss_aggregation, normalizer)
-    loss = p.vf_coef * value_loss_scale * vf_loss
+    zero = torch.zeros((), device=mask.device)
+    loss = zero
+    vf_loss, vf_clipfrac = zero, zero
+    if with_critic:
+        vf_loss, vf_stats = ops.value_loss(values, mb["values"], mb["returns"], mask,
+                                           p.clip_range_value, p.loss_aggregation, normalizer)
+        vf_clipfrac = vf_stats["vf_clipfrac"]
+        loss = p.vf_coef * value_loss_scale * vf_loss
+    kl_loss = zero
+    if p.kl_loss_coef > 0:  # the KL to the reference as a loss term (GRPO)
+        kl_loss = ops.kl_loss(logprobs, mb["ref_logprobs"], mask, p.kl_loss_estimator,
+                              p.loss_aggregation, normalizer)
     if not critic_only:
-        loss = loss + pg_loss - p.entropy_coef * ent_loss
+        loss = loss + pg_loss - p.entropy_coef * ent_loss + p.kl_loss_coef * kl_loss
     # accelerate (and DeepSpeed) divide by the accumulation steps; our normaliser already makes
     # the micro-batch losses sum to the minibatch loss, so undo that division.
     acc.backward(loss * acc.gradient_accumulation_steps)
     weight = mask.sum() / mb_tokens.to(mask.device)  # stats are token means over the minibatch
     return {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
-            "entropy_loss": ent_loss.detach(),
+            "entropy_loss": ent_loss.detach(), "kl_loss": kl_loss.detach(),
             "clipfrac": pg_stats["clipfrac"] * weight,
             "approx_kl": pg_stats["approx_kl"] * weight,
-            "vf_clipfrac": vf_stats["vf_clipfrac"] * weight}
+            "vf_clipfrac": vf_clipfrac * weight,
+            "dual_clipfrac": pg_stats.get("dual_clipfrac", zero) * weight}

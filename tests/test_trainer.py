@@ -1,6 +1,7 @@
 """The PPO loop end to end on the tiny model: learning, invariances, options, CLI."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -51,10 +52,10 @@ def test_learning_raises_score_and_large_kl_coef_stays_near_reference(tmp_path):
     assert (tmp_path / "low" / "final" / "value_head.safetensors").is_file()
 
 
-def _one_iteration(tmp_path, micro: int, aggregation: str):
+def _one_iteration(tmp_path, micro: int, aggregation: str, *extra: str):
     cfg = tiny_config(tmp_path, "iterations=1", "ppo.batch_size=8", "ppo.num_minibatches=2",
                       f"ppo.micro_batch_size={micro}", "ppo.ppo_epochs=2",
-                      f"ppo.loss_aggregation={aggregation}")
+                      f"ppo.loss_aggregation={aggregation}", *extra)
     trainer = PPOTrainer(cfg)
     grads = []  # the accumulated gradient of every optimizer step, as the optimizer sees it
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
@@ -442,3 +443,75 @@ def test_start_of_run_says_what_the_run_will_do(tmp_path, caplog):
             "in micro-batches of 2; 3 epochs: 6 optimizer steps per iteration, 18 in 3 iterations"
             ) in text
     assert f"torch threads {torch.get_num_threads()}" in text and f"output: {tmp_path}/" in text
+
+
+VARIANTS = {
+    "grpo-clip-higher-dual-clip-kl-loss": (
+        "seq-mean-token-sum", "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=2",
+        "ppo.clip_range_high=0.3", "ppo.dual_clip=3.0", "ppo.kl_loss_coef=0.1"),
+    "dr-grpo-gspo": ("seq-mean-token-sum-norm", "ppo.advantage_estimator=dr_grpo",
+                     "ppo.samples_per_prompt=4", "ppo.ratio_level=sequence"),
+    "rloo-masked-truncation-overlong": (
+        "token-mean", "ppo.advantage_estimator=rloo", "ppo.samples_per_prompt=2",
+        "ppo.mask_truncated=true", "ppo.overlong_buffer=4", "generation.stop_token_ids=[4,5,6]"),
+    "reinforce-pp-baseline-tis": ("token-mean", "ppo.advantage_estimator=reinforce_pp_baseline",
+                                  "ppo.samples_per_prompt=2", "ppo.tis_cap=2.0"),
+    "reinforce-pp-kl-in-reward-k2": ("seq-mean", "ppo.advantage_estimator=reinforce_pp",
+                                     "ppo.kl_coef=0.1", "ppo.kl_loss_coef=0.05",
+                                     "ppo.kl_loss_estimator=k2"),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_micro_batch_size_does_not_change_the_update_of_the_variants(tmp_path, variant):
+    """The same invariance for the critic-free estimators and the loss variants."""
+    aggregation, *extra = VARIANTS[variant]
+    w4, m4, g4 = _one_iteration(tmp_path / "a", 4, aggregation, *extra)
+    w1, m1, g1 = _one_iteration(tmp_path / "b", 1, aggregation, *extra)
+    assert len(g1) == len(g4) == 4
+    for step, (a, b) in enumerate(zip(g1, g4)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4, msg=f"step {step}")
+    for k in ("policy_loss", "clipfrac", "approx_kl", "kl_loss", "dual_clipfrac"):
+        assert m1[k] == pytest.approx(m4[k], rel=1e-4, abs=1e-6), k
+
+
+def test_critic_free_grpo_builds_no_critic_and_uses_group_advantages(tmp_path):
+    """GRPO: no value head, no critic, one optimizer group; each prompt sampled
+    samples_per_prompt times in a row; every token of a response gets its group-normalised
+    score (kl_coef 0, gamma 1)."""
+    trainer = PPOTrainer(tiny_config(
+        tmp_path, "iterations=1", "ppo.batch_size=8", "ppo.micro_batch_size=8",
+        "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.kl_coef=0.0",
+        "reward.sources=[{function: rlhf_ppo.rewards:response_length}]"))
+    ac = trainer.unwrapped
+    assert ac.value_head is None and ac.critic is None and not ac.has_critic
+    assert len(trainer.optimizer.param_groups) == 1
+    seen = {}
+    update, real_generate = trainer.update, None
+
+    def spy(batch, value_loss_scale=1.0):
+        seen["batch"] = batch
+        return update(batch, value_loss_scale)
+    trainer.update = spy
+    m = trainer.step()
+    batch = seen["batch"]
+    mask = batch.response_mask.float()
+    lengths = mask.sum(-1)  # response_length scores the number of words; recompute from text
+    assert m["ppo_steps"] > 0 and math.isnan(m["explained_variance"]) and m["value_loss"] == 0.0
+    assert torch.equal(batch.values, torch.zeros_like(batch.values))
+    # rows 4g..4g+3 answer the same prompt
+    ids = batch.input_ids[:, : batch.prompt_length]
+    for g in range(2):
+        assert all(torch.equal(ids[4 * g], ids[4 * g + j]) for j in range(4))
+    # the advantage is constant along each response and equals the group-normalised score
+    adv = batch.advantages
+    per_row = (adv * mask).sum(-1) / lengths
+    torch.testing.assert_close(adv, per_row[:, None] * mask)
+    for g in range(2):
+        a = per_row[4 * g: 4 * g + 4]
+        assert abs(float(a.mean())) < 1e-5  # centred within the group
+        if a.abs().max() > 0:
+            assert float(a.std()) == pytest.approx(1.0, abs=1e-3)  # unit (unbiased) std
+    del lengths, real_generate
