@@ -250,6 +250,41 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     return advantages, returns
 
 
+def estimate_advantages(estimator: str, scores: torch.Tensor, kl: torch.Tensor, kl_coef: float,
+                        values: torch.Tensor, mask: torch.Tensor, group_size: int, gamma: float,
+                        lam: float, critic_lam: float | None = None,
+                        lam_length_alpha: float | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards, advantages and returns of one batch for ``ppo.advantage_estimator``,
+    before any whitening.
+
+    The rewards are ``-kl_coef * kl_t`` plus, on the last valid token, the score (``gae``,
+    ``reinforce_pp``) or the score minus its group's baseline (:func:`group_advantages`:
+    ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce_pp_baseline``; groups of ``group_size``
+    contiguous rows), as OpenRLHF shapes them. ``gae``: :func:`advantages_and_returns` with the
+    critic's ``values``; the critic-free estimators: the returns-to-go
+    (:func:`discounted_returns`) are both the advantages and the returns.
+
+    Args:
+        scores: ``[B]``.  kl, values, mask: ``[B, T]``.
+    Returns:
+        ``(rewards, advantages, returns)``, each ``[B, T]``.
+    """
+    terminal = scores
+    if estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
+        terminal = group_advantages(scores, group_size, estimator)
+    elif estimator not in ("gae", "reinforce_pp"):
+        raise ValueError(f"advantage estimator: expected gae, grpo, dr_grpo, rloo, reinforce_pp or "
+                         f"reinforce_pp_baseline, got {estimator!r}")
+    rewards = shape_rewards(terminal, kl, mask, kl_coef)
+    if estimator == "gae":
+        advantages, returns = advantages_and_returns(rewards, values, mask, gamma, lam, critic_lam,
+                                                     lam_length_alpha)
+        return rewards, advantages, returns
+    returns = discounted_returns(rewards, mask, gamma)
+    return rewards, returns, returns
+
+
 def length_adaptive_lam(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
     """VAPO's length-adaptive GAE lambda for the policy: ``lam = 1 - 1 / (alpha * l)`` per
     sequence of ``l`` valid tokens (Yue et al. 2025, https://arxiv.org/abs/2504.05118, "Length-Adaptive GAE";

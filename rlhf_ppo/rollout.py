@@ -55,6 +55,38 @@ class Rollout:
         """(B, R) response tokens."""
         return self.input_ids[:, self.prompt_length:]
 
+    @staticmethod
+    def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
+        """One rollout of the rows of ``rollouts`` in order: prompts re-padded on the left to the
+        longest, responses on the right (pad token ``pad_id``, mask 0, recorded values 0)."""
+        P = max(r.prompt_length for r in rollouts)
+        R = max(r.response_mask.shape[1] for r in rollouts)
+        F = torch.nn.functional
+
+        def join(key: str, prompt_value, response_value) -> torch.Tensor:
+            parts = []
+            for r in rollouts:
+                x = getattr(r, key)
+                head, tail = x[:, :r.prompt_length], x[:, r.prompt_length:]
+                parts.append(torch.cat([F.pad(head, (P - head.shape[1], 0), value=prompt_value),
+                                        F.pad(tail, (0, R - tail.shape[1]), value=response_value)],
+                                       dim=1))
+            return torch.cat(parts)
+
+        recorded = {}
+        for key in ("logprobs", "entropy", "values"):
+            if all(getattr(r, key) is not None for r in rollouts):
+                recorded[key] = torch.cat([F.pad(getattr(r, key), (0, R - getattr(r, key).shape[1]))
+                                           for r in rollouts])
+        return Rollout(
+            input_ids=join("input_ids", pad_id, pad_id),
+            attention_mask=join("attention_mask", 0, 0), prompt_length=P,
+            response_mask=torch.cat([F.pad(r.response_mask, (0, R - r.response_mask.shape[1]))
+                                     for r in rollouts]),
+            stopped=torch.cat([r.stopped for r in rollouts]),
+            prompts=[q for r in rollouts for q in r.prompts],
+            response_texts=[t for r in rollouts for t in r.response_texts], **recorded)
+
     def subset(self, rows: list[int]) -> Rollout:
         """A new rollout of the given rows (e.g. one process's share of a batch)."""
         out = {}
@@ -66,6 +98,45 @@ class Rollout:
                 value = [value[i] for i in rows]
             out[f.name] = value
         return Rollout(**out)
+
+
+DYNAMIC_SAMPLING_ROUNDS = 4
+"""``ppo.dynamic_sampling``: at most this many extra sampling rounds per iteration"""
+
+
+def dynamic_sampling(rollout: Rollout, scores: torch.Tensor, group_size: int,
+                     resample: Callable[[], tuple[Rollout, torch.Tensor]],
+                     any_process: Callable[[bool], bool], pad_id: int
+                     ) -> tuple[Rollout, torch.Tensor, dict[str, float]]:
+    """DAPO's dynamic sampling: keep the groups (``group_size`` contiguous rows) whose scores
+    differ, since a group of equal scores gives no signal against its own baseline, and draw new
+    groups (``resample()``: a rollout and its scores) until there are as many as in ``rollout``.
+    Every process samples as many rounds as the one that needs most (``any_process(short)``:
+    whether any process is short), at most :data:`DYNAMIC_SAMPLING_ROUNDS` more; a batch still
+    short is filled with the groups left out. Returns ``(rollout, scores, metrics)``."""
+    groups = len(rollout.prompts) // group_size
+
+    def informative(s: torch.Tensor) -> torch.Tensor:  # (groups,)
+        g = s.view(-1, group_size)
+        return (g.max(1).values - g.min(1).values) > 1e-8
+    parts, part_scores = [rollout], [scores]
+    first = informative(scores)
+    while len(parts) <= DYNAMIC_SAMPLING_ROUNDS:
+        if not any_process(sum(int(informative(s).sum()) for s in part_scores) < groups):
+            break
+        new, new_scores = resample()
+        parts.append(new)
+        part_scores.append(new_scores)
+    everything = Rollout.concat(parts, pad_id) if len(parts) > 1 else rollout
+    all_scores = torch.cat(part_scores)
+    flags = informative(all_scores).tolist()
+    chosen = sorted(([g for g, f in enumerate(flags) if f]
+                     + [g for g, f in enumerate(flags) if not f])[:groups])
+    rows = [g * group_size + j for g in chosen for j in range(group_size)]
+    return everything.subset(rows), all_scores[rows], {
+        "dynamic/informative_first": float(first.float().mean()),
+        "dynamic/rounds": float(len(parts) - 1),
+        "dynamic/informative_kept": sum(flags[g] for g in chosen) / groups}
 
 
 def off_policy_settings(cfg: GenerationConfig) -> list[str]:

@@ -45,7 +45,7 @@ from .models import (
 )
 from .optim import make_optimizer
 from .rewards import RewardSum
-from .rollout import Rollout, generate, warn_off_policy
+from .rollout import Rollout, dynamic_sampling, generate, warn_off_policy
 from .runs import (
     PPO_RUN_FILES,
     RunLog,
@@ -275,20 +275,23 @@ class PPOTrainer:
         # step 1. generate the trajectories (each process its own prompts), recording the
         # policy's log-probs (and a shared head's values) while sampling when they are exact
         if rollout is None:
-            ac = self.unwrapped
-            values_fn = ac.shared_values if ac.shares_backbone else None
-            prompts = [q for q in self.sampler.next_batch() for _ in range(p.samples_per_prompt)]
-            with generation_model(acc, self.model, self.unwrapped) as policy:
-                rollout = generate(policy, prompts, self.tokenizer,
-                                   cfg.generation, acc.device, record=self._record_logprobs,
-                                   value_fn=values_fn)
+            rollout = self.sample(self.sampler.next_batch())
         t1 = time.perf_counter()
 
-        # step 2. what sampling did not record: log-probs and values under the rollout policy;
+        # step 2. scores from the reward sources (dynamic sampling: groups without a signal are
+        # replaced by new ones)
+        raw_scores, reward_metrics = self.rewards(rollout)
+        if p.dynamic_sampling:
+            rollout, raw_scores, dyn = dynamic_sampling(
+                rollout, raw_scores, p.samples_per_prompt,
+                lambda: (r := self.sample(self.sampler.next_batch()), self.rewards(r)[0]),
+                lambda short: bool(acc.reduce(torch.tensor([float(short)], device=acc.device),
+                                              "max").item()),
+                self.tokenizer.pad_token_id)
+            reward_metrics.update(dyn)
+        # step 3. what sampling did not record: log-probs and values under the rollout policy;
         # reference log-probs
         out = self.rollout_outputs(rollout)
-        # step 3. scores from the reward sources
-        raw_scores, reward_metrics = self.rewards(rollout)
         all_raw = acc.gather(raw_scores.to(acc.device)).cpu()  # (B * processes,)
         all_stopped = acc.gather(rollout.stopped.to(acc.device)).cpu()
         # Nothing non-finite may reach the KL controller, the score statistics or the weights.
@@ -312,23 +315,16 @@ class PPOTrainer:
         # group estimators: the score minus its group's baseline)
         mask = rollout.response_mask.float()
         kl = ops.kl_penalty(out.logprobs, out.ref_logprobs, p.kl_estimator) * mask
-        kl_coef = self.kl_ctl.value
-        est = p.advantage_estimator
-        terminal = scores  # (B,) what the last token earns
-        if est in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):  # groups: on this process
-            terminal = ops.group_advantages(scores, p.samples_per_prompt, est)
-        rewards = ops.shape_rewards(terminal, kl, mask, kl_coef)
+        kl_coef, est = self.kl_ctl.value, p.advantage_estimator
+        # ... and the advantages: GAE with the critic's values, or the critic-free returns-to-go
+        rewards, advantages, returns = ops.estimate_advantages(
+            est, scores, kl, kl_coef, out.values, mask, p.samples_per_prompt, p.gamma, p.lam,
+            p.critic_lam, p.lam_length_alpha)
         mean_kl = global_mean(acc, kl.sum(-1))  # summed KL per sequence
         self.kl_ctl.update(mean_kl, n_steps=len(rollout.prompts) * acc.num_processes)
 
-        # step 5. advantages and returns: GAE with the critic's values, or the critic-free
-        # returns-to-go; whitened over the valid tokens of all processes (a global statistic: the
-        # result must not depend on how the batch is split)
-        if est == "gae":
-            advantages, returns = ops.advantages_and_returns(
-                rewards, out.values, mask, p.gamma, p.lam, p.critic_lam, p.lam_length_alpha)
-        else:
-            advantages = returns = ops.discounted_returns(rewards, mask, p.gamma)
+        # step 5. advantages whitened over the valid tokens of all processes (a global statistic:
+        # the result must not depend on how the batch is split)
         if (est == "gae" and p.whiten_advantages) or est.startswith("reinforce_pp"):
             advantages = ops.whiten(advantages, mask, *global_moments(acc, advantages, mask))
         is_weights, loss_mask = None, rollout.response_mask
@@ -357,6 +353,15 @@ class PPOTrainer:
             update=update_metrics, lr=self.scheduler.get_last_lr()[0],
             with_critic=self.unwrapped.has_critic,
             nonfinite_skips=self.nonfinite_skips, times=[t0, t1, t2, t3])
+
+    def sample(self, prompts: list) -> Rollout:
+        """Step 1: ``samples_per_prompt`` responses to each prompt (a group's rows in a row)."""
+        k, ac = self.cfg.ppo.samples_per_prompt, self.unwrapped
+        with generation_model(self.accelerator, self.model, ac) as policy:
+            return generate(policy, [q for q in prompts for _ in range(k)], self.tokenizer,
+                            self.cfg.generation, self.accelerator.device,
+                            record=self._record_logprobs,
+                            value_fn=ac.shared_values if ac.shares_backbone else None)
 
     def rollout_outputs(self, rollout: Rollout):
         """The no-grad pass of step 2 (:func:`experience.rollout_outputs`)."""

@@ -279,3 +279,63 @@ def test_native_stop_strings_end_rows_early(tiny_policy_dir):
             assert "the" not in tok.decode(ids[:n - 1].tolist(), skip_special_tokens=False)
     # recorded values stop where the mask stops
     assert (r.logprobs[r.response_mask == 0] == 0).all()
+
+
+def _toy_rollout(prompt_len: int, resp_len: int, rows: int, offset: int):
+    from rlhf_ppo.rollout import Rollout
+
+    ids = torch.arange(rows * (prompt_len + resp_len)).view(rows, -1) + offset
+    am = torch.ones_like(ids)
+    am[:, 0] = 0  # one left pad per prompt
+    rm = torch.ones(rows, resp_len, dtype=torch.long)
+    rm[:, -1] = 0  # one right pad per response
+    return Rollout(input_ids=ids, attention_mask=am, prompt_length=prompt_len, response_mask=rm,
+                   stopped=torch.ones(rows, dtype=torch.bool), prompts=[f"p{offset}"] * rows,
+                   response_texts=[f"r{offset}"] * rows, logprobs=torch.full((rows, resp_len), -1.0))
+
+
+def test_rollout_concat_repads_prompts_left_and_responses_right():
+    from rlhf_ppo.rollout import Rollout
+
+    a, b = _toy_rollout(2, 3, 2, 0), _toy_rollout(4, 2, 1, 100)
+    c = Rollout.concat([a, b], pad_id=-1)
+    assert c.prompt_length == 4 and c.response_mask.shape == (3, 3)
+    # a's rows: two pad columns on the left, responses unchanged; b's row: one pad on the right
+    assert c.input_ids[0].tolist() == [-1, -1] + a.input_ids[0].tolist()
+    assert c.attention_mask[0].tolist() == [0, 0] + a.attention_mask[0].tolist()
+    assert c.input_ids[2].tolist() == b.input_ids[0].tolist() + [-1]
+    assert c.response_mask[2].tolist() == [1, 0, 0] and c.logprobs[2].tolist() == [-1.0, -1.0, 0.0]
+    assert torch.equal(c.response_ids[0], a.response_ids[0]) and c.prompts == ["p0", "p0", "p100"]
+
+
+def test_dynamic_sampling_keeps_informative_groups_and_refills():
+    from rlhf_ppo.rollout import dynamic_sampling
+
+    first = _toy_rollout(2, 3, 4, 0)  # groups of 2: scores (1, 1) no signal, (0, 1) signal
+    extra = _toy_rollout(3, 3, 4, 1000)  # (5, 5) no signal, (2, 3) signal
+    calls = []
+
+    def resample():
+        calls.append(1)
+        return extra, torch.tensor([5.0, 5.0, 2.0, 3.0])
+    r, s, m = dynamic_sampling(first, torch.tensor([1.0, 1.0, 0.0, 1.0]), 2, resample,
+                               lambda short: short, pad_id=-1)
+    assert len(calls) == 1 and s.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert r.prompts == ["p0", "p0", "p1000", "p1000"] and r.prompt_length == 3
+    assert m == {"dynamic/informative_first": 0.5, "dynamic/rounds": 1.0,
+                 "dynamic/informative_kept": 1.0}
+    # no informative group anywhere: at most DYNAMIC_SAMPLING_ROUNDS more rounds, then the
+    # batch is filled with what there is
+    from rlhf_ppo.rollout import DYNAMIC_SAMPLING_ROUNDS
+
+    calls.clear()
+    flat = lambda: (calls.append(1) or extra, torch.tensor([5.0, 5.0, 4.0, 4.0]))
+    r, s, m = dynamic_sampling(first, torch.tensor([1.0, 1.0, 2.0, 2.0]), 2, flat,
+                               lambda short: short, pad_id=-1)
+    assert len(calls) == DYNAMIC_SAMPLING_ROUNDS and len(s) == 4
+    assert m["dynamic/informative_kept"] == 0.0
+    # another process is short: this one samples too (the rounds stay in step)
+    calls.clear()
+    dynamic_sampling(first, torch.tensor([0.0, 1.0, 2.0, 3.0]), 2, resample,
+                     lambda short: len(calls) == 0, pad_id=-1)
+    assert len(calls) == 1

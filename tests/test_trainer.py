@@ -515,3 +515,20 @@ def test_critic_free_grpo_builds_no_critic_and_uses_group_advantages(tmp_path):
         if a.abs().max() > 0:
             assert float(a.std()) == pytest.approx(1.0, abs=1e-3)  # unit (unbiased) std
     del lengths, real_generate
+
+
+def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
+    trainer = PPOTrainer(tiny_config(
+        tmp_path, "iterations=1", "ppo.batch_size=8", "ppo.micro_batch_size=8",
+        "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.dynamic_sampling=true",
+        "reward.sources=[{function: rlhf_ppo.rewards:response_length}]"))
+    seen = {}
+    update = trainer.update
+
+    def spy(batch, value_loss_scale=1.0):
+        seen["batch"] = batch
+        return update(batch, value_loss_scale)
+    trainer.update = spy
+    m = trainer.step()
+    assert len(seen["batch"]) == 8 and 0 <= m["dynamic/rounds"] <= 4
+    assert m["dynamic/informative_kept"] >= m["dynamic/informative_first"]
