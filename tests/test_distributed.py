@@ -58,6 +58,30 @@ def test_two_processes_reproduce_one_process_with_the_same_batch(tmp_path):
     assert not torch.equal(initial["policy.lm_head.weight"], w1["policy.lm_head.weight"])
 
 
+def test_two_processes_reproduce_one_process_for_grpo_and_the_loss_variants(tmp_path):
+    """A group estimator (groups stay on one process) with clip-higher, dual-clip, the KL loss
+    term and Dr. GRPO's aggregation: the same update on 1 and 2 processes."""
+    variants = ["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=2", "ppo.kl_coef=0.0",
+                "ppo.kl_loss_coef=0.1", "ppo.clip_range_high=0.28", "ppo.dual_clip=3.0",
+                "ppo.loss_aggregation=seq-mean-token-sum-norm"]
+    common = [c for c in COMMON if not c.startswith(("ppo.adaptive_kl", "ppo.kl_"))] + variants
+    torchrun(1, "step", str(tmp_path / "one"), f"output_dir={tmp_path / 'run1'}",
+             "ppo.batch_size=8", *common)
+    torchrun(2, "step", str(tmp_path / "two"), f"output_dir={tmp_path / 'run2'}",
+             "ppo.batch_size=8", *common)
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for key in ("score_mean", "kl", "policy_loss", "kl_loss", "clipfrac", "dual_clipfrac",
+                "approx_kl", "grad_norm"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+    assert m1["value_loss"] == m2["value_loss"] == 0.0  # no critic
+    w1 = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
+    w2 = torch.load(tmp_path / "two" / "weights.pt", weights_only=True)
+    assert w1.keys() == w2.keys() and not any("value_head" in k for k in w1)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_two_process_run_trains_saves_once_and_logs_once(tmp_path):
     out = tmp_path / "run"
     torchrun(2, "train", "", f"output_dir={out}", "iterations=3", "save_every=2",
