@@ -117,7 +117,9 @@ def _done_line(command: str, s: dict, cfg) -> str:
         f = lambda d: f"{d['mean']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
         return (f"done: score policy {f(s['policy']['score'])} vs reference "
                 f"{f(s['reference']['score'])}, win rate {f(s['win_rate'])}, kl {s['kl']['mean']:.3f}; "
-                f"report: {cfg.output_dir}/report.html")
+                + (f"accuracy policy {f(s['policy']['accuracy'])} vs reference "
+                   f"{f(s['reference']['accuracy'])}; " if "accuracy" in s["policy"] else "")
+                + f"report: {cfg.output_dir}/report.html")
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()
              if isinstance(v, (int, float, str)) or v is None}
     return "done: " + ", ".join(f"{k} {v}" for k, v in shown.items())

@@ -286,13 +286,11 @@ def pass_k_values(samples_per_prompt: int, pass_k: Sequence[int] | None = None) 
 
 
 def pass_at_k_per_prompt(correct: np.ndarray, k: int) -> np.ndarray:
-    """Unbiased pass@k (Chen et al. 2021, :func:`reasoning.pass_at_k`) of each row of a ``[N, K]``
+    """Unbiased pass@k (Chen et al. 2021, :func:`ops.pass_at_k`) of each row of a ``[N, K]``
     0/1 array of correct samples: ``[N]``."""
-    from .reasoning import pass_at_k
-
     x = np.asarray(correct, dtype=bool)
     n = x.shape[1]
-    return np.array([pass_at_k(n, int(c), k) for c in x.sum(axis=1)], dtype=np.float64)
+    return np.array([ops.pass_at_k(n, int(c), k) for c in x.sum(axis=1)], dtype=np.float64)
 
 
 def accuracy_summary(correct: np.ndarray, ks: Sequence[int], boot: dict) -> dict:

@@ -13,11 +13,14 @@ data. The SFT demonstrations are *noisy*: each step's result is off by 1 or 2 wi
 ``noise``, and the chain (and the final ``#### n``) carries the slip on, as a careless
 demonstrator would. A model trained on them (briefly) imitates the slips, so sampled at
 temperature 1 it is right only part of the time, though the right answer is usually its most
-likely one; PPO with the correctness reward (:func:`correct`) then removes most of the slips.
+likely one; PPO with the correctness reward (``rlhf_ppo.verifiable:math_answer``, also
+:func:`correct`) then removes most of the slips.
 
 :func:`run_reasoning` runs the pipeline (base model, SFT, PPO, evaluation with accuracy and
 pass@k against the SFT model, sampled and greedy) under one folder; ``python -m
-rlhf_ppo.reasoning`` does it from the command line. docs/reasoning.md has the figures.
+rlhf_ppo.reasoning`` does it from the command line. Answers are checked by
+:mod:`rlhf_ppo.verifiable` (``math_answer``); pass@k is :func:`rlhf_ppo.ops.pass_at_k`.
+docs/reasoning.md has the figures.
 """
 
 from __future__ import annotations
@@ -26,17 +29,16 @@ import argparse
 import copy
 import json
 import logging
-import math
 import random
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from . import builtin
+from .ops import pass_at_k  # noqa: F401  (re-exported: the unbiased pass@k estimator)
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("rlhf_ppo.reasoning")  # also when run as __main__
 
 # --------------------------------------------------------------------------- the task
 
@@ -87,6 +89,18 @@ def solve(problem: tuple) -> int:
     return value
 
 
+def _in_range(problem: tuple) -> bool:
+    """Every intermediate result of ``problem`` (and its start) is in 0..MAX_NUMBER."""
+    value = problem[0]
+    if not 0 <= value <= MAX_NUMBER:
+        return False
+    for i in range(1, len(problem), 2):
+        value = apply(value, problem[i], problem[i + 1])
+        if not 0 <= value <= MAX_NUMBER:
+            return False
+    return True
+
+
 def prompt_text(problem: tuple) -> str:
     """``q : 7 + 6 - 4 =``."""
     return PROMPT.format(expr=" ".join(str(x) for x in problem))
@@ -103,16 +117,17 @@ def parse_prompt(prompt: str) -> tuple:
 def chain(problem: tuple, rng: random.Random | None = None, noise: float = 0.0
           ) -> tuple[str, int]:
     """The worked solution of ``problem`` and its final answer: one ``a op b = c .`` step per
-    operator, then ``#### answer``. With ``noise`` > 0, each step's result is off by 1 or 2 (kept
-    in 0..MAX_NUMBER) with that probability and the next step starts from the wrong value, so the
-    final answer follows the slip."""
+    operator, then ``#### answer``. With ``noise`` > 0, each step's result is off by 1 or 2 with
+    that probability and the next step starts from the wrong value, so the final answer follows
+    the slip (a slip is one that keeps every number of the rest of the chain in 0..MAX_NUMBER)."""
     steps, value = [], problem[0]
     for i in range(1, len(problem), 2):
         op, b = problem[i], problem[i + 1]
         result = apply(value, op, b)
         if rng is not None and noise > 0 and rng.random() < noise:
-            slips = [result + d for d in (-2, -1, 1, 2) if 0 <= result + d <= MAX_NUMBER]
-            result = rng.choice(slips)
+            slips = [result + d for d in (-2, -1, 1, 2)
+                     if _in_range((result + d,) + tuple(problem[i + 2:]))]
+            result = rng.choice(slips) if slips else result
         steps.append(STEP.format(a=value, op=op, b=b, c=result))
         value = result
     return " ".join(steps) + f" #### {value}", value
@@ -152,61 +167,39 @@ def write_task(folder: str | Path, seed: int = 0, operands: int = 3, n_sft: int 
 
 # --------------------------------------------------------------------------- checking answers
 
-_NUMBER = r"-?\d+(?:\.\d+)?"
+def extract_answer(text: str) -> str | None:
+    """The final answer of a response, as :func:`rlhf_ppo.verifiable.extract_answer` finds it
+    (the last ``\\boxed{...}``, else what follows the last ``####``, else the last number)."""
+    from .verifiable import extract_answer as extract
 
-
-def extract_answer(text: str) -> float | None:
-    """The final answer of a response: the number after the last ``####``, else the last
-    ``\\boxed{...}``, else the last number in the text; None when there is none."""
-    for pattern in (rf"####\s*({_NUMBER})", rf"\\boxed\{{\s*({_NUMBER})\s*\}}", rf"({_NUMBER})"):
-        found = re.findall(pattern, text.replace(",", ""))
-        if found:
-            return float(found[-1])
-        if pattern.startswith("####") and "####" in text:
-            return None  # "####" with no number after it: no answer, not an earlier number
-    return None
+    return extract(text)
 
 
 def is_correct(response: str, answer: Any) -> bool:
-    """The response's :func:`extract_answer` equals ``answer`` (a number or numeric string)."""
-    got = extract_answer(response)
-    try:
-        want = float(str(answer).replace(",", "").strip())
-    except ValueError:
-        return False
-    return got is not None and math.isclose(got, want, rel_tol=0, abs_tol=1e-6)
+    """The response's final answer matches ``answer`` (numerically when both are numbers:
+    :func:`rlhf_ppo.verifiable.answers_match`)."""
+    from .verifiable import answers_match
+
+    return answers_match(extract_answer(response), answer)
 
 
 def correct(prompts: list[str], responses: list[str], answer: list[Any] | None = None,
             **kwargs) -> list[float]:
     """Reward function (rlhf_ppo style; ``answer``: the dataset's answer column): 1.0 where the
-    response's final answer (:func:`extract_answer`) equals the answer, else 0.0."""
-    if answer is None:
-        raise ValueError("correct: needs the `answer` column (a dataset column named answer)")
-    return [float(is_correct(r, a)) for r, a in zip(responses, answer)]
+    response's final answer equals the answer, else 0.0. The same as
+    ``rlhf_ppo.verifiable:math_answer``, which the task's configs use."""
+    from .verifiable import math_answer
 
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k of one problem (Chen et al. 2021) from ``n`` samples of which ``c`` are
-    correct: ``1 - C(n - c, k) / C(n, k)``, the chance that ``k`` of the samples drawn without
-    replacement hold a correct one. Computed as a product (no huge binomials)."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k: expected 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    miss = 1.0
-    for i in range(n - c + 1, n + 1):
-        miss *= 1.0 - k / i
-    return 1.0 - miss
+    return math_answer(prompts, responses, answer=answer, **kwargs)
 
 
 # --------------------------------------------------------------------------- the pipeline
 
-MODEL = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+MODEL = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
-"""The task's small Llama (~0.2M parameters), built from a config with random weights."""
+"""The task's small Llama (~0.25M parameters), built from a config with random weights."""
 
-TASK = dict(seed=0, operands=3, n_sft=4000, n_test=200, noise=0.2)
+TASK = dict(seed=0, operands=3, n_sft=20000, n_test=200, noise=0.2)
 """The task :func:`run_reasoning` writes (arguments of :func:`write_task`)."""
 
 MAX_NEW_TOKENS = 20  # a 3-operand solution is 14 tokens and EOS
@@ -232,7 +225,7 @@ def stage_configs(out: Path, data: dict) -> dict[str, dict]:
     """The config (as a dict) of every stage; each is also written as ``STAGE/stage.yaml``
     (``rlhf-ppo sft --config .../sft/stage.yaml`` reruns one stage alone)."""
     out = Path(out)
-    reward = dict(sources=[dict(function="rlhf_ppo.reasoning:correct")])
+    reward = dict(sources=[dict(function="rlhf_ppo.verifiable:math_answer")])
     generation = dict(max_new_tokens=MAX_NEW_TOKENS)
     evaluate = dict(
         threads=1, policy=str(out / "ppo" / "final"), reference=str(out / "sft" / "final"),
@@ -244,16 +237,16 @@ def stage_configs(out: Path, data: dict) -> dict[str, dict]:
             output_dir=str(out / "sft"), overwrite=True, threads=1,
             model=dict(name_or_path=str(out / "base")),
             data=dict(path=data["sft"], heldout_fraction=0.05, max_length=32),
-            train=dict(epochs=1, max_steps=60, batch_size=32, micro_batch_size=32,
-                       heldout_batch_size=256),
-            optim=dict(lr=3e-3, scheduler="constant", warmup_steps=0)),
+            train=dict(epochs=1, batch_size=32, micro_batch_size=32, heldout_batch_size=256),
+            optim=dict(lr=3e-3, scheduler="linear", warmup_steps=30)),
         "ppo": dict(
-            output_dir=str(out / "ppo"), overwrite=True, threads=1, iterations=30,
-            sample_every=10,
+            output_dir=str(out / "ppo"), overwrite=True, threads=1, iterations=100,
+            sample_every=20,
             model=dict(name_or_path=str(out / "sft" / "final")),
             reward=reward, data=dict(path=data["prompts_train"]), generation=generation,
-            ppo=dict(batch_size=64, num_minibatches=2, micro_batch_size=32, ppo_epochs=2),
-            optim=dict(lr=5e-4, critic_lr=2e-3)),
+            ppo=dict(batch_size=256, num_minibatches=2, micro_batch_size=64, ppo_epochs=2,
+                     kl_coef=0.2),
+            optim=dict(lr=2e-4)),
         # accuracy and pass@k of the PPO policy vs the SFT model, 8 samples per test problem ...
         "eval": dict(evaluate, output_dir=str(out / "eval"), samples_per_prompt=8,
                      generation=dict(generation, temperature=1.0)),
@@ -281,7 +274,7 @@ def run_reasoning(output_dir: str | Path = "runs/reasoning", fresh: bool = False
     "iterations": 60}``; ``stage_overrides``: the same per stage name (``{"sft":
     {"train.max_steps": 100}}``). A stage whose config is the one of an earlier finished run
     (``STAGE/.complete``) is reused, unless ``fresh``; one that changed runs again, and so do the
-    stages after it."""
+    stages after it (all of them when :data:`TASK` or :data:`MODEL` changed)."""
     import torch
     import yaml
 
@@ -298,11 +291,16 @@ def run_reasoning(output_dir: str | Path = "runs/reasoning", fresh: bool = False
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
+    # step 0. the data and a random-init model; when the task or the model settings changed
+    # since the last run, every stage runs again
     data = write_task(out / "data", **TASK)
-    if not (out / "base" / ".complete").is_file():
+    setup = json_safe({"task": TASK, "model": MODEL})
+    base_marker = out / "base" / ".complete"
+    rerun = not base_marker.is_file() or json.loads(base_marker.read_text()) != setup
+    if rerun:
         shutil.rmtree(out / "base", ignore_errors=True)
         build_base(out / "base")
-        (out / "base" / ".complete").write_text(json.dumps(MODEL) + "\n")
+        base_marker.write_text(json.dumps(setup) + "\n")
 
     stages = stage_configs(out, data)
     overrides = copy.deepcopy(stage_overrides or {})
@@ -320,7 +318,6 @@ def run_reasoning(output_dir: str | Path = "runs/reasoning", fresh: bool = False
         "eval_greedy": (EvalConfig, run_evaluate),
     }
     summaries: dict[str, dict] = {}
-    rerun = False
     for name, (cls, run) in runners.items():
         folder, config = out / name, stages[name]
         marker = folder / ".complete"
@@ -331,6 +328,7 @@ def run_reasoning(output_dir: str | Path = "runs/reasoning", fresh: bool = False
                 summaries[name] = previous["summary"]
                 continue
         rerun = True  # this stage runs: the ones after it use its output
+        marker.unlink(missing_ok=True)  # an interrupted run leaves no marker
         cfg = config_from_dict(copy.deepcopy(config), cls)
         t0 = time.perf_counter()
         summary = dict(run(cfg))

@@ -114,11 +114,19 @@ def summary_table(summary: dict) -> str:
     for ps, rs in zip(p["sources"], r["sources"]):
         label = f"{ps['source']}: {ps['name']}"
         rows.append((html.escape(label), _ci(ps), _ci(rs)))
+    if "accuracy" in p and "accuracy" in r:  # evaluate's accuracy_column
+        rows.append(("accuracy (mean, CI)", _ci(p["accuracy"]), _ci(r["accuracy"])))
+        for k in p.get("pass@k", {}):
+            if k in r.get("pass@k", {}):
+                rows.append((f"pass@{html.escape(k)} (CI)", _ci(p["pass@k"][k]),
+                             _ci(r["pass@k"][k])))
     for key, label in (("response_length", "response length (tokens)"), ("stop_rate", "stop rate"),
                        ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2")):
         rows.append((label, _num(p[key]), _num(r[key])))
     both = [("win rate of the policy (ties 1/2)", summary["win_rate"]),
             ("score difference (policy - reference)", summary["score_diff"]),
+            *([("accuracy difference (policy - reference)", summary["accuracy_diff"])]
+              if "accuracy_diff" in summary else []),
             ("KL(policy || reference), k1 per response", summary["kl"])]
     body = "".join(f"<tr><th>{a}</th><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
     body += "".join(f"<tr><th>{a}</th><td colspan=2>{_ci(s)}</td></tr>" for a, s in both)

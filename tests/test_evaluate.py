@@ -580,3 +580,100 @@ def test_a_ppo_config_given_as_config_names_the_reference_of_a_moved_policy(tmp_
     assert summary["reference_path"] == tiny_policy_dir  # model.name_or_path of that config
     assert {r["prompt"] for r in map(json.loads, (tmp_path / "b" / "samples.jsonl").read_text()
                                      .splitlines())} == set(RUN_PROMPTS)
+
+
+# --------------------------------------------------------------------------- accuracy and pass@k
+
+def test_pass_k_values_default_and_given():
+    from rlhf_ppo.evaluate import pass_k_values
+
+    assert pass_k_values(8) == [1, 2, 4, 8]
+    assert pass_k_values(6) == [1, 2, 4, 6]
+    assert pass_k_values(1) == [1]
+    assert pass_k_values(8, [8, 1, 8, 3]) == [1, 3, 8]
+
+
+def test_accuracy_and_pass_at_k_hand_computed():
+    from rlhf_ppo.evaluate import accuracy_summary, pass_at_k_per_prompt
+
+    correct = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+    # n=4: c=1, k=2: 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5; c=2, k=2: 1 - C(2,2)/C(4,2) = 5/6
+    assert pass_at_k_per_prompt(correct, 2) == pytest.approx([0.5, 5 / 6, 0.0])
+    assert pass_at_k_per_prompt(correct, 1) == pytest.approx([0.25, 0.5, 0.0])  # c / n
+    assert pass_at_k_per_prompt(correct, 4) == pytest.approx([1.0, 1.0, 0.0])
+    boot = dict(num_samples=200, level=0.95, seed=0)
+    s = accuracy_summary(correct, [1, 2, 4], boot)
+    assert s["accuracy"]["mean"] == pytest.approx(3 / 12)
+    assert list(s["pass@k"]) == ["1", "2", "4"]
+    assert s["pass@k"]["1"]["mean"] == pytest.approx(s["accuracy"]["mean"])  # pass@1 = accuracy
+    assert s["pass@k"]["2"]["mean"] == pytest.approx((0.5 + 5 / 6 + 0) / 3)
+    assert s["pass@k"]["4"]["mean"] == pytest.approx(2 / 3)
+    for stat in (s["accuracy"], *s["pass@k"].values()):
+        assert stat["ci_low"] <= stat["mean"] <= stat["ci_high"]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["samples_per_prompt=4", "pass_k=[5]"], "pass_k"),
+    (["pass_k=[0]"], "pass_k"),
+    (["pass_k=[]"], "pass_k"),
+    (["accuracy_function=nocolon"], "accuracy_function"),
+    (["accuracy_column=''"], "accuracy_column"),
+])
+def test_accuracy_config_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, ["policy=x", *overrides], cls=EvalConfig)
+
+
+PARITY_CHECKER = """
+def parity(prompts, responses, answer, **kwargs):
+    # correct when the response's word count has the parity in the answer column
+    return [1.0 if len(r.split()) % 2 == int(a) else 0.0 for r, a in zip(responses, answer)]
+"""
+
+
+def test_evaluate_reports_accuracy_and_pass_at_k(tmp_path, ppo_run, tiny_policy_dir, cli):
+    from rlhf_ppo.ops import pass_at_k
+
+    (tmp_path / "check.py").write_text(PARITY_CHECKER)
+    data = tmp_path / "prompts.jsonl"
+    prompts = ["the movie was", "i think the food is", "the day was", "my day was very",
+               "the book is", "we feel the game was"]
+    data.write_text("".join(json.dumps({"prompt": p, "solution": i % 2}) + "\n"
+                            for i, p in enumerate(prompts)))
+    out = tmp_path / "out"
+    res = cli("evaluate", f"policy={ppo_run / 'final'}", f"output_dir={out}", *SMALL,
+              "num_prompts=6", "samples_per_prompt=4", f"data.path={data}",
+              "data.shuffle=false", "accuracy_column=solution",
+              f"accuracy_function={tmp_path / 'check.py'}:parity")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 24
+    for side in ("policy", "reference"):
+        ok = [len(r[f"{side}_response"].split()) % 2 == r["prompt_index"] % 2 for r in rows]
+        assert [r[f"{side}_correct"] for r in rows] == ok
+        s = summary[side]
+        assert s["accuracy"]["mean"] == pytest.approx(np.mean(ok))
+        assert list(s["pass@k"]) == ["1", "2", "4"]
+        counts = np.array(ok).reshape(6, 4).sum(1)
+        for k in (1, 2, 4):
+            want = np.mean([pass_at_k(4, int(c), k) for c in counts])
+            assert s["pass@k"][str(k)]["mean"] == pytest.approx(want)
+    p_ok = np.array([r["policy_correct"] for r in rows], dtype=float)
+    r_ok = np.array([r["reference_correct"] for r in rows], dtype=float)
+    assert summary["accuracy_diff"]["mean"] == pytest.approx(np.mean(p_ok - r_ok))
+    assert "accuracy policy" in res.stdout and "pass@4" in res.stderr  # done line, log line
+    page = (out / "report.html").read_text()
+    assert "accuracy (mean, CI)" in page and "pass@4 (CI)" in page
+    # without accuracy_column: no accuracy keys
+    summary2, rows2 = evaluate(tmp_path / "plain", str(ppo_run / "final"))
+    assert "accuracy" not in summary2["policy"] and "accuracy_diff" not in summary2
+    assert "policy_correct" not in rows2[0]
+
+
+def test_accuracy_column_missing_from_the_data_is_named(tmp_path, tiny_policy_dir):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "the movie was", "answer": 1}) + "\n")
+    with pytest.raises(ConfigError, match=r"^accuracy_column: the prompts have no column 'solution'"):
+        evaluate(tmp_path / "out", tiny_policy_dir, f"reference={tiny_policy_dir}",
+                 f"data.path={data}", "accuracy_column=solution")
