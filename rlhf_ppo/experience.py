@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import ops
 from .rollout import Rollout
 
 
@@ -86,6 +87,22 @@ def rollout_outputs(model, ref, rollout: Rollout, temperature: float, batch_size
     values = torch.cat(out["v"]) * mask if need_policy or need_values else rollout.values
     return RolloutOutputs(logprobs, entropy, values, torch.cat(out["ref"]) * mask,
                           rollout.logprobs if recompute else None)
+
+
+def loss_weights(rollout: Rollout, out: RolloutOutputs, tis_cap: float | None,
+                 mask_truncated: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """The update's token mask and importance weights: ``(loss_mask (B, R), is_weights (B, R) or
+    None, metrics)``. ``tis_cap``: truncated importance sampling between the recomputed pi_old
+    and the log-probs recorded while sampling (:func:`ops.truncated_is_weights`);
+    ``mask_truncated``: responses without a stop token are left out of the loss."""
+    loss_mask, is_weights, metrics = rollout.response_mask, None, {}
+    if tis_cap is not None:
+        is_weights, stats = ops.truncated_is_weights(out.logprobs, out.sampling_logprobs,
+                                                     rollout.response_mask.float(), tis_cap)
+        metrics = {f"tis/{k}": v for k, v in stats.items()}
+    if mask_truncated:
+        loss_mask = loss_mask * rollout.stopped[:, None].to(loss_mask.dtype)
+    return loss_mask, is_weights, metrics
 
 
 @dataclass(frozen=True)

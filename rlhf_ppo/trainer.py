@@ -33,7 +33,7 @@ from .distributed import (
     set_threads,
 )
 from .errors import NonFiniteError, TrainingInterrupted
-from .experience import Experience, records_logprobs, rollout_outputs
+from .experience import Experience, loss_weights, records_logprobs, rollout_outputs
 from .metrics import greedy_samples, iteration_metrics, skipped_metrics
 from .models import (
     ActorCritic,
@@ -327,13 +327,8 @@ class PPOTrainer:
         # the result must not depend on how the batch is split)
         if (est == "gae" and p.whiten_advantages) or est.startswith("reinforce_pp"):
             advantages = ops.whiten(advantages, mask, *global_moments(acc, advantages, mask))
-        is_weights, loss_mask = None, rollout.response_mask
-        if p.tis_cap is not None:  # pi_old recomputed vs pi_sampling recorded
-            is_weights, tis = ops.truncated_is_weights(out.logprobs, out.sampling_logprobs, mask,
-                                                       p.tis_cap)
-            reward_metrics.update({f"tis/{k}": v for k, v in tis.items()})
-        if p.mask_truncated:  # responses without a stop token: out of the loss
-            loss_mask = rollout.response_mask * rollout.stopped[:, None].to(loss_mask.dtype)
+        loss_mask, is_weights, tis = loss_weights(rollout, out, p.tis_cap, p.mask_truncated)
+        reward_metrics.update(tis)
 
         # step 6. PPO epochs over shuffled minibatches; the value loss is divided by the returns'
         # variance (over every process's valid tokens) when it exceeds 1
