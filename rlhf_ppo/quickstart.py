@@ -243,7 +243,7 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", fresh: bool = Fal
     runners = {
         "sft": (SFTConfig, run_sft),
         "reward": (RewardTrainConfig, run_reward_training),
-        "ppo": (Config, lambda cfg: _ppo_summary(PPOTrainer(cfg).train())),
+        "ppo": (Config, lambda cfg: ppo_summary(PPOTrainer(cfg).train())),
         "eval": (EvalConfig, run_evaluate),
     }
     for name, (cls, run) in runners.items():
@@ -263,7 +263,8 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart", fresh: bool = Fal
     return summaries
 
 
-def _ppo_summary(history: list[dict]) -> dict:
+def ppo_summary(history: list[dict]) -> dict:
+    """First-5 and last-5 iteration means of the score, and the last-5 KL, of a PPO history."""
     head, tail = history[:5], history[-5:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
     return {"iterations": len(history), "score_first5": mean(head, "score_mean"),

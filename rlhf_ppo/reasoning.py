@@ -37,6 +37,7 @@ from typing import Any
 
 from . import builtin
 from .ops import pass_at_k  # noqa: F401  (re-exported: the unbiased pass@k estimator)
+from .quickstart import ppo_summary
 
 logger = logging.getLogger("rlhf_ppo.reasoning")  # also when run as __main__
 
@@ -313,7 +314,7 @@ def run_reasoning(output_dir: str | Path = "runs/reasoning", fresh: bool = False
 
     runners = {
         "sft": (SFTConfig, run_sft),
-        "ppo": (Config, lambda cfg: _ppo_summary(PPOTrainer(cfg).train())),
+        "ppo": (Config, lambda cfg: ppo_summary(PPOTrainer(cfg).train())),
         "eval": (EvalConfig, run_evaluate),
         "eval_greedy": (EvalConfig, run_evaluate),
     }
@@ -339,13 +340,6 @@ def run_reasoning(output_dir: str | Path = "runs/reasoning", fresh: bool = False
         summaries[name] = json.loads(json.dumps(json_safe(summary)))
     print(summary_text(out, summaries, time.perf_counter() - start), flush=True)
     return summaries
-
-
-def _ppo_summary(history: list[dict]) -> dict:
-    head, tail = history[:5], history[-5:]
-    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
-    return {"iterations": len(history), "score_first5": mean(head, "score_mean"),
-            "score_last5": mean(tail, "score_mean"), "kl_last5": mean(tail, "kl")}
 
 
 def summary_text(out: Path, s: dict[str, dict], seconds: float) -> str:
