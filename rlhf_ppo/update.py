@@ -38,12 +38,15 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
     ``with_critic=False``: no value loss (critic-free estimators); ``max_response_length``: the
     constant of the ``seq-mean-token-sum-norm`` aggregation (default: the batch's width).
     Returns the update's metrics, means over every process and minibatch step, with
-    ``ppo_steps``, ``early_stopped`` and ``nonfinite_skipped``.
+    ``ppo_steps``, ``early_stopped``, ``nonfinite_skipped`` and ``padding_share`` (the share of
+    the token positions the update's forward passes computed that were padding).
     """
     B = len(batch)
     groups = [g["params"] for g in optimizer.param_groups]
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in LOSS_KEYS + NORM_KEYS}
     steps, early_stop, nonfinite = 0, False, False
+    # token positions the forward passes computed, and those that were real (not padding)
+    positions = torch.zeros(2, device=acc.device)
     for _epoch in range(p.ppo_epochs):
         order = torch.randperm(B, generator=generator)
         for mb_idx in order.split(B // p.num_minibatches):
@@ -63,10 +66,13 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
             # accelerate counts micro-batches and syncs gradients (DDP no_sync, DeepSpeed
             # accumulation boundary) only on the last one of each minibatch.
             for rows in torch.arange(len(mb)).split(p.micro_batch_size):
+                micro = mb.micro_batch(rows, acc.device)
+                positions += torch.stack([torch.tensor(float(micro["input_ids"].numel()),
+                                                       device=acc.device),
+                                          micro["attention_mask"].sum().float()])
                 with acc.accumulate(model):
-                    s = micro_step(acc, model, mb.micro_batch(rows, acc.device), p, temperature,
-                                   normalizer, mb_tokens, critic_only, value_loss_scale,
-                                   with_critic)
+                    s = micro_step(acc, model, micro, p, temperature, normalizer, mb_tokens,
+                                   critic_only, value_loss_scale, with_critic)
                 for name, value in s.items():
                     mb_stats[name] += value
             if p.target_kl is not None:
@@ -102,7 +108,9 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
     if keys:
         local = torch.stack([torch.stack(stats[k]).mean() for k in keys])
         out.update(dict(zip(keys, acc.reduce(local, "mean").tolist())))
+    computed, real = acc.reduce(positions, "sum").tolist()
     return {**out, "ppo_steps": steps, "early_stopped": float(early_stop),
+            "padding_share": 1.0 - real / computed if computed else float("nan"),
             "nonfinite_skipped": nonfinite}
 
 

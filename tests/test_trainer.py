@@ -532,3 +532,30 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
     m = trainer.step()
     assert len(seen["batch"]) == 8 and 0 <= m["dynamic/rounds"] <= 4
     assert m["dynamic/informative_kept"] >= m["dynamic/informative_first"]
+
+
+def test_padding_share_counts_the_padding_the_update_computed(tmp_path):
+    """One row per micro-batch: each row is trimmed to its own prompt and response, so no
+    padding is computed. The whole batch in one micro-batch: 1 - real positions / (rows x the
+    batch's trimmed width), computed here from the batch itself."""
+    from rlhf_ppo.experience import trim_padding
+
+    stops = "generation.stop_token_ids=[4,5,6,7,8]"  # punctuation: responses of many lengths
+    one = PPOTrainer(tiny_config(tmp_path / "a", "iterations=1", "ppo.batch_size=8",
+                                 "ppo.num_minibatches=1", "ppo.micro_batch_size=1", stops))
+    assert one.step()["padding_share"] == 0.0
+    whole = PPOTrainer(tiny_config(tmp_path / "b", "iterations=1", "ppo.batch_size=8",
+                                   "ppo.num_minibatches=1", "ppo.micro_batch_size=8", stops))
+    seen = {}
+    update = whole.update
+
+    def spy(batch, value_loss_scale=1.0):
+        seen["batch"] = batch
+        return update(batch, value_loss_scale)
+    whole.update = spy
+    m = whole.step()
+    b = seen["batch"]
+    _, am, rm, _ = trim_padding(b.input_ids, b.attention_mask, b.response_mask, b.prompt_length)
+    assert len(set(rm.sum(-1).tolist())) > 1  # the lengths differ: there is padding to count
+    assert m["padding_share"] == pytest.approx(1 - am.sum().item() / am.numel())
+    assert m["padding_share"] > 0
