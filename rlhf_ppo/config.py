@@ -660,7 +660,8 @@ def config_from_dict(data: dict[str, Any], cls: type = Config) -> Any:
     return _build(cls, data)
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b.c=value"`` as ``("a.b.c", value)``, the value parsed as YAML."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key.sub=value")
     key, raw = item.split("=", 1)
@@ -670,22 +671,29 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key.split("."), value
+    return key, value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
+    """Set ``data["a"]["b"]["c"] = value`` for ``key`` ``"a.b.c"``, creating missing sections, in
+    place; a ConfigError (naming ``where``, default the key) when a part is not a section."""
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where or key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
-        parts, value = _parse_override(item)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
+        key, value = parse_override(item)
+        set_dotted(data, key, value, where=f"override {item!r}")
     return data
 
 

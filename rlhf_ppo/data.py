@@ -120,8 +120,6 @@ def load_rows(cfg: DataConfig):
     return ds
 
 
-_is_messages = formats.is_messages
-
 
 def render_prompt(value: Any, tokenizer, row: int, column: str, drop_final_assistant: bool | None = None
                   ) -> tuple[str, list[dict] | None]:
@@ -138,7 +136,7 @@ def render_prompt(value: Any, tokenizer, row: int, column: str, drop_final_assis
         if not value.strip():
             raise DataError(f"{column}: row {row} is an empty prompt")
         return value, None
-    if _is_messages(value):
+    if formats.is_messages(value):
         if tokenizer.chat_template is None:
             raise DataError(f"{column}: row {row} holds chat messages but the tokenizer has no chat "
                             "template")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import builtin
+from .config import ConfigError, parse_override, set_dotted
 from .ops import pass_at_k  # noqa: F401  (re-exported: the unbiased pass@k estimator)
 from .quickstart import ppo_summary
 
@@ -257,14 +258,6 @@ def stage_configs(out: Path, data: dict) -> dict[str, dict]:
     }
 
 
-def _set_dotted(config: dict, key: str, value: Any) -> None:
-    node = config
-    *parents, last = key.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[last] = value
-
-
 def run_reasoning(output_dir: str | Path = "runs/reasoning", fresh: bool = False,
                   estimator_overrides: dict[str, Any] | None = None,
                   stage_overrides: dict[str, dict[str, Any]] | None = None) -> dict:
@@ -310,7 +303,7 @@ def run_reasoning(output_dir: str | Path = "runs/reasoning", fresh: bool = False
         if name not in stages:
             raise ValueError(f"stage_overrides: unknown stage {name!r}; expected one of {list(stages)}")
         for key, value in items.items():
-            _set_dotted(stages[name], key, value)
+            set_dotted(stages[name], key, value)
 
     runners = {
         "sft": (SFTConfig, run_sft),
@@ -368,7 +361,6 @@ def summary_text(out: Path, s: dict[str, dict], seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m rlhf_ppo.reasoning [--output-dir DIR] [--fresh] [ppo.key=value ...]``."""
-    import yaml
 
     parser = argparse.ArgumentParser(prog="python -m rlhf_ppo.reasoning",
                                      description="the built-in arithmetic reasoning task: SFT on "
@@ -380,12 +372,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="dotted overrides of the PPO stage's config, values parsed as YAML")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"override {item!r}: expected key.sub=value")
-        overrides[key] = yaml.safe_load(value)
+    try:
+        overrides = dict(parse_override(item) for item in args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
     run_reasoning(args.output_dir, fresh=args.fresh, estimator_overrides=overrides)
     return 0
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import finetune as ft
 from . import formats
 from .config import ModelConfig, PeftConfig, check
-from .data import DataError, _is_messages, render_prompt
+from .data import DataError, render_prompt
 from .models import (
     enable_activation_checkpointing,
     is_peft,
@@ -155,7 +155,7 @@ class PairFormatter:
         that the response repeats from the end of the prompt (UltraFeedback's ``chosen`` starts
         with the ``prompt``'s user turn) are kept once (:func:`formats.join_conversation`)."""
         prompt_key = f"data.prompt_column {self.prompt_column!r}"
-        if _is_messages(response):
+        if formats.is_messages(response):
             value = formats.prompt_value(prompt, self.policy.chat_template is not None)
             value = None if value == "" else value
             conv, _ = formats.join_conversation(formats.as_messages(value), list(response), row,

@@ -27,7 +27,7 @@ import torch.nn as nn
 from . import finetune as ft
 from . import formats
 from .config import ModelConfig, PeftConfig
-from .data import DataError, _is_messages, render_prompt
+from .data import DataError, render_prompt
 from .models import (
     apply_lora,
     is_peft,
@@ -118,12 +118,12 @@ def encode_prompt_response(prompt: Any, response: Any, tokenizer, row: int, data
     assistant turns only."""
     prompt_key = f"data.prompt_column {data.prompt_column!r}"
     response_key = f"data.response_column {data.response_column!r}"
-    if _is_messages(response):
+    if formats.is_messages(response):
         chat = tokenizer.chat_template is not None
         value = formats.prompt_value(prompt, chat)
         if isinstance(value, str) and not value.strip():
             raise DataError(f"{prompt_key}: row {row} is an empty prompt")
-        if not (isinstance(value, str) or _is_messages(value)):
+        if not (isinstance(value, str) or formats.is_messages(value)):
             render_prompt(value, tokenizer, row, prompt_key)  # raises, naming the type
         conv, n_prompt = formats.join_conversation(formats.as_messages(value), list(response), row,
                                                    response_key)
@@ -189,7 +189,7 @@ def encode_chat(messages: Any, tokenizer, row: int, data: SFTDataConfig, first_t
     conversation ends with an assistant turn whose rendering does not already contain it.
     ``column`` names the data in errors (default: ``data.messages_column``)."""
     column = column or f"data.messages_column {data.messages_column!r}"
-    if not _is_messages(messages):
+    if not formats.is_messages(messages):
         raise DataError(f"{column}: row {row} is {type(messages).__name__} "
                         f"{str(messages)[:80]!r}; expected a list of chat messages "
                         "({'role': ..., 'content': ...})")

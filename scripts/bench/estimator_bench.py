@@ -74,9 +74,8 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from rlhf_ppo import PPOTrainer
-    from rlhf_ppo.config import config_from_dict
+    from rlhf_ppo.config import config_from_dict, set_dotted
     from rlhf_ppo.evaluate import EvalConfig, run_evaluate
-    from rlhf_ppo.reasoning import _set_dotted
 
     torch.set_num_threads(1)
     out = Path(spec["out"])
@@ -88,7 +87,7 @@ def run_one(spec: dict) -> dict:
                 "ppo.samples_per_prompt": group, "ppo.num_minibatches": 2,
                 "ppo.micro_batch_size": spec["responses"] // 2, **spec["overrides"]}
     for key, value in settings.items():
-        _set_dotted(ppo, key, value)
+        set_dotted(ppo, key, value)
     t0 = time.perf_counter()
     history = PPOTrainer(config_from_dict(ppo)).train()
     seconds = time.perf_counter() - t0
