@@ -14,16 +14,15 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
+from rollouts import rollout_of  # tests/rollouts.py
 
 from rlhf_ppo import builtin, formats
 from rlhf_ppo import finetune as ft
 from rlhf_ppo.config import DataConfig, ModelConfig, RewardSource
-from rlhf_ppo.data import DataError, Prompt, Rows, left_pad, load_prompts, render_prompt
+from rlhf_ppo.data import DataError, Prompt, Rows, load_prompts, render_prompt
 from rlhf_ppo.models import load_tokenizer
 from rlhf_ppo.reward_training import PairFormatter, RewardDataConfig, encode_pairs
 from rlhf_ppo.rewards import ModelReward
-from rlhf_ppo.rollout import Rollout
 from rlhf_ppo.sft import IGNORE_INDEX, SFTDataConfig, encode_rows
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -348,19 +347,6 @@ def test_reward_no_format_error_names_the_file_columns_and_formats(tok):
 
 # --------------------------------------------------------------------------- reward = PPO's scoring
 
-def _rollout(tok, prompts: list[Prompt], responses: list[str]) -> Rollout:
-    """A rollout as rollout.generate builds it: prompts left-padded, responses + EOS (stopped)."""
-    p_ids, p_mask = left_pad([p.input_ids for p in prompts], tok.pad_token_id)
-    resp = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
-    R = max(len(r) for r in resp)
-    r_ids = torch.full((len(resp), R), tok.pad_token_id)
-    r_mask = torch.zeros((len(resp), R), dtype=torch.long)
-    for i, r in enumerate(resp):
-        r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r), 1
-    return Rollout(input_ids=torch.cat([p_ids, r_ids], 1), attention_mask=torch.cat([p_mask, r_mask], 1),
-                   prompt_length=p_ids.shape[1], response_mask=r_mask,
-                   stopped=torch.ones(len(resp), dtype=torch.bool), prompts=prompts,
-                   response_texts=tok.batch_decode(r_ids, skip_special_tokens=True))
 
 
 def _final_answer(cell) -> str:
@@ -390,7 +376,7 @@ def test_reward_pairs_are_what_model_reward_scores_in_ppo(tok, char_reward_dir, 
     f = PairFormatter(reward.tokenizer, tok)
     pairs = encode_pairs(table(name), f, RewardDataConfig(path="x"), name)
     for side in ("chosen", "rejected"):
-        rollout = _rollout(tok, prompts, [_final_answer(r[side]) for r in data])
+        rollout = rollout_of(tok, prompts, [_final_answer(r[side]) for r in data])
         want_ids, want_mask = reward._inputs(rollout)
         for i, pair in enumerate(pairs):
             assert getattr(pair, side) == want_ids[i][want_mask[i].bool()].tolist()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rollouts import rollout_of  # tests/rollouts.py
 
 from rlhf_ppo import builtin
 from rlhf_ppo import finetune as ft
@@ -22,7 +23,7 @@ from rlhf_ppo.config import (
     RewardSource,
     load_config,
 )
-from rlhf_ppo.data import DataError, Prompt, left_pad, load_prompts
+from rlhf_ppo.data import DataError, Prompt, load_prompts
 from rlhf_ppo.finetune import TrainConfig
 from rlhf_ppo.models import load_tokenizer
 from rlhf_ppo.reward_training import (
@@ -37,7 +38,6 @@ from rlhf_ppo.reward_training import (
     run_reward_training,
 )
 from rlhf_ppo.rewards import ModelReward
-from rlhf_ppo.rollout import Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 W = {w: i for i, w in enumerate(builtin.VOCAB_WORDS)}
@@ -121,19 +121,6 @@ def test_pairs_are_prompt_ids_then_response_ids_then_eos(tok):
     assert no_eos.encode("the day was", "good", 0, "c") == ids("the day was good")
 
 
-def _rollout(tok, prompts: list[Prompt], responses: list[str]) -> Rollout:
-    """A rollout as rollout.generate builds it: prompts left-padded, responses + EOS (stopped)."""
-    p_ids, p_mask = left_pad([p.input_ids for p in prompts], tok.pad_token_id)
-    resp = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
-    R = max(len(r) for r in resp)
-    r_ids = torch.full((len(resp), R), tok.pad_token_id)
-    r_mask = torch.zeros((len(resp), R), dtype=torch.long)
-    for i, r in enumerate(resp):
-        r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r), 1
-    return Rollout(input_ids=torch.cat([p_ids, r_ids], 1), attention_mask=torch.cat([p_mask, r_mask], 1),
-                   prompt_length=p_ids.shape[1], response_mask=r_mask,
-                   stopped=torch.ones(len(resp), dtype=torch.bool), prompts=prompts,
-                   response_texts=tok.batch_decode(r_ids, skip_special_tokens=True))
 
 
 @pytest.mark.parametrize("reward_tokenizer", ["same", "char", "char+chat"])
@@ -156,7 +143,7 @@ def test_pairs_match_what_model_reward_scores(tok, tiny_policy_dir, char_reward_
     chat_text = tok.apply_chat_template(rows[1]["prompt"], tokenize=False, add_generation_prompt=True)
     prompts = load_prompts(DataConfig(path=write_jsonl(tmp_path / "p.jsonl", rows[:1])), tok) + \
         [Prompt(chat_text, tok(chat_text, add_special_tokens=False)["input_ids"], rows[1]["prompt"])]
-    rollout = _rollout(tok, prompts, [r["response"] for r in rows])
+    rollout = rollout_of(tok, prompts, [r["response"] for r in rows])
     want_ids, want_mask = reward._inputs(rollout)
     f = PairFormatter(reward.tokenizer, tok)
     assert f.same_tokenizer == (reward_tokenizer == "same")
@@ -201,8 +188,8 @@ def test_ppo_model_reward_scores_the_saved_model_as_trained(trained, tok, tmp_pa
     reward = ModelReward(RewardSource(model=final), "reward.sources[0]", ModelConfig(), tok, 16)
     prompts = load_prompts(DataConfig(path=write_jsonl(tmp_path / "p.jsonl", held),
                                       max_prompt_length=32), tok)
-    chosen = reward(_rollout(tok, prompts, [r["chosen"] for r in held]))
-    rejected = reward(_rollout(tok, prompts, [r["rejected"] for r in held]))
+    chosen = reward(rollout_of(tok, prompts, [r["chosen"] for r in held]))
+    rejected = reward(rollout_of(tok, prompts, [r["rejected"] for r in held]))
     assert (chosen > rejected).float().mean().item() == pytest.approx(out["heldout_accuracy"])
     # ... and the very scores training computed for those pairs.
     pairs = encode_pairs(ft.load_table(str(tmp_path / "p.jsonl"), "train", "data.path"),
