@@ -224,6 +224,16 @@ class PPOConfig:
     its micro-batches"""
     inference_batch_size: int = 32
     """sequences per no-grad forward on each process (old log-probs, values, reference)"""
+    micro_batch_tokens: int | None = None
+    """token budget of a forward/backward on each process, instead of `micro_batch_size`
+    sequences: a minibatch's sequences, longest first, fill micro-batches of at most this many
+    token positions (with `packing`: their real tokens; else rows x the longest), and a longer
+    sequence gets one of its own. null: `micro_batch_size` sequences per micro-batch"""
+    packing: bool = True
+    """padding-free forward passes (update, old log-probs, values, reference, reward models): each
+    batch's sequences packed end to end with position ids that restart per sequence, the same
+    numbers as padded batches; a model whose attention does not separate packed sequences (checked
+    at start) runs padded, and a warning says so"""
     ppo_epochs: int = 4
     """passes over the rollout batch per iteration"""
     clip_range: float = 0.2
@@ -321,6 +331,8 @@ class PPOConfig:
               "ppo.micro_batch_size",
               f"a divisor of the minibatch size {mini} (ppo.batch_size / ppo.num_minibatches)",
               self.micro_batch_size)
+        check(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1,
+              "ppo.micro_batch_tokens", "an integer >= 1 or null", self.micro_batch_tokens)
         check(self.clip_range > 0, "ppo.clip_range", "a number > 0", self.clip_range)
         check(self.clip_range_value is None or self.clip_range_value > 0, "ppo.clip_range_value",
               "a number > 0 or null", self.clip_range_value)

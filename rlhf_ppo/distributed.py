@@ -129,6 +129,10 @@ def check_engine_support(cfg: Config, acc) -> None:
         # FSDP root's forward; not supported yet.
         raise ConfigError("peft.enabled: LoRA under FSDP is not supported yet; use DDP or "
                           "DeepSpeed")
+    if cfg.ppo.micro_batch_tokens is not None and is_deepspeed(acc):
+        raise ConfigError("ppo.micro_batch_tokens: token budgets are not supported under "
+                          "DeepSpeed yet (its config fixes the micro-batches per optimizer step); "
+                          "use ppo.micro_batch_size")
     if cfg.resume_from is not None and (is_deepspeed(acc) or acc.distributed_type.name == "FSDP"):
         raise CheckpointError("resume_from: resuming under DeepSpeed or FSDP is not supported "
                               "yet (sharded optimizer state)")

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from . import builtin, ops
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
+from .packing import Packed, pack, packed_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +295,25 @@ def backbone_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return out.last_hidden_state
 
 
+def response_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    prompt_length: int, packed: Packed | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's hidden states at the positions that predict the response tokens, and those
+    tokens: padded ``([B, R, H], [B, R])``, or with ``packed`` (:func:`packing.pack` of the same
+    batch) only the real response tokens, ``([1, N, H], [1, N])``."""
+    if packed is None:
+        hidden = backbone_hidden(model, input_ids, attention_mask)
+        # Position i predicts token i+1: response tokens P..L-1 are predicted by P-1..L-2.
+        return hidden[:, prompt_length - 1:-1], input_ids[:, prompt_length:]
+    hidden = packed_hidden(model, packed)
+    return hidden[packed.response_index][None], packed.response_tokens[None]
+
+
+def padded(x: torch.Tensor, packed: Packed | None) -> torch.Tensor:
+    """Per-response-token values ``[B, R]`` from :func:`response_states`'s layout."""
+    return x if packed is None else packed.unpack(x)
+
+
 def is_peft(model: nn.Module) -> bool:
     """True for a PEFT (LoRA) model."""
     return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
@@ -362,6 +382,8 @@ class ActorCritic(nn.Module):
             nn.init.zeros_(value_head.weight)
             nn.init.zeros_(value_head.bias)
         self.value_head = None if value_head is None else value_head.float()
+        self.pack_sequences = False
+        """True: forward passes pack the batch's sequences without padding (:mod:`.packing`)"""
 
     @property
     def _no_split_modules(self) -> list[str]:
@@ -409,10 +431,10 @@ class ActorCritic(nn.Module):
             ``(logprobs, entropy, values)``, each ``[B, R]`` float32. ``values[:, t]`` is V of the
             state before response token t (read at the position that predicts it).
         """
-        hidden = backbone_hidden(self.policy, input_ids, attention_mask)  # (B, L, H)
-        # Position i predicts token i+1, so response tokens P..L-1 are predicted by P-1..L-2.
-        h_resp = hidden[:, prompt_length - 1:-1]  # (B, R, H)
-        tokens = input_ids[:, prompt_length:]  # (B, R)
+        packed = (pack(input_ids, attention_mask, prompt_length) if self.pack_sequences
+                  else None)
+        h_resp, tokens = response_states(self.policy, input_ids, attention_mask, prompt_length,
+                                         packed)  # (B, R, H), (B, R); packed (1, N, H), (1, N)
         lm = transformer(self.policy)
         logprobs, entropy = token_logprobs(lm.get_output_embeddings(), lm.config,
                                            h_resp, tokens, temperature, with_entropy)
@@ -421,8 +443,8 @@ class ActorCritic(nn.Module):
         elif self.shares_backbone:
             values = self.shared_values(ops.scale_gradient(h_resp, backbone_value_grad))
         else:
-            values = self.values(input_ids, attention_mask, prompt_length)
-        return logprobs, entropy, values
+            values = self._critic_values(input_ids, attention_mask, prompt_length, packed)
+        return padded(logprobs, packed), padded(entropy, packed), padded(values, packed)
 
     @property
     def shares_backbone(self) -> bool:
@@ -443,31 +465,39 @@ class ActorCritic(nn.Module):
         if not self.has_critic:
             return torch.zeros(input_ids.shape[0], input_ids.shape[1] - prompt_length,
                                device=input_ids.device)
+        packed = (pack(input_ids, attention_mask, prompt_length) if self.pack_sequences
+                  else None)
+        return padded(self._critic_values(input_ids, attention_mask, prompt_length, packed),
+                      packed)
+
+    def _critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       prompt_length: int, packed: Packed | None) -> torch.Tensor:
+        """Values in :func:`response_states`'s layout from the critic's backbone pass."""
+        args = (input_ids, attention_mask, prompt_length, packed)
         if self.critic_on_reward_model:
             with active_adapter(self.critic, self.critic_adapter):
-                c_hidden = backbone_hidden(self.critic, input_ids, attention_mask)
-            return self.shared_values(c_hidden[:, prompt_length - 1:-1])
+                return self.shared_values(response_states(self.critic, *args)[0])
         if self.critic is not None:
-            c_hidden = backbone_hidden(self.critic, input_ids, attention_mask)
-            h_c = c_hidden[:, prompt_length - 1:-1]  # (B, R, H)
+            h_c = response_states(self.critic, *args)[0]
             # The score head is float32 (set at load) while a bf16/fp16 backbone's output is not.
             return self.critic.score(h_c.to(self.critic.score.weight.dtype)).float().squeeze(-1)
         adapter = self.critic_adapter
         with active_adapter(self.policy, adapter) if adapter else nullcontext():
-            c_hidden = backbone_hidden(self.policy, input_ids, attention_mask)
-        return self.shared_values(c_hidden[:, prompt_length - 1:-1])
+            return self.shared_values(response_states(self.policy, *args)[0])
 
 
 def reference_logprobs(ref: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       prompt_length: int, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs ``[B, R]`` of the response tokens under a frozen causal LM (no grad)."""
+                       prompt_length: int, temperature: float = 1.0, pack_sequences: bool = False
+                       ) -> torch.Tensor:
+    """Log-probs ``[B, R]`` of the response tokens under a frozen causal LM (no grad);
+    ``pack_sequences``: one padding-free pass (:mod:`.packing`)."""
     with torch.no_grad():
-        hidden = backbone_hidden(ref, input_ids, attention_mask)
+        packed = pack(input_ids, attention_mask, prompt_length) if pack_sequences else None
+        h_resp, tokens = response_states(ref, input_ids, attention_mask, prompt_length, packed)
         lm = transformer(ref)
-        lp, _ = token_logprobs(lm.get_output_embeddings(), lm.config,
-                               hidden[:, prompt_length - 1:-1], input_ids[:, prompt_length:],
+        lp, _ = token_logprobs(lm.get_output_embeddings(), lm.config, h_resp, tokens,
                                temperature, with_entropy=False)
-    return lp
+    return padded(lp, packed)
 
 
 def no_split_modules(*models: nn.Module | None) -> list[str]:
@@ -499,12 +529,14 @@ class ReferenceModel(nn.Module):
         else:
             self.lm = freeze(lm)
         self._no_split_modules = no_split_modules(transformer(lm))
+        self.pack_sequences = False
+        """True: padding-free forward passes (:mod:`.packing`)"""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
                 temperature: float = 1.0) -> torch.Tensor:
         with self._reference_weights():
             return reference_logprobs(self.lm, input_ids, attention_mask, prompt_length,
-                                      temperature)
+                                      temperature, self.pack_sequences)
 
     @contextmanager
     def _reference_weights(self):

@@ -49,6 +49,7 @@ from .models import (
     zero3_partitioned_loading,
 )
 from .ops import RunningMoments
+from .packing import pack, packed_hidden
 from .rollout import Rollout
 
 # --------------------------------------------------------------------------- built-in rewards
@@ -337,13 +338,18 @@ class ModelReward:
         return torch.cat(scores)  # non-finite scores are the trainer's `on_nonfinite` business
 
 
-def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pack_sequences: bool = False) -> torch.Tensor:
     """Reward-model score ``(B,)`` read at the last position where ``attention_mask`` is 1.
 
     Decoder reward models (a ``score`` head) are applied per position and read at that index, not
     at "the last non-pad token id": with pad == EOS that would skip a response's final EOS.
-    Other models (e.g. encoder classifiers) use their own pooling.
+    Other models (e.g. encoder classifiers) use their own pooling. ``pack_sequences``: a decoder
+    reward model runs one padding-free pass (:mod:`.packing`).
     """
+    if hasattr(model, "score") and pack_sequences:
+        packed = pack(input_ids, attention_mask, input_ids.shape[1])
+        return model.score(packed_hidden(model, packed)[packed.last_index]).squeeze(-1)
     if hasattr(model, "score"):
         hidden = backbone_hidden(model, input_ids, attention_mask)  # (B, L, H)
         last = ops.last_token_index(attention_mask)  # (B,)
@@ -362,10 +368,12 @@ class SequenceScorer(torch.nn.Module):
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
         self.adapters_off = False
         """True when the model also carries a trained LoRA critic adapter: scoring runs without it"""
+        self.pack_sequences = False
+        """True: padding-free forward passes (:mod:`.packing`)"""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), active_adapter(self.model, None) if self.adapters_off else nullcontext():
-            return score_sequences(self.model, input_ids, attention_mask)
+            return score_sequences(self.model, input_ids, attention_mask, self.pack_sequences)
 
 
 class RewardSum:

@@ -44,6 +44,7 @@ from .models import (
     save_merged,
 )
 from .optim import make_optimizer
+from .packing import check_packing
 from .rewards import RewardSum
 from .rollout import Rollout, dynamic_sampling, generate, warn_off_policy
 from .runs import (
@@ -84,8 +85,12 @@ def start_lines(t: PPOTrainer) -> list[str]:
         f"trained parameters: {trainable / 1e6:.2f}M of {count(ac.parameters()) / 1e6:.2f}M",
         f"batch: {p.batch_size} rollouts per iteration = {acc.num_processes} process(es) x "
         f"{t.batch_size}; {p.num_minibatches} minibatches of {mini} per process in micro-batches of "
-        f"{micro}; {p.ppo_epochs} epochs: {steps} optimizer steps per iteration, "
+        + (f"{micro} sequences" if p.micro_batch_tokens is None
+           else f"at most {p.micro_batch_tokens} tokens")
+        + f"; {p.ppo_epochs} epochs: {steps} optimizer steps per iteration, "
         f"{steps * cfg.iterations} in {cfg.iterations} iterations",
+        "forward passes: " + ("packed, without padding" if ac.pack_sequences else "padded"
+                              + (" (the model's packing check failed)" if p.packing else "")),
         f"device: {acc.device} ({acc.distributed_type.name}), torch threads "
         f"{torch.get_num_threads()}",
         f"output: {t.output_dir}/ (metrics.jsonl, checkpoint-N/, final/)",
@@ -135,9 +140,23 @@ class PPOTrainer:
             cfg.model, cfg.peft, with_critic=cfg.ppo.advantage_estimator == "gae")
         check_lengths(cfg, model.policy.config, max(len(x.input_ids) for x in prompts),
                       len(self.tokenizer))
+        if cfg.ppo.packing:
+            self._enable_packing(model)
         if resume is not None:
             load_checkpoint_weights(model, resume)
         return model
+
+    def _enable_packing(self, model: ActorCritic) -> None:
+        """``ppo.packing``: padding-free passes for every model whose packed pass gives its padded
+        pass's numbers (:func:`packing.check_packing`; the others stay padded, with a warning)."""
+        m = self.cfg.model
+        model.pack_sequences = check_packing(model.policy, "model.name_or_path") and (
+            model.critic is None or check_packing(model.critic, "model.critic_name_or_path"))
+        self.ref.pack_sequences = (model.pack_sequences if self.ref.lm is model.policy
+                                   else check_packing(self.ref.lm, "model.ref_name_or_path"
+                                                      if m.ref_name_or_path else "reference"))
+        for source in self.rewards.model_sources():
+            source.scorer.pack_sequences = check_packing(source.model, f"{source.key}.model")
 
     def _prepare(self, model: ActorCritic) -> None:
         """Optimizer, schedule and KL controller; hand the models to the engine."""
@@ -376,7 +395,8 @@ class PPOTrainer:
             value_loss_scale=value_loss_scale,
             finite=lambda norm: self._finite("update", "the loss or its gradient", norm),
             with_critic=self.unwrapped.has_critic,
-            max_response_length=self.cfg.generation.max_new_tokens)
+            max_response_length=self.cfg.generation.max_new_tokens,
+            packed=self.unwrapped.pack_sequences)
 
     def _finite(self, stage: str, detail: str, *tensors: torch.Tensor) -> bool:
         """True when every value is finite on every process. Otherwise raise

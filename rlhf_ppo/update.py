@@ -16,6 +16,7 @@ from . import ops
 from .config import OptimConfig, PPOConfig
 from .distributed import clip_grad_norms
 from .experience import Experience
+from .packing import packed_positions
 
 NORM_KEYS = ("grad_norm", "grad_norm_policy", "grad_norm_critic")
 LOSS_KEYS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy_loss",
@@ -26,8 +27,8 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
                temperature: float, generator: torch.Generator, critic_only: bool = False,
                value_loss_scale: float = 1.0,
                finite: Callable[[torch.Tensor], bool] = lambda norm: bool(torch.isfinite(norm)),
-               with_critic: bool = True, max_response_length: int | None = None
-               ) -> dict[str, float]:
+               with_critic: bool = True, max_response_length: int | None = None,
+               packed: bool = False) -> dict[str, float]:
     """Train the prepared ActorCritic ``model`` on ``batch`` (this process's rows).
 
     ``optimizer.param_groups`` are the policy's and the critic's (clipped jointly, or each on its
@@ -36,7 +37,8 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
     ``p.vf_coef * value_loss_scale`` (its metric is unscaled); ``finite(grad_norm)`` decides
     whether a step is taken (False: the update stops there, its gradient dropped);
     ``with_critic=False``: no value loss (critic-free estimators); ``max_response_length``: the
-    constant of the ``seq-mean-token-sum-norm`` aggregation (default: the batch's width).
+    constant of the ``seq-mean-token-sum-norm`` aggregation (default: the batch's width);
+    ``packed``: the model packs its forward passes (sizes the token budgets and padding counts).
     Returns the update's metrics, means over every process and minibatch step, with
     ``ppo_steps``, ``early_stopped``, ``nonfinite_skipped`` and ``padding_share`` (the share of
     the token positions the update's forward passes computed that were padding).
@@ -63,13 +65,16 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
             else:
                 normalizer = g_seqs
             mb_stats = {k: torch.zeros((), device=acc.device) for k in LOSS_KEYS}
+            parts = micro_batches(acc, mb, p, packed)
+            if p.micro_batch_tokens is not None:  # as many micro-batches as this minibatch has
+                acc.gradient_accumulation_steps, acc.step = len(parts), 0
             # accelerate counts micro-batches and syncs gradients (DDP no_sync, DeepSpeed
             # accumulation boundary) only on the last one of each minibatch.
-            for rows in torch.arange(len(mb)).split(p.micro_batch_size):
+            for rows in parts:
                 micro = mb.micro_batch(rows, acc.device)
-                positions += torch.stack([torch.tensor(float(micro["input_ids"].numel()),
-                                                       device=acc.device),
-                                          micro["attention_mask"].sum().float()])
+                am = micro["attention_mask"]
+                positions += torch.tensor([float(packed_positions(am) if packed else am.numel()),
+                                           float(am.sum())], device=acc.device)
                 with acc.accumulate(model):
                     s = micro_step(acc, model, micro, p, temperature, normalizer, mb_tokens,
                                    critic_only, value_loss_scale, with_critic)
@@ -112,6 +117,42 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
     return {**out, "ppo_steps": steps, "early_stopped": float(early_stop),
             "padding_share": 1.0 - real / computed if computed else float("nan"),
             "nonfinite_skipped": nonfinite}
+
+
+def micro_batches(acc, mb: Experience, p: PPOConfig, packed: bool) -> list[torch.Tensor]:
+    """The rows of each micro-batch of minibatch ``mb``: ``p.micro_batch_size`` rows at a time,
+    or with ``p.micro_batch_tokens`` the rows placed longest first into the first micro-batch whose
+    token budget they fit (packed: the sum of their real tokens; padded: rows x (longest prompt +
+    longest response)); a row over the budget alone. Every process
+    gets as many micro-batches as the process that needs the most (its largest ones split), so
+    gradient synchronisation happens on the same micro-batch everywhere."""
+    if p.micro_batch_tokens is None:
+        return list(torch.arange(len(mb)).split(p.micro_batch_size))
+    P = mb.prompt_length
+    prompt_len = mb.attention_mask[:, :P].sum(1).tolist()
+    resp_len = mb.attention_mask[:, P:].sum(1).tolist()
+
+    def cost(rows: list[int]) -> int:
+        if packed:
+            return sum(prompt_len[j] + resp_len[j] for j in rows)
+        return len(rows) * (max(prompt_len[j] for j in rows) + max(resp_len[j] for j in rows))
+
+    parts: list[list[int]] = []  # first-fit decreasing
+    for i in sorted(range(len(mb)), key=lambda i: -(prompt_len[i] + resp_len[i])):
+        part = next((q for q in parts if cost(q + [i]) <= p.micro_batch_tokens), None)
+        if part is None:
+            parts.append([i])
+        else:
+            part.append(i)
+    wanted = int(acc.reduce(torch.tensor([len(parts)], device=acc.device), "max").item())
+    while len(parts) < wanted:  # every process has as many rows as the others: always possible
+        big = max(range(len(parts)), key=lambda k: len(parts[k]))
+        half = len(parts[big]) // 2
+        if half == 0:
+            raise RuntimeError(f"{len(mb)} rows cannot make {wanted} micro-batches: processes "
+                               "hold minibatches of different sizes")
+        parts[big:big + 1] = [parts[big][:half], parts[big][half:]]
+    return [torch.tensor(sorted(rows)) for rows in parts]
 
 
 def micro_step(acc, model, mb: dict, p: PPOConfig, temperature: float, normalizer,

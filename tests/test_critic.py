@@ -35,6 +35,11 @@ def batch(trainer, n=3):
     return enc["input_ids"], enc["attention_mask"]
 
 
+def prompt_length(am):
+    """A split of ``batch``'s left-padded rows where every row keeps a real prompt token."""
+    return am.shape[1] - int(am.sum(1).min()) + 1
+
+
 def prefix_scores(rm, ids, am, P):
     """The reward model's score of every prefix ids[:, :P + t] (t = 0..R-1): what a critic
     initialised from it should predict for the state before response token t."""
@@ -168,9 +173,10 @@ def test_critic_init_reward_starts_from_the_reward_models_prefix_scores(tmp_path
     rm = trainer.rewards.model_sources()[0].model
     assert ac.critic is not rm  # full fine-tuning: the critic is its own copy
     ids, am = batch(trainer)
-    P = 2
+    P = prompt_length(am)
+    real = am[:, P:].bool()
     with torch.no_grad():
-        assert_close(ac.values(ids, am, P), prefix_scores(rm, ids, am, P))
+        assert_close(ac.values(ids, am, P)[real], prefix_scores(rm, ids, am, P)[real])
     m = trainer.step()
     assert m["value_loss"] == m["value_loss"]
 
@@ -207,11 +213,12 @@ def test_lora_critic_adapter_on_the_reward_models_base(tmp_path, tiny_reward_dir
                            for n in trained), trained
     assert any(n.startswith("critic.") and "lora_" in n for n in trained)
     ids, am = batch(trainer)
-    P = 2
+    P = prompt_length(am)
+    real = am[:, P:].bool()
     with torch.no_grad():
         score_before = source.scorer(ids, am)
         values_before = ac.values(ids, am, P)
-        assert_close(values_before, prefix_scores(rm, ids, am, P))  # LoRA B = 0 at start
+        assert_close(values_before[real], prefix_scores(rm, ids, am, P)[real])  # LoRA B = 0
     trainer.train()
     with torch.no_grad():
         assert not torch.allclose(ac.values(ids, am, P), values_before)  # the critic learned

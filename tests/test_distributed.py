@@ -82,6 +82,27 @@ def test_two_processes_reproduce_one_process_for_grpo_and_the_loss_variants(tmp_
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
+def test_two_processes_with_token_budgets_reproduce_one_padded_process(tmp_path):
+    """Packed micro-batches cut by a token budget on 2 processes (each process may need another
+    number of them: they agree on the largest) give the update of one process with padded
+    micro-batches of 2 sequences."""
+    torchrun(1, "step", str(tmp_path / "one"), f"output_dir={tmp_path / 'run1'}",
+             "ppo.batch_size=8", "ppo.packing=false", *COMMON)
+    torchrun(2, "step", str(tmp_path / "two"), f"output_dir={tmp_path / 'run2'}",
+             "ppo.batch_size=8", "ppo.micro_batch_tokens=24", *COMMON)
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for key in ("score_mean", "kl", "policy_loss", "value_loss", "clipfrac", "approx_kl",
+                "grad_norm", "explained_variance"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+    assert m1["ppo_steps"] == m2["ppo_steps"] == 2
+    assert m2["padding_share"] < m1["padding_share"]
+    w1 = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
+    w2 = torch.load(tmp_path / "two" / "weights.pt", weights_only=True)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_two_process_run_trains_saves_once_and_logs_once(tmp_path):
     out = tmp_path / "run"
     torchrun(2, "train", "", f"output_dir={out}", "iterations=3", "save_every=2",

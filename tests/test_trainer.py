@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_ppo import Config, PPOTrainer, load_config
+from rlhf_ppo.experience import Experience
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -440,8 +441,9 @@ def test_start_of_run_says_what_the_run_will_do(tmp_path, caplog):
     assert f"trained parameters: {n_params / 1e6:.2f}M of {n_params / 1e6:.2f}M" in text
     # 8 rollouts, 2 minibatches of 4 in micro-batches of 2, 3 epochs: 6 steps per iteration
     assert ("batch: 8 rollouts per iteration = 1 process(es) x 8; 2 minibatches of 4 per process "
-            "in micro-batches of 2; 3 epochs: 6 optimizer steps per iteration, 18 in 3 iterations"
-            ) in text
+            "in micro-batches of 2 sequences; 3 epochs: 6 optimizer steps per iteration, 18 in 3 "
+            "iterations") in text
+    assert "forward passes: packed, without padding" in text  # the tiny Llama passes the check
     assert f"torch threads {torch.get_num_threads()}" in text and f"output: {tmp_path}/" in text
 
 
@@ -475,6 +477,74 @@ def test_micro_batch_size_does_not_change_the_update_of_the_variants(tmp_path, v
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4, msg=f"step {step}")
     for k in ("policy_loss", "clipfrac", "approx_kl", "kl_loss", "dual_clipfrac"):
         assert m1[k] == pytest.approx(m4[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean", "seq-mean-token-sum-norm"])
+def test_token_budgets_and_packing_do_not_change_the_update(tmp_path, aggregation):
+    """Padded micro-batches of 4 sequences, packed ones, and packed or padded micro-batches cut
+    by a token budget give the same gradient at every optimizer step."""
+    base = _one_iteration(tmp_path / "a", 4, aggregation, "ppo.packing=false")
+    variants = {
+        "packed": _one_iteration(tmp_path / "b", 4, aggregation),
+        # (micro_batch_size 1 sets up 4 micro-batches per step; the budget makes 1 to 3)
+        "packed, 40 tokens": _one_iteration(tmp_path / "c", 1, aggregation,
+                                            "ppo.micro_batch_tokens=40"),
+        "padded, 40 tokens": _one_iteration(tmp_path / "d", 1, aggregation, "ppo.packing=false",
+                                            "ppo.micro_batch_tokens=40"),
+    }
+    for name, (_w, m, g) in variants.items():
+        assert len(g) == len(base[2]) == 4, name  # every optimizer step taken
+        for step, (a, b) in enumerate(zip(g, base[2])):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4, msg=f"{name} step {step}")
+        for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl"):
+            assert m[k] == pytest.approx(base[1][k], rel=1e-4, abs=1e-6), (name, k)
+    # padding: packed passes compute fewer padded positions than padded ones
+    assert variants["packed"][1]["padding_share"] < base[1]["padding_share"]
+
+
+def _experience(prompt_lens, resp_lens, P=6, R=8):
+    B = len(prompt_lens)
+    cols = torch.arange(P + R)
+    p, r = torch.tensor(prompt_lens)[:, None], torch.tensor(resp_lens)[:, None]
+    am = ((cols >= P - p) & (cols < P + r)).long()
+    z = torch.zeros(B, R)
+    return Experience(torch.ones(B, P + R, dtype=torch.long), am, P, am[:, P:], z, z, z, z, z, z)
+
+
+class _OneProcess:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def reduce(t, op):
+        return t
+
+
+def test_token_budget_micro_batches_by_hand():
+    from rlhf_ppo.config import PPOConfig
+    from rlhf_ppo.update import micro_batches
+
+    #          row:  0  1  2  3  4  5
+    mb = _experience([2, 6, 1, 3, 2, 4], [1, 8, 2, 5, 8, 1])  # lengths 3, 14, 3, 8, 10, 5
+    p = PPOConfig(batch_size=6, num_minibatches=1, micro_batch_tokens=16)
+    # packed: longest first (1, 4, 3, 5, 0, 2), each into the first micro-batch whose sum of
+    # real tokens stays <= 16: [1] 14; [4] 10; [3] 8; 5 -> [4, 5] 15; 0 -> [3, 0] 11; 2 -> 14
+    parts = [t.tolist() for t in micro_batches(_OneProcess, mb, p, packed=True)]
+    assert parts == [[1], [4, 5], [0, 2, 3]]
+    # padded: rows x (longest prompt + longest response): 0 -> [3, 0] 2 x (3 + 5) = 16;
+    # 2 -> [3, 0, 2] 3 x 8 = 24 too much, [5, 2] 2 x (4 + 2) = 12
+    parts = [t.tolist() for t in micro_batches(_OneProcess, mb, p, packed=False)]
+    assert parts == [[1], [4], [0, 3], [2, 5]]
+    # another process needing 5 micro-batches: the largest ones are split
+    class Five(_OneProcess):
+        @staticmethod
+        def reduce(t, op):
+            return torch.tensor([5])
+    parts = [t.tolist() for t in micro_batches(Five, mb, p, packed=True)]
+    assert len(parts) == 5 and sorted(sum(parts, [])) == list(range(6))
+    p = PPOConfig(batch_size=6, num_minibatches=1, micro_batch_size=3)  # no budget: by count
+    assert [t.tolist() for t in micro_batches(_OneProcess, mb, p, packed=True)] == [
+        [0, 1, 2], [3, 4, 5]]
 
 
 def test_critic_free_grpo_builds_no_critic_and_uses_group_advantages(tmp_path):

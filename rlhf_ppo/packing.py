@@ -1,0 +1,164 @@
+"""Padding-free forward passes: the sequences of a padded batch packed end to end into a few rows,
+with position ids that restart at 0 for every sequence, so that attention never crosses from one
+sequence into another.
+
+transformers builds the attention mask of a packed row from its position ids when no attention
+mask is given (``masking_utils.find_packed_sequence_indices``: a new sequence starts wherever the
+position does not grow by one); flash attention reads the same boundaries. Sequences are placed
+first-fit-decreasing into rows as long as the longest sequence, so a packed batch costs about
+``sum of lengths`` token positions instead of ``rows x longest``, and attention, which on a CPU
+computes every masked pair too, about ``sum of lengths x longest`` instead of
+``rows x longest^2``.
+
+:func:`check_packing` verifies on the model itself that packed and padded passes agree, so an
+architecture whose attention ignores the position ids falls back to padded batches instead of
+silently mixing sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A padded batch ``(B, L)`` (prompt left-padded to ``P``, response right-padded) packed into
+    ``(n, C)``. Flat indices below index the packed batch flattened to ``n * C`` positions."""
+
+    input_ids: torch.Tensor
+    """(n, C) the real tokens of every sequence, end to end; unused tails hold token 0"""
+    position_ids: torch.Tensor
+    """(n, C) 0, 1, ... within each sequence (and within each row's unused tail)"""
+    response_index: torch.Tensor
+    """(N,) flat position that predicts each real response token (the position before it), in
+    the row-major order of ``response_mask``"""
+    response_tokens: torch.Tensor
+    """(N,) the real response tokens, same order"""
+    response_mask: torch.Tensor
+    """(B, R) bool: which response columns of the padded batch are real"""
+    last_index: torch.Tensor
+    """(B,) flat position of each sequence's last real token"""
+
+    tail: int = 0
+    """positions in the rows' unused tails (the packed batch's padding)"""
+
+    def unpack(self, flat: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` or ``(1, N)`` per-response-token values back to the padded ``(B, R)`` layout
+        (0 where the response is padding)."""
+        out = flat.new_zeros(self.response_mask.shape)
+        out[self.response_mask] = flat.reshape(-1)
+        return out
+
+
+def first_fit(lengths: list[int]) -> tuple[list[int], list[int], int]:
+    """Place sequences of ``lengths`` first-fit decreasing into rows as long as the longest:
+    ``(flat start of each sequence, tokens used in each row, row length C)``."""
+    C = max(max(lengths, default=1), 1)
+    fill: list[int] = []
+    start = [0] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for row, used in enumerate(fill):
+            if used + lengths[i] <= C:
+                start[i] = row * C + used
+                fill[row] += lengths[i]
+                break
+        else:
+            start[i] = len(fill) * C
+            fill.append(lengths[i])
+    return start, fill, C
+
+
+def packed_positions(attention_mask: torch.Tensor) -> int:
+    """Token positions (rows x row length) a packed pass over this batch computes."""
+    _, fill, C = first_fit(attention_mask.sum(1).tolist())
+    return max(len(fill), 1) * C
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> Packed:
+    """Pack the real tokens (``attention_mask`` 1) of each row of a padded batch. Every row must
+    have at least one real prompt token (the position that predicts the first response token)."""
+    B, L = input_ids.shape
+    device = input_ids.device
+    real = attention_mask.bool()
+    lengths = real.sum(1).tolist()
+    start, fill, C = first_fit(lengths)
+    if not real[:, :prompt_length].any(1).all():
+        raise ValueError("pack: every row needs a real prompt token (the position that predicts "
+                         "its first response token)")
+    n = max(len(fill), 1)
+    rank = real.long().cumsum(1) - 1  # index of each real token within its sequence
+    dest = torch.tensor(start, device=device)[:, None] + rank  # (B, L) flat destination
+    ids = torch.zeros(n * C, dtype=input_ids.dtype, device=device)
+    ids[dest[real]] = input_ids[real]
+    # Unused tails get positions 0, 1, ... too: a block of their own that no sequence sees.
+    pos = (torch.arange(n * C, device=device) % C).sub_(
+        torch.tensor(fill + [0] * (n - len(fill)), device=device).repeat_interleave(C))
+    pos[dest[real]] = rank[real]
+    resp = real[:, prompt_length:]
+    last = torch.tensor(start, device=device) + torch.tensor(lengths, device=device) - 1
+    return Packed(ids.view(n, C), pos.clamp_(min=0).view(n, C),
+                  (dest[:, prompt_length:] - 1)[resp], input_ids[:, prompt_length:][resp], resp,
+                  last, tail=n * C - sum(lengths))
+
+
+def packed_hidden(model: nn.Module, packed: Packed) -> torch.Tensor:
+    """Last hidden states ``(n * C, H)`` of a ``*ForCausalLM`` / ``*ForSequenceClassification``'s
+    backbone over a packed batch (no attention mask: the position ids mark the sequences)."""
+    from .models import transformer
+
+    out = transformer(model).base_model(input_ids=packed.input_ids,
+                                        position_ids=packed.position_ids, attention_mask=None,
+                                        use_cache=False)
+    return out.last_hidden_state.flatten(0, 1)
+
+
+@torch.no_grad()
+def check_packing(model: nn.Module, name: str) -> bool:
+    """True when ``model``'s packed and padded passes agree on three short random sequences, two
+    of them sharing a packed row (hidden states within 1e-3 of their scale, 5e-2 in 16-bit
+    weights); else a warning naming ``name`` and the architecture, and False (use padded
+    batches). A model whose weights an engine partitioned cannot run outside it: there the
+    architecture's code is checked for transformers' packed-sequence mask instead."""
+    import sys
+
+    from .models import backbone_hidden, is_partitioned, transformer
+
+    lm = transformer(model)
+    config = lm.config.get_text_config()
+    arch = type(lm).__name__
+    if is_partitioned(model):
+        ok = "create_causal_mask" in sys.modules[type(lm).__module__].__dict__
+    else:
+        param = next(model.parameters())
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(getattr(config, "vocab_size", 2) or 2, (3, 8), generator=gen)
+        mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1],   # 7 tokens, left padding
+                             [0, 0, 0, 0, 1, 1, 1, 0],   # 3 and 4: one packed row
+                             [0, 0, 1, 1, 1, 1, 0, 0]])  # right padding too
+        ids, mask = ids.to(param.device), mask.to(param.device)
+        was_training = model.training
+        model.eval()
+        try:
+            padded = backbone_hidden(model, ids, mask)[mask.bool()].float()
+            p = pack(ids, mask, 5)
+            flat = packed_hidden(model, p).float()
+            rows = [torch.arange(int(last) - n + 1, int(last) + 1)
+                    for last, n in zip(p.last_index.tolist(), mask.sum(1).tolist())]
+            packed = flat[torch.cat(rows).to(flat.device)]
+            rtol = 1e-3 if param.dtype == torch.float32 else 5e-2
+            ok = bool((packed - padded).abs().max() <= rtol * (padded.abs().max() + 1))
+        except (TypeError, ValueError, RuntimeError, IndexError) as e:
+            logger.debug("packing check of %s failed: %s", name, e)
+            ok = False
+        finally:
+            model.train(was_training)
+    if not ok:
+        logger.warning("%s (%s): packed sequences do not give the padded pass's hidden states; "
+                       "its forward passes use padded micro-batches instead", name, arch)
+    return ok
