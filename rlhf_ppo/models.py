@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from . import builtin, ops
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
-from .packing import Packed, pack, packed_hidden
+from .packing import Packed, attention_weight, pack, packed_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -431,8 +431,7 @@ class ActorCritic(nn.Module):
             ``(logprobs, entropy, values)``, each ``[B, R]`` float32. ``values[:, t]`` is V of the
             state before response token t (read at the position that predicts it).
         """
-        packed = (pack(input_ids, attention_mask, prompt_length) if self.pack_sequences
-                  else None)
+        packed = self._pack(input_ids, attention_mask, prompt_length)
         h_resp, tokens = response_states(self.policy, input_ids, attention_mask, prompt_length,
                                          packed)  # (B, R, H), (B, R); packed (1, N, H), (1, N)
         lm = transformer(self.policy)
@@ -445,6 +444,14 @@ class ActorCritic(nn.Module):
         else:
             values = self._critic_values(input_ids, attention_mask, prompt_length, packed)
         return padded(logprobs, packed), padded(entropy, packed), padded(values, packed)
+
+    def _pack(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+              ) -> Packed | None:
+        """The batch packed (:mod:`.packing`) when ``pack_sequences``, else None."""
+        if not self.pack_sequences:
+            return None
+        return pack(input_ids, attention_mask, prompt_length,
+                    attention_weight(transformer(self.policy).config))
 
     @property
     def shares_backbone(self) -> bool:
@@ -465,8 +472,7 @@ class ActorCritic(nn.Module):
         if not self.has_critic:
             return torch.zeros(input_ids.shape[0], input_ids.shape[1] - prompt_length,
                                device=input_ids.device)
-        packed = (pack(input_ids, attention_mask, prompt_length) if self.pack_sequences
-                  else None)
+        packed = self._pack(input_ids, attention_mask, prompt_length)
         return padded(self._critic_values(input_ids, attention_mask, prompt_length, packed),
                       packed)
 
@@ -492,7 +498,8 @@ def reference_logprobs(ref: nn.Module, input_ids: torch.Tensor, attention_mask: 
     """Log-probs ``[B, R]`` of the response tokens under a frozen causal LM (no grad);
     ``pack_sequences``: one padding-free pass (:mod:`.packing`)."""
     with torch.no_grad():
-        packed = pack(input_ids, attention_mask, prompt_length) if pack_sequences else None
+        packed = (pack(input_ids, attention_mask, prompt_length,
+                       attention_weight(transformer(ref).config)) if pack_sequences else None)
         h_resp, tokens = response_states(ref, input_ids, attention_mask, prompt_length, packed)
         lm = transformer(ref)
         lp, _ = token_logprobs(lm.get_output_embeddings(), lm.config, h_resp, tokens,

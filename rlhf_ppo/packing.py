@@ -5,10 +5,11 @@ sequence into another.
 transformers builds the attention mask of a packed row from its position ids when no attention
 mask is given (``masking_utils.find_packed_sequence_indices``: a new sequence starts wherever the
 position does not grow by one); flash attention reads the same boundaries. Sequences are placed
-first-fit-decreasing into rows as long as the longest sequence, so a packed batch costs about
-``sum of lengths`` token positions instead of ``rows x longest``, and attention, which on a CPU
-computes every masked pair too, about ``sum of lengths x longest`` instead of
-``rows x longest^2``.
+first-fit decreasing into rows whose length balances the padding left at the rows' ends against
+attention's work over a longer row (which, with a mask, covers every pair in the row): one row
+when attention is cheap next to the dense layers, rows as long as the longest sequence when it
+is not. A packed batch costs about ``sum of lengths`` token positions instead of
+``rows x longest``.
 
 :func:`check_packing` verifies on the model itself that packed and padded passes agree, so an
 architecture whose attention ignores the position ids falls back to padded batches instead of
@@ -56,38 +57,72 @@ class Packed:
         return out
 
 
-def first_fit(lengths: list[int]) -> tuple[list[int], list[int], int]:
-    """Place sequences of ``lengths`` first-fit decreasing into rows as long as the longest:
-    ``(flat start of each sequence, tokens used in each row, row length C)``."""
-    C = max(max(lengths, default=1), 1)
+MAX_ROW = 16384
+"""longest packed row considered (a row's attention mask is row length squared)"""
+
+
+def attention_weight(config) -> float:
+    """Attention's work per token and per position it attends to, relative to a layer's dense
+    work per token: ``2 H`` multiply-adds per pair (scores and weighted values, every head)
+    against ``4 H^2 + 3 H I`` (projections and a gated MLP), i.e. ``2 / (4 H + 3 I)``."""
+    c = config.get_text_config()
+    H = c.hidden_size
+    return 2.0 / (4 * H + 3 * (getattr(c, "intermediate_size", None) or 4 * H))
+
+
+def first_fit(lengths: list[int], capacity: int) -> tuple[list[int], list[int]]:
+    """Place sequences of ``lengths`` first-fit decreasing into rows of ``capacity`` (at least
+    the longest): ``(flat start of each sequence, tokens used in each row)``."""
     fill: list[int] = []
     start = [0] * len(lengths)
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         for row, used in enumerate(fill):
-            if used + lengths[i] <= C:
-                start[i] = row * C + used
+            if used + lengths[i] <= capacity:
+                start[i] = row * capacity + used
                 fill[row] += lengths[i]
                 break
         else:
-            start[i] = len(fill) * C
+            start[i] = len(fill) * capacity
             fill.append(lengths[i])
-    return start, fill, C
+    return start, fill
 
 
-def packed_positions(attention_mask: torch.Tensor) -> int:
+def layout(lengths: list[int], attention: float) -> tuple[list[int], list[int], int]:
+    """The cheapest packing of sequences of ``lengths``: rows of length ``C`` from the longest
+    sequence up to all of them in one row, costing ``rows x C x (1 + attention x C)`` (dense
+    work per position, plus attention over the whole row: a CPU computes masked pairs too).
+    Returns ``(flat starts, tokens used per row, C)``."""
+    longest, total = max(max(lengths, default=1), 1), max(sum(lengths), 1)
+    best = None
+    for k in range(1, 9):  # rows of total / k tokens (at least the longest, at most MAX_ROW)
+        C = min(max(longest, -(-total // k)), max(longest, MAX_ROW))
+        start, fill = first_fit(lengths, C)
+        cost = len(fill) * C * (1 + attention * C)
+        if best is None or cost < best[0]:
+            best = (cost, start, fill, C)
+    start, fill = first_fit(lengths, longest)
+    if len(fill) * longest * (1 + attention * longest) < best[0]:
+        return start, fill, longest
+    return best[1], best[2], best[3]
+
+
+def packed_positions(attention_mask: torch.Tensor, attention: float) -> int:
     """Token positions (rows x row length) a packed pass over this batch computes."""
-    _, fill, C = first_fit(attention_mask.sum(1).tolist())
+    _, fill, C = layout(attention_mask.sum(1).tolist(), attention)
     return max(len(fill), 1) * C
 
 
-def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> Packed:
-    """Pack the real tokens (``attention_mask`` 1) of each row of a padded batch. Every row must
-    have at least one real prompt token (the position that predicts the first response token)."""
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+         attention: float = 0.0) -> Packed:
+    """Pack the real tokens (``attention_mask`` 1) of each row of a padded batch into rows laid
+    out by :func:`layout` (``attention``: :func:`attention_weight` of the model; 0: one row).
+    Every row must have at least one real prompt token (the position that predicts the first
+    response token)."""
     B, L = input_ids.shape
     device = input_ids.device
     real = attention_mask.bool()
     lengths = real.sum(1).tolist()
-    start, fill, C = first_fit(lengths)
+    start, fill, C = layout(lengths, attention)
     if not real[:, :prompt_length].any(1).all():
         raise ValueError("pack: every row needs a real prompt token (the position that predicts "
                          "its first response token)")
@@ -146,7 +181,7 @@ def check_packing(model: nn.Module, name: str) -> bool:
         model.eval()
         try:
             padded = backbone_hidden(model, ids, mask)[mask.bool()].float()
-            p = pack(ids, mask, 5)
+            p = pack(ids, mask, 5, attention=1.0)  # rows of 7: two sequences share one
             flat = packed_hidden(model, p).float()
             rows = [torch.arange(int(last) - n + 1, int(last) + 1)
                     for last, n in zip(p.last_index.tolist(), mask.sum(1).tolist())]

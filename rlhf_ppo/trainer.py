@@ -44,7 +44,7 @@ from .models import (
     save_merged,
 )
 from .optim import make_optimizer
-from .packing import check_packing
+from .packing import attention_weight, check_packing
 from .rewards import RewardSum
 from .rollout import Rollout, dynamic_sampling, generate, warn_off_policy
 from .runs import (
@@ -396,7 +396,8 @@ class PPOTrainer:
             finite=lambda norm: self._finite("update", "the loss or its gradient", norm),
             with_critic=self.unwrapped.has_critic,
             max_response_length=self.cfg.generation.max_new_tokens,
-            packed=self.unwrapped.pack_sequences)
+            packed=(attention_weight(self.unwrapped.policy.config)
+                    if self.unwrapped.pack_sequences else None))
 
     def _finite(self, stage: str, detail: str, *tensors: torch.Tensor) -> bool:
         """True when every value is finite on every process. Otherwise raise

@@ -28,7 +28,7 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
                value_loss_scale: float = 1.0,
                finite: Callable[[torch.Tensor], bool] = lambda norm: bool(torch.isfinite(norm)),
                with_critic: bool = True, max_response_length: int | None = None,
-               packed: bool = False) -> dict[str, float]:
+               packed: float | None = None) -> dict[str, float]:
     """Train the prepared ActorCritic ``model`` on ``batch`` (this process's rows).
 
     ``optimizer.param_groups`` are the policy's and the critic's (clipped jointly, or each on its
@@ -38,7 +38,8 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
     whether a step is taken (False: the update stops there, its gradient dropped);
     ``with_critic=False``: no value loss (critic-free estimators); ``max_response_length``: the
     constant of the ``seq-mean-token-sum-norm`` aggregation (default: the batch's width);
-    ``packed``: the model packs its forward passes (sizes the token budgets and padding counts).
+    ``packed``: when the model packs its forward passes, its :func:`packing.attention_weight`
+    (the packed layout sizes the token budgets and the padding counts); None: padded passes.
     Returns the update's metrics, means over every process and minibatch step, with
     ``ppo_steps``, ``early_stopped``, ``nonfinite_skipped`` and ``padding_share`` (the share of
     the token positions the update's forward passes computed that were padding).
@@ -65,7 +66,7 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
             else:
                 normalizer = g_seqs
             mb_stats = {k: torch.zeros((), device=acc.device) for k in LOSS_KEYS}
-            parts = micro_batches(acc, mb, p, packed)
+            parts = micro_batches(acc, mb, p, packed is not None)
             if p.micro_batch_tokens is not None:  # as many micro-batches as this minibatch has
                 acc.gradient_accumulation_steps, acc.step = len(parts), 0
             # accelerate counts micro-batches and syncs gradients (DDP no_sync, DeepSpeed
@@ -73,8 +74,8 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
             for rows in parts:
                 micro = mb.micro_batch(rows, acc.device)
                 am = micro["attention_mask"]
-                positions += torch.tensor([float(packed_positions(am) if packed else am.numel()),
-                                           float(am.sum())], device=acc.device)
+                computed = am.numel() if packed is None else packed_positions(am, packed)
+                positions += torch.tensor([float(computed), float(am.sum())], device=acc.device)
                 with acc.accumulate(model):
                     s = micro_step(acc, model, micro, p, temperature, normalizer, mb_tokens,
                                    critic_only, value_loss_scale, with_critic)

@@ -6,7 +6,7 @@ import transformers
 
 from rlhf_ppo.config import ModelConfig
 from rlhf_ppo.models import ActorCritic, ReferenceModel, load_causal_lm, load_sequence_classifier
-from rlhf_ppo.packing import check_packing, pack
+from rlhf_ppo.packing import attention_weight, check_packing, pack, packed_positions
 from rlhf_ppo.rewards import score_sequences
 
 V = 50
@@ -66,8 +66,15 @@ def test_pack_layout_by_hand():
                         [0, 8, 9, 10, 11]])
     mask = torch.tensor([[1, 1, 1, 0, 0],
                          [0, 1, 1, 1, 1]])
+    # One row of 7 (the default, attention counted as free) ...
     p = pack(ids, mask, 2)
-    # C = 4: the 4-token sequence fills row 0, the 3-token one row 1 (first-fit decreasing).
+    assert p.input_ids.tolist() == [[8, 9, 10, 11, 5, 6, 7]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert p.response_index.tolist() == [5, 0, 1, 2] and p.tail == 0
+    assert p.unpack(torch.tensor([1., 2., 3., 4.])).tolist() == [[1, 0, 0], [2, 3, 4]]
+    # ... or, when attention is costly, rows of the longest (4): 2 x 4 x (1 + 4) = 40 positions'
+    # worth against 1 x 7 x (1 + 7) = 56; the 4-token sequence fills row 0, the 3-token one row 1.
+    p = pack(ids, mask, 2, attention=1.0)
     assert p.input_ids.tolist() == [[8, 9, 10, 11], [5, 6, 7, 0]]
     assert p.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0]]
     assert p.response_tokens.tolist() == [7, 9, 10, 11]
@@ -79,11 +86,22 @@ def test_pack_layout_by_hand():
 
 def test_pack_shares_rows_first_fit_decreasing():
     mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
-    p = pack(torch.ones(4, 6, dtype=torch.long), mask, 5)
-    # lengths 6, 3, 4, 2 into rows of 6: [6], [4, 2], [3]
+    p = pack(torch.ones(4, 6, dtype=torch.long), mask, 5, attention=1.0)
+    # lengths 6, 3, 4, 2 into rows of the longest, 6: [6], [4, 2], [3]
     assert p.input_ids.shape == (3, 6)
     assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
     assert p.tail == 3
+    assert packed_positions(mask, 1.0) == 18
+    # attention at 0.05 per pair: rows of 8 (15 tokens / 2) cost 2 x 8 x 1.4 = 22.4, less than
+    # 3 x 6 x 1.3 = 23.4 (rows of 6) or 1 x 15 x 1.75 = 26.25 (one row)
+    assert packed_positions(mask, 0.05) == 16
+
+
+def test_attention_weight_of_a_config():
+    # SmolLM2-135M's shape: hidden 576, MLP 1536 -> 2 / (4 x 576 + 3 x 1536)
+    cfg = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536)
+    assert attention_weight(cfg) == pytest.approx(2 / 6912)
+    assert attention_weight(transformers.GPT2Config(n_embd=64)) == pytest.approx(2 / (256 + 768))
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))

@@ -23,15 +23,80 @@ reach without PPO's own work).
 (``--compare-trl PYTHON`` also names the interpreter; without one, ``--trl-python`` or
 ``$RLHF_PPO_TRL_PYTHON``.)
 
-Responses are exactly ``--response-len`` tokens on both sides: the benchmark models' tokenizer has
-no EOS (``make_bench_models.py``), and for other models rlhf_ppo gets
-``generation.min_new_tokens = response_len`` while TRL runs with ``stop_token=None``.
+Every run also prints ``prompt_len_mean`` and ``response_len_mean`` (tokens per row, means over
+all iterations) and ``padding_share``: the share of the token positions that the update's
+gradient forwards computed that were padding (mean over iterations). rlhf_ppo reports it from
+``trainer.step()``'s metrics (per micro-batch: ``input_ids.numel()`` against
+``attention_mask.sum()``); TRL's is counted the same way on every call of its module-level
+``forward`` with gradients (the policy and the value model on the same ``query_responses``, mask
+``query_responses != pad_token_id``). The markdown table has them as its last three columns.
+
+Workloads (``--workload``):
+
+* ``fixed`` (default): responses are exactly ``--response-len`` tokens on both sides: the
+  benchmark models' tokenizer has no EOS (``make_bench_models.py``), and for other models
+  rlhf_ppo gets ``generation.min_new_tokens = response_len`` while TRL runs with
+  ``stop_token=None``. Prompts are exactly ``--prompt-len`` tokens.
+* ``variable``: long-tailed prompt and response lengths; ``--prompt-len`` and ``--response-len``
+  are the maxima. A length is ``round(exp(N(log(m), sigma)))`` clipped to ``[--min-len, max]``,
+  median ``m = max(--min-len, --median-frac * max)`` (defaults: ``--median-frac 0.25 --sigma
+  0.75 --min-len 2``; the mean is about a third of the maximum, the longest rows reach it).
+  Prompt lengths are drawn once (seeded by ``--seed``) and written into the shared prompt file;
+  a response's target length is a function of its prompt's token ids alone (:func:`target_length`:
+  a SHA-256 of ``--seed`` and the ids seeds the draw), the same in both trainers. Both sides run
+  on copies of the model folders whose tokenizer's EOS is ``--eos-token`` (default ``<unk>``, an
+  existing special token that never occurs in a prompt: :func:`with_eos`), generate the full
+  ``--response-len`` tokens as in ``fixed``, then each row longer than its target gets the EOS
+  written at position ``target - 1`` and padding after it, and the columns past the batch's
+  longest response are dropped (what ``generate`` returns had the row sampled the EOS there):
+  rlhf_ppo by wrapping ``trainer.sample`` (:func:`cut_rollout`), TRL in trl_bench.py's wrapper of
+  its ``batch_generation``; each trainer's own stop-token handling does the rest (rlhf_ppo
+  ``generation.min_new_tokens = 0``, TRL ``stop_token="eos"``). A random-init model samples the
+  EOS by itself with probability about 1/vocab per token; such a row stops earlier on that side
+  (``natural_stops`` counts them; rare, and the same on average on both sides). Both sides take
+  the prompts in file order (rlhf_ppo ``data.shuffle = false``, TRL an unshuffled data loader
+  cycling through the file), so they see the same rows in the same batches and their
+  ``prompt_len_mean`` and ``target_len_mean`` agree. The rlhf_ppo side checks every iteration
+  that the trainer's mean response length is that of the cut rows. Generation time is that of
+  full-length responses on both sides (the cut comes after ``generate``); the scoring and the
+  update see the cut, padded shapes. Tokens/s and FLOPs then count the mean lengths.
+* ``natural``: real models (``real_models.py``): responses end at the tokenizer's EOS (rlhf_ppo
+  without ``min_new_tokens``, TRL ``stop_token="eos"``), up to ``--response-len`` tokens;
+  ``--prompts FILE`` names the prompt file and ``--prompt-len`` must cover its longest prompt.
+  Prompts are taken in file order on both sides, as in ``variable``; the sampled responses
+  differ (each side samples its own).
+
+In the variable and natural workloads the bare phases run on one rollout as the trainer samples
+(and cuts) it, with its real attention masks, padded to the batch's longest prompt and response.
+
+rlhf_ppo variants (``--critics``, comparison mode): ``shared`` (a value head on the policy, the
+default), ``separate`` (TRL's layout: a critic initialised from the reward model), each with any
+of ``+ckpt`` (gradient checkpointing), ``+lora`` (a LoRA adapter of rank ``--lora-r`` on the
+attention and MLP projections; TRL still trains all weights), ``+pack`` / ``+nopack``
+(``ppo.packing`` on / off). ``--packing`` and ``--micro-batch-tokens`` set ``ppo.packing`` and
+``ppo.micro_batch_tokens`` for every rlhf_ppo variant, and only when given (otherwise the
+library's defaults; a library without these keys refuses them).
+
+The variable-workload table and the real-model rows (SmolLM2-135M-Instruct, 2 threads):
+
+    python scripts/bench/make_bench_models.py --out bench_models
+    python scripts/bench/benchmark.py --table bench_models --workload variable \
+        --prompt-len 64 --response-len 128 --critics separate shared shared+nopack \
+        --compare-trl trl-venv/bin/python
+    python scripts/bench/real_models.py --out real_models
+    python scripts/bench/benchmark.py --policy real_models/smollm2-135m/policy \
+        --reward real_models/smollm2-135m/reward --prompts real_models/smollm2-135m/prompts.jsonl \
+        --workload natural --prompt-len 48 --response-len 64 --batch 8 --iters 6 \
+        --critics shared separate shared+lora --compare-trl trl-venv/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import math
 import os
 import random
 import resource
@@ -49,6 +114,8 @@ TRL_VENV_HOWTO = ("python3 -m venv trl-venv && trl-venv/bin/pip install torch==2
 """how to make the TRL venv (TRL runs in its own venv: its transformers and accelerate pins)"""
 PHASES = ("rollout", "ref_and_reward", "update")
 # Dense bf16 peak (TFLOP/s) and memory bandwidth (TB/s) from the data sheets, by device name.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""the rlhf_ppo LoRA variant's target modules: attention and MLP projections (Llama names)"""
 DEVICE_PEAKS = {"H200": (989.0, 4.8), "H100": (989.0, 3.35), "A100": (312.0, 2.0)}
 
 
@@ -81,9 +148,61 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def write_prompts(path: Path, tokenizer_dir: str, n: int, prompt_len: int, seed: int = 0) -> Path:
+# --------------------------------------------------------------------------- workloads
+
+def lognormal_length(rng: random.Random, max_len: int, median_frac: float, sigma: float,
+                     min_len: int) -> int:
+    """One length of the variable workload: ``exp(N(log(median), sigma))`` rounded, clipped to
+    ``[min(min_len, max_len), max_len]``, with ``median = max(min_len, median_frac * max_len)``."""
+    lo = min(min_len, max_len)
+    median = max(lo, median_frac * max_len)
+    return int(min(max_len, max(lo, round(rng.lognormvariate(math.log(median), sigma)))))
+
+
+def prompt_lengths(args) -> list[int]:
+    """The ``--n-prompts`` prompt lengths of the variable workload (seeded by ``--seed``)."""
+    rng = random.Random(f"prompt-lengths:{args.seed}")
+    return [lognormal_length(rng, args.prompt_len, args.median_frac, args.sigma, args.min_len)
+            for _ in range(args.n_prompts)]
+
+
+def target_length(prompt_ids, args) -> int:
+    """The response length of the variable workload for the prompt ``prompt_ids`` (its token
+    ids, no padding): a log-normal draw from an RNG seeded with a SHA-256 of ``--seed`` and the
+    ids. A function of the prompt alone, so both trainers cut a prompt's responses alike whatever
+    order they sample prompts in (``random.Random`` draws the same in both venvs)."""
+    key = f"{args.seed}:" + ",".join(str(int(i)) for i in prompt_ids)
+    rng = random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+    return lognormal_length(rng, args.response_len, args.median_frac, args.sigma, args.min_len)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja")
+
+
+def with_eos(src: str, dst: Path, eos_token: str) -> str:
+    """A copy of the model folder ``src`` at ``dst`` whose tokenizer's EOS is ``eos_token`` (an
+    existing token): weights and configs are symlinked, the tokenizer is saved anew. The variable
+    workload runs both trainers on such copies of the policy and reward folders."""
+    from transformers import AutoTokenizer
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).resolve().iterdir():
+        if f.name not in TOKENIZER_FILES:
+            (dst / f.name).symlink_to(f)
+    tok = AutoTokenizer.from_pretrained(src)
+    if eos_token not in tok.get_vocab():
+        raise SystemExit(f"--eos-token {eos_token!r} is not a token of {src}'s tokenizer")
+    tok.eos_token = eos_token
+    tok.save_pretrained(dst)
+    return str(dst)
+
+
+def write_prompts(path: Path, tokenizer_dir: str, n: int, prompt_len: int, seed: int = 0,
+                  lengths: list[int] | None = None) -> Path:
     """A JSONL prompt file of ``n`` prompts that each tokenize to exactly ``prompt_len`` tokens
-    (random words of the tokenizer's vocabulary)."""
+    (random words of the tokenizer's vocabulary), or to ``lengths[i]`` tokens (the variable
+    workload). Special tokens (the EOS included) never occur in a prompt."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -92,7 +211,8 @@ def write_prompts(path: Path, tokenizer_dir: str, n: int, prompt_len: int, seed:
              if i not in special and not w.startswith("<") and w.strip() == w and w]
     rng = random.Random(seed)
     with open(path, "w") as f:
-        for _ in range(n):
+        for row in range(n):
+            prompt_len = lengths[row] if lengths else prompt_len
             for _attempt in range(100):
                 text = " ".join(rng.choice(vocab) for _ in range(prompt_len))
                 if len(tok(text)["input_ids"]) == prompt_len:
@@ -157,9 +277,13 @@ def device_peaks(args) -> tuple[float | None, float | None]:
 
 
 def summarize(args, iter_s: list[float], phases: list[dict], shape: dict, bytes_per_param: int,
-              cpu_s: list[float] | None = None) -> dict:
+              cpu_s: list[float] | None = None, lengths: dict | None = None) -> dict:
     """The figures both sides print, from per-iteration seconds and phase seconds. The first
-    iteration (warm-up: allocations, lazy init, optimizer state) is left out of every median."""
+    iteration (warm-up: allocations, lazy init, optimizer state) is left out of every median.
+    ``lengths`` (:func:`workload_lengths`): in the variable and natural workloads, tokens/s and
+    FLOPs count the mean prompt and response lengths (real tokens; the FLOPs' attention term
+    then is an estimate), and generated tokens are ``--response-len`` per row in the variable
+    workload (generated in full, then cut) and the mean response length in the natural one."""
     import torch
 
     keep = slice(1, None) if len(iter_s) > 1 else slice(None)
@@ -171,7 +295,11 @@ def summarize(args, iter_s: list[float], phases: list[dict], shape: dict, bytes_
         out[k] = med([p[k] for p in phases])
     out["other"] = med([t - sum(p[k] for k in PHASES) for t, p in zip(iter_s, phases)])
     B, P, R, E = args.batch, args.prompt_len, args.response_len, args.epochs
-    out["gen_tokens_per_s"] = round(B * R / out["rollout"], 1)
+    generated = R
+    if lengths and args.workload != "fixed":
+        P, R = lengths["prompt_len_mean"], lengths["response_len_mean"]
+        generated = args.response_len if args.workload == "variable" else R
+    out["gen_tokens_per_s"] = round(B * generated / out["rollout"], 1)
     out["train_tokens_per_s"] = round(B * (P + R) * E / out["update"], 1)
     out["peak_rss_mb"] = peak_rss_mb()
     out["params"] = shape["params"]
@@ -194,10 +322,14 @@ def summarize(args, iter_s: list[float], phases: list[dict], shape: dict, bytes_
 def run_header(args, side: str) -> dict:
     import torch
 
+    rlhf = side != "trl"
     return {"side": side, "critic": args.critic, "static_cache": args.static_cache,
+            "workload": args.workload, "lora": args.lora and rlhf,
+            "packing": args.packing if rlhf else None,
+            "micro_batch_tokens": args.micro_batch_tokens if rlhf else None,
             "gradient_checkpointing": args.gradient_checkpointing and side != "trl",
             "backend": "transformers" if side == "trl" else args.backend,
-            "policy": args.policy, "batch": args.batch,
+            "policy": args.label or args.policy, "batch": args.batch,
             "mini_batches": args.mini_batches, "epochs": args.epochs,
             "prompt_len": args.prompt_len, "response_len": args.response_len, "iters": args.iters,
             "threads": torch.get_num_threads(), "dtype": args.dtype,
@@ -216,20 +348,94 @@ def rlhf_config(args, prompts: Path, output_dir: str):
              "gradient_checkpointing": args.gradient_checkpointing}
     if args.critic == "separate":  # TRL's value model also starts from the reward model
         model["critic_name_or_path"] = args.reward
-    return config_from_dict({
+    ppo = {"batch_size": B, "num_minibatches": M, "ppo_epochs": args.epochs,
+           "micro_batch_size": args.micro_batch or B // M,
+           "inference_batch_size": args.inference_batch or B}
+    # Set only when given: the library's defaults otherwise (and code without these keys works).
+    if args.packing is not None:
+        ppo["packing"] = args.packing == "on"
+    if args.micro_batch_tokens is not None:
+        ppo["micro_batch_tokens"] = args.micro_batch_tokens
+    extra = {}
+    if args.lora:
+        extra["peft"] = {"enabled": True, "r": args.lora_r, "alpha": 2 * args.lora_r,
+                         "target_modules": list(LORA_TARGETS)}
+    # fixed: exactly response_len tokens (EOS forbidden until then, for models that have one);
+    # variable and natural: EOS may end a response (variable: the benchmark cuts it, see
+    # cut_rollout), as with TRL's stop_token="eos".
+    min_new = args.response_len if args.workload == "fixed" and has_eos(args.policy) else 0
+    return config_from_dict({**extra,
         "output_dir": output_dir, "seed": args.seed, "iterations": args.iters,
         "mixed_precision": "no", "model": model,
         "reward": {"sources": [{"model": args.reward}], "batch_size": B},
-        "data": {"path": str(prompts), "max_prompt_length": args.prompt_len},
+        # variable and natural: the prompts in file order (trl_bench.py takes them so too)
+        "data": {"path": str(prompts), "max_prompt_length": args.prompt_len,
+                 "shuffle": args.workload == "fixed"},
         "generation": {"max_new_tokens": args.response_len,
-                       "min_new_tokens": args.response_len if has_eos(args.policy) else 0,
+                       "min_new_tokens": min_new,
                        "backend": args.backend,
                        "cache_implementation": "static" if args.static_cache else None},
-        "ppo": {"batch_size": B, "num_minibatches": M, "ppo_epochs": args.epochs,
-                "micro_batch_size": args.micro_batch or B // M,
-                "inference_batch_size": args.inference_batch or B},
+        "ppo": ppo,
         "optim": {"lr": 3e-6},
     })
+
+
+def cut_rollout(rollout, targets, eos_id: int, pad_id: int, tokenizer):
+    """The rollout as if each row's response had ended with an EOS at its target length
+    ``targets`` ``(B,)``: a row longer than its target gets the EOS at ``target - 1`` and padding
+    after it (a row that stopped earlier by itself is kept). ``input_ids``, ``attention_mask``,
+    ``response_mask``, ``stopped``, ``response_texts`` and the recorded per-token tensors
+    (masked past the stop) stay consistent, and the columns past the longest response are
+    dropped, as ``rollout.generate`` does after a real stop. Returns ``(rollout, lengths)``."""
+    import torch
+
+    from rlhf_ppo.rollout import decode_responses
+
+    P = rollout.prompt_length
+    resp = rollout.input_ids[:, P:].clone()
+    lengths = rollout.response_mask.sum(1)
+    targets = targets.to(lengths.device)
+    cut = targets < lengths
+    rows = cut.nonzero().squeeze(1)
+    resp[rows, targets[rows] - 1] = eos_id
+    new_len = torch.minimum(lengths, targets)
+    R = int(new_len.max())
+    mask = (torch.arange(R, device=resp.device)[None, :] < new_len[:, None]).to(
+        rollout.response_mask.dtype)
+    resp = resp[:, :R].masked_fill(mask == 0, pad_id)
+    recorded = {k: getattr(rollout, k)[:, :R] * mask for k in ("logprobs", "entropy", "values")
+                if getattr(rollout, k) is not None}
+    return dataclasses.replace(
+        rollout, input_ids=torch.cat([rollout.input_ids[:, :P], resp], 1),
+        attention_mask=torch.cat([rollout.attention_mask[:, :P],
+                                  mask.to(rollout.attention_mask.dtype)], 1),
+        response_mask=mask, stopped=rollout.stopped | cut,
+        response_texts=decode_responses(resp, new_len, tokenizer), **recorded), new_len
+
+
+class SampleWatch:
+    """Wraps ``trainer.sample``: records each rollout's mean prompt and response lengths and, in
+    the variable workload, cuts the rollout to its rows' target lengths (:func:`cut_rollout`)."""
+
+    def __init__(self, trainer, args):
+        self.trainer, self.args, self.sample = trainer, args, trainer.sample
+        self.prompt_lens, self.response_lens, self.target_lens = [], [], []
+        self.natural_stops = 0  # rows that stopped (sampled the EOS) before their target
+        trainer.sample = self
+
+    def __call__(self, prompts):
+        import torch
+
+        rollout = self.sample(prompts)
+        tok = self.trainer.tokenizer
+        if self.args.workload == "variable":
+            targets = torch.tensor([target_length(p.input_ids, self.args) for p in rollout.prompts])
+            self.natural_stops += int((rollout.response_mask.sum(1) < targets).sum())
+            rollout, _ = cut_rollout(rollout, targets, tok.eos_token_id, tok.pad_token_id, tok)
+            self.target_lens.append(float(targets.float().mean()))
+        self.prompt_lens.append(statistics.mean(len(p.input_ids) for p in rollout.prompts))
+        self.response_lens.append(float(rollout.response_mask.sum(1).float().mean()))
+        return rollout
 
 
 def _sync() -> None:
@@ -258,7 +464,10 @@ def bare_phases(trainer, args) -> dict:
     """Time the work no PPO implementation can skip, on the trainer's own models: one
     ``generate`` of the batch, one reference forward, one reward forward (inference mode,
     logits only where needed), and per minibatch one forward + backward + optimizer step of the
-    trained model(s) with a stand-in loss."""
+    trained model(s) with a stand-in loss. Fixed workload: the forwards run on the generated
+    sequences with an all-ones mask (every token is real). Variable and natural workloads: on
+    one rollout as the trainer samples it (variable: cut to the targets), i.e. the real
+    attention masks, padded to the batch's longest prompt and response."""
     import torch
 
     from rlhf_ppo.data import left_pad
@@ -283,8 +492,13 @@ def bare_phases(trainer, args) -> dict:
         return seq
 
     out["generate"] = _timed(gen, args.bare_repeats)
-    seq = gen()
-    seq_mask = torch.ones_like(seq)
+    if args.workload == "fixed":  # every sequence is P + R real tokens
+        seq = gen()
+        seq_mask = torch.ones_like(seq)
+    else:  # this workload's real shapes: a rollout as the trainer samples (and cuts) it
+        rollout = trainer.sample(prompts)
+        seq, seq_mask = rollout.input_ids.to(dev), rollout.attention_mask.to(dev)
+        P, R = rollout.prompt_length, seq.shape[1] - rollout.prompt_length
     with torch.inference_mode():
         out["ref_forward"] = _timed(lambda: ref(input_ids=seq, attention_mask=seq_mask,
                                                 logits_to_keep=R + 1), args.bare_repeats)
@@ -321,6 +535,40 @@ def bare_phases(trainer, args) -> dict:
     return wall
 
 
+def workload_lengths(prompt_lens: list[float], response_lens: list[float], shares: list[float],
+                     target_lens: list[float] = (), natural_stops: int | None = None) -> dict:
+    """The workload figures both sides print, means over all iterations: prompt and response
+    tokens per row, the update's padding share and (variable) the mean target length."""
+    out = {"prompt_len_mean": round(statistics.mean(prompt_lens), 3),
+           "response_len_mean": round(statistics.mean(response_lens), 3),
+           "padding_share": round(statistics.mean(shares), 4)}
+    if target_lens:
+        out["target_len_mean"] = round(statistics.mean(target_lens), 3)
+        out["natural_stops"] = natural_stops
+    return out
+
+
+def prepare_workload(args, tmp: Path) -> None:
+    """Point ``args`` at this workload's models and prompt file (in ``tmp``), once: comparison
+    mode prepares them and passes them to every run (with ``--prepared``). Variable: copies of
+    the model folders whose EOS is ``--eos-token``, and (unless ``--prompts`` names a file)
+    prompts of log-normal lengths; fixed: prompts of exactly ``--prompt-len`` tokens; natural:
+    ``--prompts`` is required."""
+    if args.prepared:
+        return
+    if args.workload == "natural" and not args.prompts:
+        raise SystemExit("--workload natural needs --prompts FILE (e.g. real_models.py's)")
+    lengths = None
+    if args.workload == "variable":
+        args.policy = with_eos(args.policy, tmp / "policy", args.eos_token)
+        args.reward = with_eos(args.reward, tmp / "reward", args.eos_token)
+        lengths = prompt_lengths(args)
+    if not args.prompts:
+        args.prompts = str(write_prompts(tmp / "prompts.jsonl", args.policy, args.n_prompts,
+                                         args.prompt_len, args.seed, lengths))
+    args.prepared = True
+
+
 def run_rlhf(args) -> dict:
     """Build a PPOTrainer on the benchmark shape, time ``args.iters`` iterations, then the bare
     phases; return the JSON-ready figures."""
@@ -331,11 +579,11 @@ def run_rlhf(args) -> dict:
     header = run_header(args, "rlhf_ppo")
     header["load_avg_start"] = load_avg()
     with tempfile.TemporaryDirectory() as tmp:
-        prompts = Path(args.prompts) if args.prompts else write_prompts(
-            Path(tmp) / "prompts.jsonl", args.policy, args.n_prompts, args.prompt_len, args.seed)
-        cfg = rlhf_config(args, prompts, str(Path(tmp) / "run"))
+        prepare_workload(args, Path(tmp))
+        cfg = rlhf_config(args, Path(args.prompts), str(Path(tmp) / "run"))
         trainer = PPOTrainer(cfg)
-        iter_s, cpu_s, phases = [], [], []
+        watch = SampleWatch(trainer, args)
+        iter_s, cpu_s, phases, shares = [], [], [], []
         for _ in range(args.iters):
             _sync()
             t, c = time.perf_counter(), time.process_time()
@@ -348,12 +596,19 @@ def run_rlhf(args) -> dict:
             if m.get("ppo_steps") != args.mini_batches * args.epochs:
                 raise SystemExit(f"expected {args.mini_batches * args.epochs} optimizer steps, "
                                  f"took {m.get('ppo_steps')}")
-            if m["response_length"] != args.response_len:
+            shares.append(m["padding_share"])
+            expected = {"fixed": args.response_len, "variable": watch.response_lens[-1]}
+            if args.workload in expected and abs(m["response_length"]
+                                                 - expected[args.workload]) > 1e-4:
+                # variable: the trainer's mean must be that of the cut rows (targets, or the
+                # earlier natural stops); natural: whatever the policy sampled
                 raise SystemExit(f"responses were {m['response_length']} tokens long on average, "
-                                 f"expected exactly {args.response_len}")
+                                 f"expected {expected[args.workload]}")
         bytes_per_param = torch.finfo(getattr(torch, args.dtype)).bits // 8
-        result = {**header, **summarize(args, iter_s, phases, model_shape(args.policy),
-                                        bytes_per_param, cpu_s)}
+        lengths = workload_lengths(watch.prompt_lens, watch.response_lens, shares,
+                                   watch.target_lens, watch.natural_stops)
+        result = {**header, **lengths, **summarize(args, iter_s, phases, model_shape(args.policy),
+                                                   bytes_per_param, cpu_s, lengths)}
         if args.bare_repeats > 0:  # after the peak-memory reading: bare phases do not count
             result["bare"] = bare_phases(trainer, args)
             result["ppo_over_bare"] = round(result["s_per_iter"] / result["bare"]["sum"], 3)
@@ -379,32 +634,65 @@ def shape_flags(args) -> list[str]:
              "--epochs", str(args.epochs), "--prompt-len", str(args.prompt_len),
              "--response-len", str(args.response_len), "--iters", str(args.iters),
              "--threads", str(args.threads), "--seed", str(args.seed), "--dtype", args.dtype,
-             "--n-prompts", str(args.n_prompts), "--backend", args.backend] + (
+             "--n-prompts", str(args.n_prompts), "--backend", args.backend,
+             "--workload", args.workload, "--median-frac", str(args.median_frac),
+             "--sigma", str(args.sigma), "--min-len", str(args.min_len),
+             "--eos-token", args.eos_token] + (
                  ["--static-cache"] if args.static_cache else [])
-    for name in ("peak_tflops", "peak_tbps", "micro_batch", "inference_batch"):
+    for name in ("peak_tflops", "peak_tbps", "micro_batch", "inference_batch", "label"):
         if getattr(args, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     return flags
 
 
+VARIANT_OPTIONS = ("ckpt", "lora", "pack", "nopack")
+"""``--critics`` entries are CRITIC[+OPTION...]: ``+ckpt`` gradient checkpointing, ``+lora`` a
+LoRA adapter (``--lora-r``), ``+pack`` / ``+nopack`` ``ppo.packing`` on / off"""
+
+
+def parse_variant(spec: str) -> tuple[str, set[str]]:
+    """``"shared+lora+nopack"`` -> ``("shared", {"lora", "nopack"})``; ValueError if malformed."""
+    critic, *opts = spec.split("+")
+    bad = [o for o in opts if o not in VARIANT_OPTIONS]
+    if critic not in ("shared", "separate") or bad or {"pack", "nopack"} <= set(opts):
+        raise ValueError(f"--critics {spec!r}: expected shared or separate, then any of "
+                         f"{', '.join('+' + o for o in VARIANT_OPTIONS)} (not both +pack and "
+                         "+nopack)")
+    return critic, set(opts)
+
+
+def variant_command(args, common: list[str], spec: str) -> tuple[str, list[str]]:
+    """The name and command line of one rlhf_ppo variant of the comparison."""
+    critic, opts = parse_variant(spec)
+    ckpt = "ckpt" in opts or args.gradient_checkpointing
+    lora = "lora" in opts or args.lora
+    packing = "on" if "pack" in opts else "off" if "nopack" in opts else args.packing
+    name = (f"rlhf_ppo/{critic}" + ("+ckpt" if ckpt else "") + ("+lora" if lora else "")
+            + {"on": "+pack", "off": "+nopack", None: ""}[packing])
+    cmd = [sys.executable, __file__, *common, "--critic", critic,
+           "--bare-repeats", str(args.bare_repeats)]
+    cmd += ["--gradient-checkpointing"] if ckpt else []
+    cmd += ["--lora", "--lora-r", str(args.lora_r)] if lora else []
+    cmd += ["--packing", packing] if packing else []
+    if args.micro_batch_tokens is not None:
+        cmd += ["--micro-batch-tokens", str(args.micro_batch_tokens)]
+    return name, cmd
+
+
 def compare(args, policy: str, reward: str, critics: list[str]) -> dict:
-    """``args.rounds`` rounds of: rlhf_ppo with each critic, then TRL (A B A B), each in a fresh
-    process on the same prompt file. Returns every run and the pooled figures per variant."""
+    """``args.rounds`` rounds of: rlhf_ppo with each variant, then TRL (A B A B), each in a fresh
+    process on the same models and prompt file (:func:`prepare_workload`). Returns the pooled
+    figures per variant (every run goes to stderr)."""
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        prompts = write_prompts(Path(tmp) / "prompts.jsonl", policy, args.n_prompts,
-                                args.prompt_len, args.seed)
-        common = ["--policy", policy, "--reward", reward, "--prompts", str(prompts),
-                  *shape_flags(args)]
+        args = argparse.Namespace(**vars(args))  # the table's sizes each prepare their own
+        args.policy, args.reward = policy, reward
+        args.label = args.label or policy
+        prepare_workload(args, Path(tmp))
+        common = ["--policy", args.policy, "--reward", args.reward, "--prompts", args.prompts,
+                  "--prepared", *shape_flags(args)]
         for r in range(args.rounds):
-            variants = []
-            for c in critics:  # "shared", "separate", or either with "+ckpt"
-                critic, _, opt = c.partition("+")
-                ckpt = opt == "ckpt" or args.gradient_checkpointing
-                variants.append((f"rlhf_ppo/{critic}" + ("+ckpt" if ckpt else ""),
-                                 [sys.executable, __file__, *common, "--critic", critic,
-                                  "--bare-repeats", str(args.bare_repeats)]
-                                 + (["--gradient-checkpointing"] if ckpt else [])))
+            variants = [variant_command(args, common, c) for c in critics]
             if args.compare_trl:
                 variants.append(("trl", [args.compare_trl, str(HERE / "trl_bench.py"), *common]))
             for name, cmd in variants:
@@ -422,7 +710,8 @@ def pool(results: list[dict]) -> dict:
     out = dict(ok[0])
     iters = [x for r in ok for x in r["s_per_iter_all"][1:]]
     out["s_per_iter"] = round(statistics.median(iters), 4)
-    for k in (*PHASES, "other", "gen_tokens_per_s", "train_tokens_per_s", "cpu_s_per_iter"):
+    for k in (*PHASES, "other", "gen_tokens_per_s", "train_tokens_per_s", "cpu_s_per_iter",
+              "padding_share", "prompt_len_mean", "response_len_mean", "target_len_mean"):
         if all(k in r for r in ok):
             out[k] = round(statistics.median([r[k] for r in ok]), 4)
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
@@ -451,17 +740,21 @@ def round_ratio(a: dict, b: dict, key: str = "round_s_per_iter") -> float | None
     return a[pooled] / b[pooled] if a.get(pooled) and b.get(pooled) else None
 
 
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def markdown_table(rows: list[tuple[str, dict]]) -> str:
     """The README table: one row per (size, variant) with ratios to TRL on the same size."""
     head = ("| model | trainer | s/iter | vs TRL | CPU s/iter | vs TRL | rollout | ref+reward "
             "| update | other | bare sum | iter/bare | CPU iter/bare | gen tok/s | peak RSS MB "
-            "| RSS vs TRL |")
+            "| RSS vs TRL | padding | prompt mean | response mean |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     trl = {key.split(":")[0]: r for key, r in rows if key.endswith(":trl") and "error" not in r}
     for key, r in rows:
         size, variant = key.split(":")
         if "error" in r:
-            lines.append(f"| {size} | {variant} | error: {r['error']} |" + " |" * 13)
+            lines.append(f"| {size} | {variant} | error: {r['error']} |" + " |" * 16)
             continue
         t = trl.get(size)
         wall_r = round_ratio(r, t) if t else None
@@ -478,7 +771,9 @@ def markdown_table(rows: list[tuple[str, dict]]) -> str:
             f"| {bare if bare is not None else '-'} "
             f"| {r['ppo_over_bare'] if 'ppo_over_bare' in r else '-'} "
             f"| {r['cpu_ppo_over_bare'] if 'cpu_ppo_over_bare' in r else '-'} "
-            f"| {r['gen_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {rss} |")
+            f"| {r['gen_tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {rss} "
+            f"| {fmt(r.get('padding_share'), '.1%')} | {fmt(r.get('prompt_len_mean'), '.1f')} "
+            f"| {fmt(r.get('response_len_mean'), '.1f')} |")
     return "\n".join(lines)
 
 
@@ -492,11 +787,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="rollouts per iteration")
     p.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per epoch")
     p.add_argument("--epochs", type=int, default=1, help="PPO epochs per iteration")
-    p.add_argument("--prompt-len", type=int, default=16, help="tokens per prompt (exact)")
-    p.add_argument("--response-len", type=int, default=32, help="tokens per response (exact)")
+    p.add_argument("--prompt-len", type=int, default=16,
+                   help="tokens per prompt (fixed: exact; variable and natural: the maximum)")
+    p.add_argument("--response-len", type=int, default=32,
+                   help="tokens per response (fixed: exact; variable and natural: the maximum)")
+    p.add_argument("--workload", choices=("fixed", "variable", "natural"), default="fixed",
+                   help="fixed: every prompt --prompt-len and every response --response-len "
+                        "tokens; variable: log-normal prompt and response lengths up to those "
+                        "maxima (--median-frac, --sigma, --min-len), the same rows on both sides "
+                        "(see the module docstring); natural: responses end at the tokenizer's "
+                        "EOS (real models, --prompts FILE)")
+    p.add_argument("--median-frac", type=float, default=0.25,
+                   help="variable workload: median length as a fraction of the maximum")
+    p.add_argument("--sigma", type=float, default=0.75,
+                   help="variable workload: sigma of the log of the length")
+    p.add_argument("--min-len", type=int, default=2,
+                   help="variable workload: the shortest prompt and response")
+    p.add_argument("--eos-token", default="<unk>",
+                   help="variable workload: the token made the EOS of both model folders' "
+                        "tokenizers (an existing special token; the bench models' <unk>)")
     p.add_argument("--iters", type=int, default=6, help="PPO iterations (the first is warm-up)")
     p.add_argument("--critic", choices=["shared", "separate"], default="shared",
                    help="rlhf_ppo's value model: a head on the policy, or its own model")
+    p.add_argument("--lora", action="store_true",
+                   help="rlhf_ppo side: train a LoRA adapter (peft section; attention and MLP "
+                        "projections) instead of all policy weights; TRL trains all of them")
+    p.add_argument("--lora-r", type=int, default=16, help="the LoRA rank (alpha = 2 r)")
+    p.add_argument("--packing", choices=("on", "off"), default=None,
+                   help="rlhf_ppo side: ppo.packing (default: the library's default, unset)")
+    p.add_argument("--micro-batch-tokens", type=int, default=None, metavar="N",
+                   help="rlhf_ppo side: ppo.micro_batch_tokens, a token budget per micro-batch "
+                        "(default: the library's default, unset)")
     p.add_argument("--micro-batch", type=int, default=None,
                    help="sequences per forward/backward (default: the minibatch)")
     p.add_argument("--inference-batch", type=int, default=None,
@@ -514,7 +835,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on every side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-prompts", type=int, default=256)
-    p.add_argument("--prompts", default=None, help=argparse.SUPPRESS)  # a prompt file to reuse
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="a JSONL prompt file ({\"prompt\": TEXT} rows) instead of generated "
+                        "ones; required by --workload natural (real_models.py writes one)")
+    p.add_argument("--prepared", action="store_true", help=argparse.SUPPRESS)  # models, prompts
+    p.add_argument("--label", default=None, help=argparse.SUPPRESS)  # the policy to report
     p.add_argument("--bare-repeats", type=int, default=3,
                    help="timed repeats of each bare phase (0: skip them)")
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -526,10 +851,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "trl==1.12.0), else --trl-python")
     p.add_argument("--trl-python", default=None, metavar="PATH",
                    help=f"python of a venv with trl==1.12.0 (default: ${TRL_PYTHON_ENV})")
-    p.add_argument("--critics", nargs="+", default=None,
-                   choices=["shared", "separate", "shared+ckpt", "separate+ckpt"],
-                   help="rlhf_ppo variants in comparison mode (default: --critic; table: shared "
-                        "and separate); +ckpt: with --gradient-checkpointing")
+    p.add_argument("--critics", nargs="+", default=None, metavar="VARIANT",
+                   help="rlhf_ppo variants in comparison mode, CRITIC[+OPTION...] with CRITIC "
+                        "shared or separate and options +ckpt (--gradient-checkpointing), +lora "
+                        "(--lora), +pack / +nopack (--packing on / off), e.g. shared "
+                        "shared+nopack separate+lora (default: --critic; table: separate and "
+                        "shared)")
     p.add_argument("--rounds", type=int, default=2, help="A B A B rounds in comparison mode")
     p.add_argument("--table", default=None, metavar="MODELS_DIR",
                    help="folder of make_bench_models.py: compare on each of --sizes")
@@ -539,6 +866,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--policy and --reward are required (or --table MODELS_DIR)")
     if args.batch % args.mini_batches:
         p.error("--batch must be a multiple of --mini-batches")
+    for spec in args.critics or []:
+        try:
+            parse_variant(spec)
+        except ValueError as e:
+            p.error(str(e))
+    if args.min_len < 1:
+        p.error("--min-len must be >= 1")
     if args.static_cache:  # a static cache is a model.generate option
         args.backend = "transformers"
     if args.compare_trl is not None:  # "": the interpreter comes from --trl-python or the env

@@ -3,7 +3,9 @@
 Each size is written as two folders under ``OUT/SIZE``: ``policy`` (``LlamaForCausalLM``) and
 ``reward`` (``LlamaForSequenceClassification``, one output, the same shape), with a word-level
 tokenizer of ``w0 w1 ...`` words that has **no EOS token**: no sampled token can end a response,
-so every trainer generates exactly ``response_len`` tokens and runs stay comparable.
+so every trainer generates exactly ``response_len`` tokens and runs stay comparable. (The
+benchmark's variable workload runs on copies of these folders whose EOS is ``<unk>``, see
+``benchmark.py``'s ``with_eos``; these folders stay EOS-free.)
 
     python scripts/bench/make_bench_models.py --out bench_models                 # tiny, small, medium
     python scripts/bench/make_bench_models.py --out bench_models --sizes gpu-0.5b --dtype bfloat16
