@@ -80,13 +80,13 @@ library's defaults; a library without these keys refuses them).
 The variable-workload table and the real-model rows (SmolLM2-135M-Instruct, 2 threads):
 
     python scripts/bench/make_bench_models.py --out bench_models
-    python scripts/bench/benchmark.py --table bench_models --workload variable \
-        --prompt-len 64 --response-len 128 --critics separate shared shared+nopack \
+    python scripts/bench/benchmark.py --table bench_models --workload variable \\
+        --prompt-len 64 --response-len 128 --critics separate shared shared+nopack \\
         --compare-trl trl-venv/bin/python
     python scripts/bench/real_models.py --out real_models
-    python scripts/bench/benchmark.py --policy real_models/smollm2-135m/policy \
-        --reward real_models/smollm2-135m/reward --prompts real_models/smollm2-135m/prompts.jsonl \
-        --workload natural --prompt-len 48 --response-len 64 --batch 8 --iters 6 \
+    python scripts/bench/benchmark.py --policy real_models/smollm2-135m/policy \\
+        --reward real_models/smollm2-135m/reward --prompts real_models/smollm2-135m/prompts.jsonl \\
+        --workload natural --prompt-len 48 --response-len 64 --batch 8 --iters 6 \\
         --critics shared separate shared+lora --compare-trl trl-venv/bin/python
 """
 
