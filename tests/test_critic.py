@@ -139,7 +139,7 @@ def test_value_backbone_grad_scales_the_value_gradient_into_the_backbone(tmp_pat
     ac = trainer.unwrapped
     torch.nn.init.normal_(ac.value_head.weight)  # a zero head passes no gradient at all
     ids, am = batch(trainer)
-    P = 3
+    P = prompt_length(am)
     grads = {}
     for scale in (1.0, 0.5, 0.0):
         ac.zero_grad(set_to_none=True)

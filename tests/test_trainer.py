@@ -604,18 +604,23 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
     assert m["dynamic/informative_kept"] >= m["dynamic/informative_first"]
 
 
-def test_padding_share_counts_the_padding_the_update_computed(tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_padding_share_counts_the_padding_the_update_computed(tmp_path, packing):
     """One row per micro-batch: each row is trimmed to its own prompt and response, so no
-    padding is computed. The whole batch in one micro-batch: 1 - real positions / (rows x the
-    batch's trimmed width), computed here from the batch itself."""
+    padding is computed. The whole batch in one micro-batch: 1 - real positions / positions
+    computed: padded, rows x the batch's trimmed width; packed, the packed rows' positions
+    (rows x row length, first-fit decreasing), both computed here from the batch itself."""
     from rlhf_ppo.experience import trim_padding
+    from rlhf_ppo.packing import attention_weight, first_fit, layout
 
     stops = "generation.stop_token_ids=[4,5,6,7,8]"  # punctuation: responses of many lengths
+    flag = f"ppo.packing={str(packing).lower()}"
     one = PPOTrainer(tiny_config(tmp_path / "a", "iterations=1", "ppo.batch_size=8",
-                                 "ppo.num_minibatches=1", "ppo.micro_batch_size=1", stops))
+                                 "ppo.num_minibatches=1", "ppo.micro_batch_size=1", stops, flag))
     assert one.step()["padding_share"] == 0.0
     whole = PPOTrainer(tiny_config(tmp_path / "b", "iterations=1", "ppo.batch_size=8",
-                                   "ppo.num_minibatches=1", "ppo.micro_batch_size=8", stops))
+                                   "ppo.num_minibatches=1", "ppo.micro_batch_size=8", stops,
+                                   flag))
     seen = {}
     update = whole.update
 
@@ -627,5 +632,12 @@ def test_padding_share_counts_the_padding_the_update_computed(tmp_path):
     b = seen["batch"]
     _, am, rm, _ = trim_padding(b.input_ids, b.attention_mask, b.response_mask, b.prompt_length)
     assert len(set(rm.sum(-1).tolist())) > 1  # the lengths differ: there is padding to count
-    assert m["padding_share"] == pytest.approx(1 - am.sum().item() / am.numel())
-    assert m["padding_share"] > 0
+    lengths = am.sum(-1).tolist()
+    if not packing:
+        assert m["padding_share"] == pytest.approx(1 - sum(lengths) / am.numel())
+        assert m["padding_share"] > 0
+        return
+    _, fill, C = layout(lengths, attention_weight(whole.unwrapped.policy.config))
+    assert C >= max(lengths) and first_fit(lengths, C)[1] == fill
+    assert m["padding_share"] == pytest.approx(1 - sum(lengths) / (len(fill) * C))
+    assert m["padding_share"] < 1 - sum(lengths) / am.numel()  # less than padded

@@ -176,6 +176,65 @@ def target_length(prompt_ids, args) -> int:
     return lognormal_length(rng, args.response_len, args.median_frac, args.sigma, args.min_len)
 
 
+def stop_processor(targets: list[int], eos_id: int, context_length: int):
+    """A transformers ``LogitsProcessor`` for ``generate`` in the variable workload: row ``i``
+    samples the EOS at step ``targets[i] - 1`` (forced) and never before, so ``generate`` stops
+    each row at its target and the whole call when the longest row is done, as with real stops.
+    ``context_length``: the prompt columns of ``input_ids``."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class StopAtTargets(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            t = input_ids.shape[1] - context_length
+            last = torch.as_tensor(targets, device=scores.device) - 1
+            scores = scores.clone()
+            scores[t < last, eos_id] = float("-inf")
+            now = t == last
+            scores[now] = float("-inf")
+            scores[now, eos_id] = 0.0
+            return scores
+
+    return StopAtTargets()
+
+
+class StopsWhileSampling:
+    """The variable workload's stops inside rlhf_ppo's native sampling loop: for one
+    ``trainer.sample`` call it stands in for ``rlhf_ppo.rollout.draw`` (one call per decoding
+    step), so that row ``i`` draws the EOS at step ``targets[i] - 1`` and never before. The loop
+    then treats the row as stopped and drops it from the batch, as after a real stop; this class
+    follows the drop (the batch shrinks by exactly the rows that drew their EOS)."""
+
+    def __init__(self, targets: list[int], eos_id: int):
+        import rlhf_ppo.rollout as rollout_module
+
+        self.module, self.draw = rollout_module, rollout_module.draw
+        self.targets, self.eos_id, self.t = targets, eos_id, 0
+        self.active, self.done = list(range(len(targets))), set()
+
+    def __enter__(self):
+        self.module.draw = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.module.draw = self.draw
+
+    def __call__(self, probs, method=None):
+        if probs.shape[0] < len(self.active):  # the loop dropped the rows that stopped
+            self.active = [r for r in self.active if r not in self.done]
+        if probs.shape[0] != len(self.active):
+            raise RuntimeError("the sampling loop's rows are out of step with the targets")
+        probs = probs.clone()
+        probs[:, self.eos_id] = 0.0
+        tok = self.draw(probs, method)
+        for b, row in enumerate(self.active):
+            if self.t == self.targets[row] - 1:
+                tok[b] = self.eos_id
+                self.done.add(row)
+        self.t += 1
+        return tok
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 
@@ -426,9 +485,15 @@ class SampleWatch:
     def __call__(self, prompts):
         import torch
 
-        rollout = self.sample(prompts)
         tok = self.trainer.tokenizer
-        if self.args.workload == "variable":
+        if self.args.workload == "variable" and self.trainer.cfg.generation.backend == "native":
+            k = self.trainer.cfg.ppo.samples_per_prompt  # the rows trainer.sample makes
+            rows = [target_length(q.input_ids, self.args) for q in prompts for _ in range(k)]
+            with StopsWhileSampling(rows, tok.eos_token_id):
+                rollout = self.sample(prompts)
+        else:
+            rollout = self.sample(prompts)
+        if self.args.workload == "variable":  # a no-op after StopsWhileSampling
             targets = torch.tensor([target_length(p.input_ids, self.args) for p in rollout.prompts])
             self.natural_stops += int((rollout.response_mask.sum(1) < targets).sum())
             rollout, _ = cut_rollout(rollout, targets, tok.eos_token_id, tok.pad_token_id, tok)
@@ -484,10 +549,17 @@ def bare_phases(trainer, args) -> dict:
     P, R = ids.shape[1], cfg.generation.max_new_tokens
     out = {}
 
+    stops = {}
+    if args.workload == "variable":  # rows stop at their targets, as in the PPO iterations
+        stops = {"logits_processor": [stop_processor(
+            [target_length(p.input_ids, args) for p in prompts], tok.eos_token_id, P)],
+            "eos_token_id": tok.eos_token_id}
+
     def gen():
         policy.eval()
         with torch.inference_mode():
-            seq = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+            seq = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                  **stops)
         policy.train()
         return seq
 

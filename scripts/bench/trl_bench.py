@@ -36,6 +36,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark as bench  # noqa: E402  (shared helpers only; no rlhf_ppo import)
 
 
+def generate_with_stops(args, eos_id: int):
+    """TRL 1.12's module-level ``generate`` (``trl/experimental/ppo/ppo_trainer.py``) with one
+    addition: ``bench.stop_processor``, so each row samples the EOS at its target length
+    (``bench.target_length`` of its prompt) and ``generate`` stops when every row has."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    def generate(lm_backbone, queries, pad_token_id, generation_config):
+        context_length = queries.shape[1]
+        targets = [bench.target_length(row[row != pad_token_id].tolist(), args) for row in queries]
+        attention_mask = queries != pad_token_id
+        input_ids = torch.masked_fill(queries, ~attention_mask, 0)
+        output = lm_backbone.generate(
+            input_ids=input_ids, attention_mask=attention_mask,
+            generation_config=generation_config, return_dict_in_generate=True,
+            output_scores=True, eos_token_id=eos_id, pad_token_id=pad_token_id,
+            logits_processor=LogitsProcessorList(
+                [bench.stop_processor(targets, eos_id, context_length)]))
+        logits = torch.stack(output.scores, 1)
+        return torch.cat((queries, output.sequences[:, context_length:]), dim=1), logits
+
+    return generate
+
+
 class PhaseClock:
     """Timestamps of one TRL iteration: start, generation start/end, first gradient forward,
     end. ``on_step_end`` closes an iteration and opens the next."""
@@ -174,6 +198,8 @@ def run_trl(args) -> dict:
     reward = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1, dtype=dtype)
 
     clock = PhaseClock(args, None if fixed else tok.eos_token_id)
+    if args.workload == "variable":  # rows stop at their targets while TRL generates
+        trl_ppo.generate = generate_with_stops(args, tok.eos_token_id)
     trl_ppo.batch_generation = clock.wrap_generation(trl_ppo.batch_generation)
     trl_ppo.forward = clock.wrap_forward(trl_ppo.forward)
 
