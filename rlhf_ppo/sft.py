@@ -28,6 +28,7 @@ from . import finetune as ft
 from . import formats
 from .config import ModelConfig, PeftConfig
 from .data import DataError, render_prompt
+from .errors import ConfigError
 from .models import (
     apply_lora,
     is_peft,
@@ -37,6 +38,7 @@ from .models import (
     token_logprobs,
     transformer,
 )
+from .packing import check_packing
 
 logger = logging.getLogger(__name__)
 
@@ -414,6 +416,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     items = pack(train_ex, cfg.data.max_length, cfg.seed) if cfg.data.packing else train_ex
     model = load_model(cfg)
     ft.check_context(model, max(len(x.input_ids) for x in items + held_ex))
+    if cfg.data.packing and not check_packing(model, "model.name_or_path"):
+        raise ConfigError("data.packing: this model's attention does not keep packed examples "
+                          "apart (its packed and padded passes differ); set data.packing: false")
 
     # step 2. optimizer, schedule, engine
     t = cfg.train

@@ -398,3 +398,20 @@ def test_cli_sft_with_bf16_autocast(tmp_path, tiny_policy_dir, cli, fresh_accele
     with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
     assert load_config(tmp_path / "config.yaml", cls=SFTConfig).mixed_precision == "bf16"
+
+
+def test_packing_refused_for_a_model_whose_attention_mixes_packed_examples(tmp_path, reviews):
+    """BLOOM's ALiBi reads the attention mask, not the position ids: packed examples would
+    attend to each other, so data.packing is refused for it (and works for the tiny Llama)."""
+    import transformers
+
+    tok = builtin.build_word_tokenizer()
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    bloom.save_pretrained(tmp_path / "bloom")
+    tok.save_pretrained(tmp_path / "bloom")
+    cfg = sft_cfg(str(tmp_path / "bloom"), reviews, tmp_path / "out", data=dict(packing=True),
+                  train=dict(max_steps=1))
+    with pytest.raises(ConfigError, match="data.packing"):
+        run_sft(cfg)

@@ -45,21 +45,24 @@ Workloads (``--workload``):
   a response's target length is a function of its prompt's token ids alone (:func:`target_length`:
   a SHA-256 of ``--seed`` and the ids seeds the draw), the same in both trainers. Both sides run
   on copies of the model folders whose tokenizer's EOS is ``--eos-token`` (default ``<unk>``, an
-  existing special token that never occurs in a prompt: :func:`with_eos`), generate the full
-  ``--response-len`` tokens as in ``fixed``, then each row longer than its target gets the EOS
-  written at position ``target - 1`` and padding after it, and the columns past the batch's
-  longest response are dropped (what ``generate`` returns had the row sampled the EOS there):
-  rlhf_ppo by wrapping ``trainer.sample`` (:func:`cut_rollout`), TRL in trl_bench.py's wrapper of
-  its ``batch_generation``; each trainer's own stop-token handling does the rest (rlhf_ppo
-  ``generation.min_new_tokens = 0``, TRL ``stop_token="eos"``). A random-init model samples the
-  EOS by itself with probability about 1/vocab per token; such a row stops earlier on that side
-  (``natural_stops`` counts them; rare, and the same on average on both sides). Both sides take
-  the prompts in file order (rlhf_ppo ``data.shuffle = false``, TRL an unshuffled data loader
-  cycling through the file), so they see the same rows in the same batches and their
+  existing special token that never occurs in a prompt: :func:`with_eos`), and each row
+  samples the EOS at step ``target - 1`` and never before, while sampling: in TRL's
+  ``generate`` (and the bare ``generate``) through a logits processor (:func:`stop_processor`,
+  installed by trl_bench.py's copy of TRL's module-level ``generate``), in rlhf_ppo's native
+  loop through a stand-in for its ``draw`` (:class:`StopsWhileSampling`). So generation ends
+  per row as with real stops: ``generate`` computes every row until the batch's longest is
+  done, the native loop drops finished rows from its batch. Each trainer's own stop-token
+  handling does the rest (rlhf_ppo ``generation.min_new_tokens = 0``, TRL
+  ``stop_token="eos"``). After sampling, a row that is still longer than its target (rlhf_ppo's
+  ``generation.backend: transformers``, which has no such hook) is cut: the EOS written at
+  ``target - 1``, padding after it (:func:`cut_rollout`, and trl_bench.py's
+  ``PhaseClock.cut``); after stops while sampling this changes nothing. ``natural_stops``
+  counts rows that ended before their target (none: the EOS is forbidden before it). Both sides
+  take the prompts in file order (rlhf_ppo ``data.shuffle = false``, TRL an unshuffled data
+  loader cycling through the file), so they see the same rows in the same batches and their
   ``prompt_len_mean`` and ``target_len_mean`` agree. The rlhf_ppo side checks every iteration
-  that the trainer's mean response length is that of the cut rows. Generation time is that of
-  full-length responses on both sides (the cut comes after ``generate``); the scoring and the
-  update see the cut, padded shapes. Tokens/s and FLOPs then count the mean lengths.
+  that the trainer's mean response length is that of the targets. Tokens/s and FLOPs count the
+  mean lengths.
 * ``natural``: real models (``real_models.py``): responses end at the tokenizer's EOS (rlhf_ppo
   without ``min_new_tokens``, TRL ``stop_token="eos"``), up to ``--response-len`` tokens;
   ``--prompts FILE`` names the prompt file and ``--prompt-len`` must cover its longest prompt.
@@ -341,8 +344,8 @@ def summarize(args, iter_s: list[float], phases: list[dict], shape: dict, bytes_
     iteration (warm-up: allocations, lazy init, optimizer state) is left out of every median.
     ``lengths`` (:func:`workload_lengths`): in the variable and natural workloads, tokens/s and
     FLOPs count the mean prompt and response lengths (real tokens; the FLOPs' attention term
-    then is an estimate), and generated tokens are ``--response-len`` per row in the variable
-    workload (generated in full, then cut) and the mean response length in the natural one."""
+    then is an estimate), and generated tokens are the mean response length (rows stop at their
+    lengths while sampling)."""
     import torch
 
     keep = slice(1, None) if len(iter_s) > 1 else slice(None)
@@ -357,7 +360,7 @@ def summarize(args, iter_s: list[float], phases: list[dict], shape: dict, bytes_
     generated = R
     if lengths and args.workload != "fixed":
         P, R = lengths["prompt_len_mean"], lengths["response_len_mean"]
-        generated = args.response_len if args.workload == "variable" else R
+        generated = R  # responses stop at their lengths while sampling
     out["gen_tokens_per_s"] = round(B * generated / out["rollout"], 1)
     out["train_tokens_per_s"] = round(B * (P + R) * E / out["update"], 1)
     out["peak_rss_mb"] = peak_rss_mb()
