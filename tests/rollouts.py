@@ -1,4 +1,5 @@
-"""A rollout built by hand, as rollout.generate lays one out, for the tests that score text."""
+"""Test helpers: a rollout built by hand, as rollout.generate lays one out (for the tests that
+score text), and a recorder of the experience batches the PPO update receives."""
 
 import torch
 
@@ -19,3 +20,17 @@ def rollout_of(tok, prompts: list[Prompt], responses: list[str]) -> Rollout:
                    prompt_length=p_ids.shape[1], response_mask=r_mask,
                    stopped=torch.ones(len(resp), dtype=torch.bool), prompts=prompts,
                    response_texts=tok.batch_decode(r_ids, skip_special_tokens=True))
+
+
+def record_updates(trainer) -> list[tuple]:
+    """Wrap ``trainer.update`` so every call's ``(batch, value_loss_scale)`` is appended to the
+    returned list before the real update runs."""
+    calls: list[tuple] = []
+    update = trainer.update
+
+    def recorded(batch, value_loss_scale=1.0):
+        calls.append((batch, value_loss_scale))
+        return update(batch, value_loss_scale)
+
+    trainer.update = recorded
+    return calls

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rollouts import record_updates  # tests/rollouts.py
 from torch.testing import assert_close
 
 from rlhf_ppo import PPOTrainer, load_config, ops
@@ -246,20 +247,14 @@ def _critic_grads(tmp_path, scale_value_loss):
                                 "optim.max_grad_norm=null",  # clipping would mask the scale
                                 f"ppo.scale_value_loss={str(scale_value_loss).lower()}",
                                 "reward.sources=[{function: rlhf_ppo.rewards:response_length}]"))
-    seen, grads = {}, []
-    update = trainer.update
-
-    def spy(batch, value_loss_scale=1.0):
-        seen.update(scale=value_loss_scale, returns=batch.returns.clone(),
-                    mask=batch.response_mask.clone())
-        return update(batch, value_loss_scale)
-
-    trainer.update = spy
+    grads = []
+    updates = record_updates(trainer)
     head = trainer.unwrapped.value_head
     getattr(trainer.optimizer, "optimizer", trainer.optimizer).register_step_pre_hook(
         lambda *a: grads.append(head.weight.grad.clone()) if not grads else None)
     trainer.step()
-    return grads[0], seen
+    batch, scale = updates[0]
+    return grads[0], {"scale": scale, "returns": batch.returns, "mask": batch.response_mask}
 
 
 def test_scale_value_loss_divides_by_the_return_variance(tmp_path):
@@ -282,15 +277,7 @@ def test_value_pretraining_trains_the_critic_toward_monte_carlo_returns(tmp_path
     trainer = PPOTrainer(config(tmp_path, "iterations=2", "ppo.critic_warmup=1",
                                 "ppo.critic_lam=1.0", "ppo.lam=0.5",
                                 *rm_overrides(tiny_reward_dir)))
-    seen = {}
-    update = trainer.update
-
-    def spy(batch, value_loss_scale=1.0):
-        seen.update(rewards=batch.rewards.clone(), returns=batch.returns.clone(),
-                    mask=batch.response_mask.clone())
-        return update(batch, value_loss_scale)
-
-    trainer.update = spy
+    updates = record_updates(trainer)
     ac = trainer.unwrapped
     policy0 = {k: v.clone() for k, v in ac.policy.state_dict().items()}
     critic0 = {k: v.clone() for k, v in ac.critic.state_dict().items()}
@@ -298,9 +285,10 @@ def test_value_pretraining_trains_the_critic_toward_monte_carlo_returns(tmp_path
     assert all(torch.equal(policy0[k], v) for k, v in ac.policy.state_dict().items())
     assert any(not torch.equal(critic0[k], v) for k, v in ac.critic.state_dict().items())
     # gamma 1, critic lambda 1: R_t = sum of the rewards from t to the end of the response
-    m = seen["mask"].float()
-    to_go = (seen["rewards"] * m).flip(-1).cumsum(-1).flip(-1) * m
-    assert_close(seen["returns"], to_go, rtol=1e-5, atol=1e-5)
+    batch = updates[0][0]  # iteration 1's
+    m = batch.response_mask.float()
+    to_go = (batch.rewards * m).flip(-1).cumsum(-1).flip(-1) * m
+    assert_close(batch.returns, to_go, rtol=1e-5, atol=1e-5)
     trainer.step()
     assert any(not torch.equal(policy0[k], v) for k, v in ac.policy.state_dict().items())
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rollouts import record_updates  # tests/rollouts.py
 from transformers import AutoModelForCausalLM
 
 from rlhf_ppo import Config, PPOTrainer, load_config
@@ -558,15 +559,9 @@ def test_critic_free_grpo_builds_no_critic_and_uses_group_advantages(tmp_path):
     ac = trainer.unwrapped
     assert ac.value_head is None and ac.critic is None and not ac.has_critic
     assert len(trainer.optimizer.param_groups) == 1
-    seen = {}
-    update, real_generate = trainer.update, None
-
-    def spy(batch, value_loss_scale=1.0):
-        seen["batch"] = batch
-        return update(batch, value_loss_scale)
-    trainer.update = spy
+    updates = record_updates(trainer)
     m = trainer.step()
-    batch = seen["batch"]
+    batch = updates[0][0]
     mask = batch.response_mask.float()
     lengths = mask.sum(-1)  # response_length scores the number of words; recompute from text
     assert m["ppo_steps"] > 0 and math.isnan(m["explained_variance"]) and m["value_loss"] == 0.0
@@ -584,7 +579,6 @@ def test_critic_free_grpo_builds_no_critic_and_uses_group_advantages(tmp_path):
         assert abs(float(a.mean())) < 1e-5  # centred within the group
         if a.abs().max() > 0:
             assert float(a.std()) == pytest.approx(1.0, abs=1e-3)  # unit (unbiased) std
-    del lengths, real_generate
 
 
 def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
@@ -592,15 +586,9 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
         tmp_path, "iterations=1", "ppo.batch_size=8", "ppo.micro_batch_size=8",
         "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.dynamic_sampling=true",
         "reward.sources=[{function: rlhf_ppo.rewards:response_length}]"))
-    seen = {}
-    update = trainer.update
-
-    def spy(batch, value_loss_scale=1.0):
-        seen["batch"] = batch
-        return update(batch, value_loss_scale)
-    trainer.update = spy
+    updates = record_updates(trainer)
     m = trainer.step()
-    assert len(seen["batch"]) == 8 and 0 <= m["dynamic/rounds"] <= 4
+    assert len(updates[0][0]) == 8 and 0 <= m["dynamic/rounds"] <= 4
     assert m["dynamic/informative_kept"] >= m["dynamic/informative_first"]
 
 
@@ -621,15 +609,9 @@ def test_padding_share_counts_the_padding_the_update_computed(tmp_path, packing)
     whole = PPOTrainer(tiny_config(tmp_path / "b", "iterations=1", "ppo.batch_size=8",
                                    "ppo.num_minibatches=1", "ppo.micro_batch_size=8", stops,
                                    flag))
-    seen = {}
-    update = whole.update
-
-    def spy(batch, value_loss_scale=1.0):
-        seen["batch"] = batch
-        return update(batch, value_loss_scale)
-    whole.update = spy
+    updates = record_updates(whole)
     m = whole.step()
-    b = seen["batch"]
+    b = updates[0][0]
     _, am, rm, _ = trim_padding(b.input_ids, b.attention_mask, b.response_mask, b.prompt_length)
     assert len(set(rm.sum(-1).tolist())) > 1  # the lengths differ: there is padding to count
     lengths = am.sum(-1).tolist()
