@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from . import builtin, ops
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
-from .packing import Packed, attention_weight, pack, packed_hidden
+from .packing import Packed, pack_for, packed_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -450,8 +450,7 @@ class ActorCritic(nn.Module):
         """The batch packed (:mod:`.packing`) when ``pack_sequences``, else None."""
         if not self.pack_sequences:
             return None
-        return pack(input_ids, attention_mask, prompt_length,
-                    attention_weight(transformer(self.policy).config))
+        return pack_for(self.policy, input_ids, attention_mask, prompt_length)
 
     @property
     def shares_backbone(self) -> bool:
@@ -498,8 +497,7 @@ def reference_logprobs(ref: nn.Module, input_ids: torch.Tensor, attention_mask: 
     """Log-probs ``[B, R]`` of the response tokens under a frozen causal LM (no grad);
     ``pack_sequences``: one padding-free pass (:mod:`.packing`)."""
     with torch.no_grad():
-        packed = (pack(input_ids, attention_mask, prompt_length,
-                       attention_weight(transformer(ref).config)) if pack_sequences else None)
+        packed = pack_for(ref, input_ids, attention_mask, prompt_length) if pack_sequences else None
         h_resp, tokens = response_states(ref, input_ids, attention_mask, prompt_length, packed)
         lm = transformer(ref)
         lp, _ = token_logprobs(lm.get_output_embeddings(), lm.config, h_resp, tokens,

@@ -142,6 +142,16 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: i
                   last, tail=n * C - sum(lengths))
 
 
+def pack_for(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             prompt_length: int) -> Packed:
+    """:func:`pack` with rows laid out for ``model``'s shape (:func:`attention_weight` of its
+    config; a PEFT wrapper's base model is read)."""
+    from .models import transformer
+
+    return pack(input_ids, attention_mask, prompt_length,
+                attention_weight(transformer(model).config))
+
+
 def packed_hidden(model: nn.Module, packed: Packed) -> torch.Tensor:
     """Last hidden states ``(n * C, H)`` of a ``*ForCausalLM`` / ``*ForSequenceClassification``'s
     backbone over a packed batch (no attention mask: the position ids mark the sequences)."""

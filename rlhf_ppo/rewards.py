@@ -46,11 +46,10 @@ from .models import (
     load_pretrained,
     load_sequence_classifier,
     resolve,
-    transformer,
     zero3_partitioned_loading,
 )
 from .ops import RunningMoments
-from .packing import attention_weight, pack, packed_hidden
+from .packing import pack_for, packed_hidden
 from .rollout import Rollout
 
 # --------------------------------------------------------------------------- built-in rewards
@@ -349,8 +348,7 @@ def score_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     reward model runs one padding-free pass (:mod:`.packing`).
     """
     if hasattr(model, "score") and pack_sequences:
-        packed = pack(input_ids, attention_mask, input_ids.shape[1],
-                      attention_weight(transformer(model).config))
+        packed = pack_for(model, input_ids, attention_mask, input_ids.shape[1])
         return model.score(packed_hidden(model, packed)[packed.last_index]).squeeze(-1)
     if hasattr(model, "score"):
         hidden = backbone_hidden(model, input_ids, attention_mask)  # (B, L, H)
