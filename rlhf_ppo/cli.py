@@ -14,8 +14,9 @@ import os
 import re
 import sys
 
-from .config import iter_fields, load_config
+from .config import iter_fields, load_config, section_docs
 from .errors import ConfigError, exit_code
+from .eval_config import load_eval_config
 
 # command -> (module, config class, run function, help)
 COMMANDS = {
@@ -39,8 +40,12 @@ def _fields_help(command: str) -> str | None:
         cls = _config_class(command)
     except ImportError:  # an optional stage whose module failed to import: no key list
         return None
-    lines = ["config keys (override any with key.sub=value):"]
+    lines, sections, current = ["config keys (override any with key.sub=value):"], section_docs(cls), ""
     for key, tp, default, doc in iter_fields(cls):
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        if section != current and section in sections:  # a header per section, in field order
+            lines.append(plain(f"\n {section}: {sections[section]}"))
+        current = section
         lines.append(plain(f"  {key} ({tp}, default {default!r}): {doc}"))
     return "\n".join(lines)
 
@@ -92,13 +97,11 @@ def _train(cfg, args) -> int:
 
 def _run(args) -> int:
     if args.command == "quickstart":
-        from .quickstart import run_quickstart
+        from .tasks.quickstart import run_quickstart
 
         run_quickstart(args.output_dir, fresh=args.fresh)
         return 0
     if args.command == "evaluate":  # --config may also be a PPO run's config.yaml
-        from .evaluate import load_eval_config
-
         cfg = load_eval_config(args.config, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides, cls=_config_class(args.command))

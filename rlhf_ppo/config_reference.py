@@ -1,7 +1,8 @@
 """Print, write (--write) or check (--check) the config reference tables of docs/config.md.
 
 One table per command (`train`, `sft`, `reward`, `evaluate`), generated from the config
-dataclasses' field docstrings, so the docs cover every field:
+dataclasses' field docstrings, so the docs cover every field; and the table of the advantage
+estimators in docs/estimators.md, generated from their registry (`rlhf_ppo.estimators`):
 
     python -m rlhf_ppo.config_reference            # print the tables
     python -m rlhf_ppo.config_reference --write    # rewrite the generated blocks of docs/config.md
@@ -21,7 +22,7 @@ from rlhf_ppo.config import iter_fields
 
 COMMANDS = {"train": ("rlhf_ppo.config", "Config"), "sft": ("rlhf_ppo.sft", "SFTConfig"),
             "reward": ("rlhf_ppo.reward_training", "RewardTrainConfig"),
-            "evaluate": ("rlhf_ppo.evaluate", "EvalConfig")}
+            "evaluate": ("rlhf_ppo.eval_config", "EvalConfig")}
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"  # train
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 WRITE_COMMAND = "python -m rlhf_ppo.config_reference --write"
@@ -74,6 +75,40 @@ def stale(text: str) -> list[str]:
     return out
 
 
+EST_DOC = DOC.parent / "estimators.md"
+EST_BEGIN, EST_END = "<!-- estimators:begin -->", "<!-- estimators:end -->"
+
+
+def estimator_table() -> str:
+    """The markdown table of the estimator registry (:data:`rlhf_ppo.estimators.ESTIMATORS`):
+    what each estimator needs, whether it whitens, which optional keys it reads."""
+    from rlhf_ppo import estimators
+
+    whiten = {None: "`ppo.advantages.whiten` (default yes)", True: "always", False: "never"}
+    rows = ["| estimator | what | critic | group (`samples_per_prompt` > 1) | whitens | reads the "
+            "critic and GAE keys |", "|---|---|---|---|---|---|"]
+    for e in estimators.ESTIMATORS.values():
+        rows.append(f"| `{e.name}` | {e.summary} | {'yes' if e.critic else 'no'} | "
+                    f"{'yes' if e.groups else 'no'} | {whiten[e.whiten]} | "
+                    f"{'yes' if e.reads else 'no'} |")
+    return "\n".join(rows)
+
+
+def estimators_current(text: str) -> bool:
+    """Whether ``text`` (docs/estimators.md) holds the current :func:`estimator_table`."""
+    if EST_BEGIN not in text or EST_END not in text:
+        return False
+    return text.split(EST_BEGIN, 1)[1].split(EST_END, 1)[0].strip() == estimator_table()
+
+
+def render_estimators(text: str) -> str:
+    """``text`` with its estimator block replaced by the current table (ValueError: no markers)."""
+    if EST_BEGIN not in text or EST_END not in text:
+        raise ValueError(f"markers {EST_BEGIN} / {EST_END} not found")
+    head, rest = text.split(EST_BEGIN, 1)
+    return f"{head}{EST_BEGIN}\n{estimator_table()}\n{EST_END}{rest.split(EST_END, 1)[1]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"{args.file}: {e.strerror or e}", file=sys.stderr)
         return 1
+    if args.file == DOC and not _estimators(check=args.check):
+        return 1
     if args.check:
         bad = stale(text)
         if bad:
@@ -108,6 +145,25 @@ def main(argv: list[str] | None = None) -> int:
     if new != text:
         args.file.write_text(new)
     return 0
+
+
+def _estimators(check: bool) -> bool:
+    """Check (or rewrite) the estimator table of docs/estimators.md; False when stale or
+    unwritable."""
+    text = EST_DOC.read_text()
+    if check:
+        if not estimators_current(text):
+            print(f"{EST_DOC}: estimator table out of date; run: {WRITE_COMMAND}", file=sys.stderr)
+            return False
+        return True
+    try:
+        new = render_estimators(text)
+    except ValueError as e:
+        print(f"{EST_DOC}: {e}", file=sys.stderr)
+        return False
+    if new != text:
+        EST_DOC.write_text(new)
+    return True
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import builtin, formats
+from . import assets, formats
 from .config import DataConfig
 from .errors import DataError
 
@@ -93,7 +93,7 @@ def read_json_rows(path: str) -> Rows:
 def load_rows(cfg: DataConfig):
     """The rows named by ``data.path``: a ``datasets.Dataset`` (hub id, CSV, Parquet,
     ``save_to_disk`` folder) or :class:`Rows` (local JSON / JSON Lines)."""
-    path = builtin.resolve_dataset(cfg.path)
+    path = assets.resolve_dataset(cfg.path)
     suffix = Path(path).suffix.lower()
     if suffix in LOCAL_FORMATS and not Path(path).is_file():
         raise DataError(f"data.path: file {path!r} not found")

@@ -55,7 +55,7 @@ def ppo_batch_per_process(cfg: Config, num_processes: int) -> int:
 def gradient_accumulation_steps(cfg: Config, num_processes: int) -> int:
     """Micro-batches per minibatch on each process (the optimizer step happens after the last)."""
     mini = ppo_batch_per_process(cfg, num_processes) // cfg.ppo.num_minibatches
-    return max(1, mini // cfg.ppo.micro_batch_size)
+    return max(1, mini // cfg.ppo.forward.micro_batch_size)
 
 
 def multi_process_cpu() -> bool:
@@ -106,7 +106,7 @@ def make_ppo_accelerator(cfg: Config):
         cfg.mixed_precision, gradient_accumulation_steps(cfg, launch_world_size()),
         list(cfg.report_to), cfg.output_dir,
         # Critic warmup with a shared backbone leaves the policy's parameters without gradients.
-        find_unused_parameters=cfg.ppo.critic_warmup > 0)
+        find_unused_parameters=cfg.ppo.critic.warmup > 0)
     if is_deepspeed(acc):
         configure_deepspeed(acc, cfg)
     return acc
@@ -129,10 +129,10 @@ def check_engine_support(cfg: Config, acc) -> None:
         # FSDP root's forward; not supported yet.
         raise ConfigError("peft.enabled: LoRA under FSDP is not supported yet; use DDP or "
                           "DeepSpeed")
-    if cfg.ppo.micro_batch_tokens is not None and is_deepspeed(acc):
-        raise ConfigError("ppo.micro_batch_tokens: token budgets are not supported under "
+    if cfg.ppo.forward.micro_batch_tokens is not None and is_deepspeed(acc):
+        raise ConfigError("ppo.forward.micro_batch_tokens: token budgets are not supported under "
                           "DeepSpeed yet (its config fixes the micro-batches per optimizer step); "
-                          "use ppo.micro_batch_size")
+                          "use ppo.forward.micro_batch_size")
     if cfg.resume_from is not None and (is_deepspeed(acc) or acc.distributed_type.name == "FSDP"):
         raise CheckpointError("resume_from: resuming under DeepSpeed or FSDP is not supported "
                               "yet (sharded optimizer state)")
@@ -166,7 +166,7 @@ def configure_deepspeed(acc, cfg: Config) -> None:
     ds = acc.state.deepspeed_plugin.deepspeed_config
     gas = gradient_accumulation_steps(cfg, acc.num_processes)
     mini = cfg.ppo.batch_size // acc.num_processes // cfg.ppo.num_minibatches
-    micro = min(cfg.ppo.micro_batch_size, mini)
+    micro = min(cfg.ppo.forward.micro_batch_size, mini)
     wanted = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,

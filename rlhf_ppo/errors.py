@@ -14,6 +14,11 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
+class UnreadKeyWarning(UserWarning):
+    """A config key is set but nothing in this run reads it (e.g. a critic's learning rate with
+    a critic-free estimator): kept in the config, so one file can serve several settings."""
+
+
 class DataError(ValueError):
     """A dataset file or row does not have the expected layout or content."""
 

@@ -14,7 +14,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import estimators, ops
+from .config import PPOConfig
+from .distributed import global_moments
 from .rollout import Rollout
 
 
@@ -31,7 +33,7 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def records_logprobs(mode: str, backend: str, dtype: torch.dtype, mixed_precision: str) -> bool:
-    """Whether sampling records the old log-probs (``ppo.old_logprobs`` ``mode``; ``auto``: when
+    """Whether sampling records the old log-probs (``ppo.forward.old_logprobs`` ``mode``; ``auto``: when
     the native sampling pass computes in the training forward's precision, float32 weights
     without autocast, so that recorded and recomputed log-probs agree)."""
     if mode != "auto" or backend != "native":
@@ -158,3 +160,43 @@ class Experience:
                                    else self.is_weights[rows, :r].to(device))
         return {"input_ids": ids.to(device), "attention_mask": am.to(device),
                 "mask": mask.to(device).float(), "prompt_length": P, **per_token}
+
+
+class Targets(NamedTuple):
+    """Steps 4-5 of an iteration: the update's batch and what the metrics read besides it."""
+
+    batch: Experience
+    """the experience the update trains on"""
+    kl: torch.Tensor
+    """(B, R) the per-token KL penalty estimate (``ppo.kl.estimator``), 0 on padding"""
+    returns_moments: tuple[float, float]
+    """the returns' (mean, variance) over every process's valid tokens"""
+    metrics: dict
+    """truncated importance sampling's metrics (``tis/...``), or empty"""
+
+
+def make_targets(acc, p: PPOConfig, rollout: Rollout, out: RolloutOutputs, scores: torch.Tensor,
+                 kl_coef: float) -> Targets:
+    """Steps 4-5: per-token rewards (``-kl_coef * KL_t`` plus the score, or the score minus its
+    group's baseline, on the last valid token), advantages and returns of the estimator
+    ``p.advantage_estimator`` (:mod:`rlhf_ppo.estimators`), the advantages whitened over the valid
+    tokens of every process when the estimator does (a global statistic: the result must not
+    depend on how the batch is split), and the update's loss mask and importance weights.
+
+    Args:
+        scores: ``(B,)`` processed scores.  kl_coef: the KL coefficient of this iteration.
+    """
+    mask = rollout.response_mask.float()
+    kl = ops.kl_penalty(out.logprobs, out.ref_logprobs, p.kl.estimator) * mask
+    est, a = estimators.get(p.advantage_estimator), p.advantages
+    rewards, advantages, returns = est.estimate(scores, kl, kl_coef, out.values, mask,
+                                                p.samples_per_prompt, a.gamma, a.lam, p.critic.lam,
+                                                a.lam_length_alpha)
+    if est.whitens(a.whiten):
+        advantages = ops.whiten(advantages, mask, *global_moments(acc, advantages, mask))
+    loss_mask, is_weights, tis = loss_weights(rollout, out, p.loss.tis_cap, p.loss.mask_truncated)
+    batch = Experience(rollout.input_ids, rollout.attention_mask, rollout.prompt_length, loss_mask,
+                       out.logprobs, out.values, out.ref_logprobs, rewards, advantages, returns,
+                       is_weights)
+    return Targets(batch, kl, global_moments(acc, returns, mask), tis)
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -14,20 +15,45 @@ from .distributed import global_stats
 from .rollout import generate
 
 
-def iteration_metrics(acc, *, iteration: int, all_scores: torch.Tensor, all_stopped: torch.Tensor,
-                      mask: torch.Tensor, entropy: torch.Tensor, values: torch.Tensor,
-                      returns: torch.Tensor, scores: torch.Tensor, reward_metrics: dict,
-                      kl: float, kl_coef: float, returns_moments: tuple[float, float],
-                      update: dict, lr: float, nonfinite_skips: int, times: list[float],
-                      with_critic: bool = True) -> dict:
-    """The metrics of one iteration, in one reduction over processes.
+@dataclass(frozen=True)
+class IterationRecord:
+    """What one PPO iteration produced that its metrics read. ``(B, R)`` tensors are this
+    process's; the gathered ones hold every process's rows."""
 
-    ``all_scores`` / ``all_stopped`` ``(B * processes,)``: raw scores and stops gathered from
-    every process; ``mask``, ``entropy``, ``values``, ``returns`` ``(B, R)`` and ``scores``
-    (processed, ``(B,)``): this process's; ``kl``: mean summed KL per sequence (global);
-    ``returns_moments``: the returns' global (mean, variance); ``update``: what the update
-    returned; ``times``: ``perf_counter`` at the start, after the rollout, after scoring and
-    after the update."""
+    iteration: int
+    all_scores: torch.Tensor
+    """(B * processes,) raw scores of every process"""
+    all_stopped: torch.Tensor
+    """(B * processes,) whether each response emitted a stop token"""
+    scores: torch.Tensor
+    """(B,) processed scores (normalised, clipped, penalised)"""
+    mask: torch.Tensor
+    """(B, R) valid response tokens"""
+    entropy: torch.Tensor
+    """(B, R) the policy's entropy per token"""
+    values: torch.Tensor
+    """(B, R) V_old"""
+    returns: torch.Tensor
+    """(B, R) value targets"""
+    returns_moments: tuple[float, float]
+    """the returns' global (mean, variance)"""
+    kl: float
+    """mean summed KL per sequence (global)"""
+    kl_coef: float
+    """the KL coefficient the rewards used"""
+    reward_metrics: dict
+    """per-source scores, dynamic sampling, truncated importance sampling (means over processes)"""
+    with_critic: bool = True
+    """False: critic-free, no value to explain"""
+
+
+def iteration_metrics(acc, r: IterationRecord, update: dict, lr: float, nonfinite_skips: int,
+                      times: list[float]) -> dict:
+    """The metrics of one iteration, in one reduction over processes. ``update``: what the
+    update returned; ``times``: ``perf_counter`` at the start, after the rollout, after scoring
+    and after the update."""
+    mask, entropy, values, returns, scores = r.mask, r.entropy, r.values, r.returns, r.scores
+    reward_metrics, kl, kl_coef, all_scores = r.reward_metrics, r.kl, r.kl_coef, r.all_scores
     inputs = {"value_error": (returns - values, mask), "entropy": (entropy, mask),
               "values": (values, mask), "scores": (scores, None), "lengths": (mask.sum(-1), None),
               **{("reward", k): (torch.as_tensor(v, dtype=torch.float32), None)
@@ -35,14 +61,14 @@ def iteration_metrics(acc, *, iteration: int, all_scores: torch.Tensor, all_stop
     stats = dict(zip(inputs, global_stats(acc, list(inputs.values()))))  # (mean, var, n)
     err_mean, err_var, err_n = stats["value_error"]
     err_ms = err_var * (err_n - 1) / max(err_n, 1.0) + err_mean * err_mean  # mean square
-    ret_mean, ret_var = returns_moments
+    ret_mean, ret_var = r.returns_moments
     n_tokens = stats["lengths"][0] * stats["lengths"][2]
     t0, t1, t2, t3 = times
     update = dict(update)
-    if not with_critic:  # critic-free estimators: no value to explain
+    if not r.with_critic:  # critic-free estimators: no value to explain
         err_var = err_ms = float("nan")
     return {
-        "iteration": iteration,
+        "iteration": r.iteration,
         "score_mean": all_scores.mean().item(),
         "score_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
         "score_processed_mean": stats["scores"][0],
@@ -56,7 +82,7 @@ def iteration_metrics(acc, *, iteration: int, all_scores: torch.Tensor, all_stop
         "value_error": math.sqrt(max(err_ms, 0.0)),
         "reward_kl_penalty": -kl_coef * kl,
         "response_length": stats["lengths"][0],
-        "stop_rate": all_stopped.float().mean().item(),
+        "stop_rate": r.all_stopped.float().mean().item(),
         "lr": lr,
         "nonfinite_skipped": float(update.pop("nonfinite_skipped", False)),
         "nonfinite_skips": nonfinite_skips,

@@ -35,8 +35,6 @@ Aggregation = Literal["token-mean", "seq-mean", "seq-mean-token-mean", "seq-mean
                       "seq-mean-token-sum-norm"]
 AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                                  "seq-mean-token-sum-norm")
-GroupEstimator = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"]
-GROUP_ESTIMATORS: tuple[str, ...] = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -85,7 +83,7 @@ def log_softmax_with_temperature(logits: torch.Tensor, temperature: float = 1.0)
 
     The one definition of the sampling distribution's log-probs: the sampling loop draws from it
     and the training forward scores tokens with it, so log-probs recorded while sampling equal
-    recomputed ones (``ppo.old_logprobs: generation`` relies on that).
+    recomputed ones (``ppo.forward.old_logprobs: generation`` relies on that).
     """
     logits = logits.float()
     if temperature != 1.0:  # x / 1.0 == x exactly: skip a pass over [..., V]
@@ -250,41 +248,6 @@ def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, mask: to
     return advantages, returns
 
 
-def estimate_advantages(estimator: str, scores: torch.Tensor, kl: torch.Tensor, kl_coef: float,
-                        values: torch.Tensor, mask: torch.Tensor, group_size: int, gamma: float,
-                        lam: float, critic_lam: float | None = None,
-                        lam_length_alpha: float | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token rewards, advantages and returns of one batch for ``ppo.advantage_estimator``,
-    before any whitening.
-
-    The rewards are ``-kl_coef * kl_t`` plus, on the last valid token, the score (``gae``,
-    ``reinforce_pp``) or the score minus its group's baseline (:func:`group_advantages`:
-    ``grpo``, ``dr_grpo``, ``rloo``, ``reinforce_pp_baseline``; groups of ``group_size``
-    contiguous rows), as OpenRLHF shapes them. ``gae``: :func:`advantages_and_returns` with the
-    critic's ``values``; the critic-free estimators: the returns-to-go
-    (:func:`discounted_returns`) are both the advantages and the returns.
-
-    Args:
-        scores: ``[B]``.  kl, values, mask: ``[B, T]``.
-    Returns:
-        ``(rewards, advantages, returns)``, each ``[B, T]``.
-    """
-    terminal = scores
-    if estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
-        terminal = group_advantages(scores, group_size, estimator)
-    elif estimator not in ("gae", "reinforce_pp"):
-        raise ValueError(f"advantage estimator: expected gae, grpo, dr_grpo, rloo, reinforce_pp or "
-                         f"reinforce_pp_baseline, got {estimator!r}")
-    rewards = shape_rewards(terminal, kl, mask, kl_coef)
-    if estimator == "gae":
-        advantages, returns = advantages_and_returns(rewards, values, mask, gamma, lam, critic_lam,
-                                                     lam_length_alpha)
-        return rewards, advantages, returns
-    returns = discounted_returns(rewards, mask, gamma)
-    return rewards, returns, returns
-
-
 def length_adaptive_lam(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
     """VAPO's length-adaptive GAE lambda for the policy: ``lam = 1 - 1 / (alpha * l)`` per
     sequence of ``l`` valid tokens (Yue et al. 2025, https://arxiv.org/abs/2504.05118, "Length-Adaptive GAE";
@@ -301,63 +264,75 @@ def length_adaptive_lam(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
     return (1.0 - 1.0 / (alpha * lengths)).clamp(0.0, 1.0)
 
 
-def group_advantages(scores: torch.Tensor, group_size: int, estimator: GroupEstimator,
-                     eps: float = 1e-6) -> torch.Tensor:
-    """Per-sequence advantages from a baseline over the ``k = group_size`` responses sampled for
-    the same prompt (critic-free estimators). Groups are contiguous: rows ``g*k .. g*k+k-1``.
-    With ``mean_g``, ``std_g`` the mean and the *unbiased* (Bessel, ``/(k-1)``) standard deviation
-    of the scores of the sequence's group:
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[N]`` scores as ``[N / k, k]`` float groups (contiguous rows ``g*k .. g*k+k-1``)."""
+    k = int(group_size)
+    if k < 1 or scores.dim() != 1 or scores.shape[0] % k:
+        raise ValueError(f"group baseline: expected [N] scores, N a multiple of "
+                         f"group_size={group_size}, got shape {tuple(scores.shape)}")
+    scores = scores if scores.is_floating_point() else scores.float()
+    return scores.view(-1, k)
 
-    - ``"grpo"``: ``(s - mean_g) / (std_g + eps)`` (GRPO's outcome supervision). Unbiased std as
-      veRL's ``compute_grpo_outcome_advantage`` (``torch.std``, ``epsilon=1e-6`` added outside the
-      square root, https://github.com/volcengine/verl/blob/b178a3cd56f58b2d502255daba591e92833930a7/verl/trainer/ppo/core_algos.py#L303-L330),
-      TRL's (``nanstd`` with Bessel's correction, ``1e-4`` added,
-      https://github.com/huggingface/trl/blob/f2cd57710ae345ea6428ae95363267fcf38a3dc8/trl/trainer/grpo_trainer.py#L2685-L2707)
-      and OpenRLHF's ``group_norm`` (``1e-9`` added,
-      https://github.com/OpenRLHF/OpenRLHF/blob/3c3be6234e0cb353e76bb8019947db9dfe99fca7/openrlhf/trainer/ppo_utils/experience_maker.py#L264-L270).
-      A group whose scores are all equal gets 0 (up to the rounding of its mean). A group of 1
-      gets 0 (as TRL: ``s - s``; veRL gives such a row ``s / (1 + eps)``: mean 0 and std 1).
-    - ``"dr_grpo"``: ``s - mean_g`` (Dr. GRPO: no division by the std; veRL's
-      ``norm_adv_by_std_in_grpo=False``, OpenRLHF's ``dr_grpo``).
-    - ``"rloo"``: ``s - mean of the other k - 1 scores = k / (k - 1) * (s - mean_g)`` (RLOO, as
-      OpenRLHF's ``(sum - s) / (k - 1)`` baseline, same lines; veRL's
-      ``compute_rloo_outcome_advantage``,
-      https://github.com/volcengine/verl/blob/b178a3cd56f58b2d502255daba591e92833930a7/verl/trainer/ppo/core_algos.py#L501-L525).
-      A group of 1 gets 0 (veRL keeps the raw score there).
-    - ``"reinforce_pp_baseline"``: ``s - mean_g`` (REINFORCE++-baseline, veRL's
-      https://github.com/volcengine/verl/blob/b178a3cd56f58b2d502255daba591e92833930a7/verl/trainer/ppo/core_algos.py#L451-L473,
-      OpenRLHF's ``reinforce_baseline``). Both peers then whiten the token-level advantages over
-      the whole batch: that is the caller's step (:func:`whiten` with global statistics), not
-      done here. A group of 1 gets 0.
+
+def group_normalized(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's outcome advantage ``(s - mean_g) / (std_g + eps)`` over the ``k = group_size``
+    responses to the same prompt (contiguous rows), ``std_g`` the *unbiased* (Bessel, ``/(k-1)``)
+    standard deviation, as veRL's ``compute_grpo_outcome_advantage`` (``torch.std``,
+    ``epsilon=1e-6`` added outside the square root,
+    https://github.com/volcengine/verl/blob/b178a3cd56f58b2d502255daba591e92833930a7/verl/trainer/ppo/core_algos.py#L303-L330),
+    TRL's (``nanstd`` with Bessel's correction, ``1e-4`` added,
+    https://github.com/huggingface/trl/blob/f2cd57710ae345ea6428ae95363267fcf38a3dc8/trl/trainer/grpo_trainer.py#L2685-L2707)
+    and OpenRLHF's ``group_norm`` (``1e-9`` added,
+    https://github.com/OpenRLHF/OpenRLHF/blob/3c3be6234e0cb353e76bb8019947db9dfe99fca7/openrlhf/trainer/ppo_utils/experience_maker.py#L264-L270).
+    A group whose scores are all equal gets 0 (up to the rounding of its mean). A group of 1 gets
+    0 (as TRL: ``s - s``; veRL gives such a row ``s / (1 + eps)``: mean 0 and std 1).
 
     Args:
         scores: ``[N]`` sequence scores, ``N = groups * group_size``.
-        group_size: ``k >= 1``.
-        estimator: one of ``GROUP_ESTIMATORS``.
-        eps: added to the std (``"grpo"`` only).
     Returns:
-        ``[N]`` advantages (one per sequence: :func:`broadcast_to_tokens`, or the terminal reward
-        of :func:`shape_rewards` followed by :func:`discounted_returns`).
+        ``[N]`` advantages, one per sequence.
     """
-    if estimator not in GROUP_ESTIMATORS:
-        raise ValueError(f"group estimator: expected one of {', '.join(map(repr, GROUP_ESTIMATORS))}, "
-                         f"got {estimator!r}")
-    k = int(group_size)
-    if k < 1 or scores.dim() != 1 or scores.shape[0] % k:
-        raise ValueError(f"group_advantages: expected [N] scores, N a multiple of "
-                         f"group_size={group_size}, got shape {tuple(scores.shape)}")
-    scores = scores if scores.is_floating_point() else scores.float()
-    if k == 1:  # no baseline from the group's other samples: no signal
-        return torch.zeros_like(scores)
-    grouped = scores.view(-1, k)
+    grouped = _groups(scores, group_size)
+    if grouped.shape[1] == 1:  # no baseline from the group's other samples: no signal
+        return torch.zeros_like(grouped).reshape(-1)
     mean = grouped.mean(-1, keepdim=True)
-    if estimator == "grpo":
-        adv = (grouped - mean) / (grouped.std(-1, keepdim=True) + eps)  # std: unbiased
-    elif estimator == "rloo":
-        adv = grouped - (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)
-    else:  # dr_grpo, reinforce_pp_baseline
-        adv = grouped - mean
-    return adv.reshape(-1)
+    return ((grouped - mean) / (grouped.std(-1, keepdim=True) + eps)).reshape(-1)  # std: unbiased
+
+
+def group_centered(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``s - mean_g`` over the group of the same prompt: Dr. GRPO (no division by the std;
+    veRL's ``norm_adv_by_std_in_grpo=False``, OpenRLHF's ``dr_grpo``) and REINFORCE++-baseline
+    (veRL's https://github.com/volcengine/verl/blob/b178a3cd56f58b2d502255daba591e92833930a7/verl/trainer/ppo/core_algos.py#L451-L473,
+    OpenRLHF's ``reinforce_baseline``; both peers then whiten the token-level advantages over the
+    batch: the caller's step, :func:`whiten` with global statistics). A group of 1 gets 0.
+
+    Args:
+        scores: ``[N]``, ``N = groups * group_size``.
+    Returns:
+        ``[N]`` advantages.
+    """
+    grouped = _groups(scores, group_size)
+    return (grouped - grouped.mean(-1, keepdim=True)).reshape(-1)
+
+
+def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: ``s - mean of the other k - 1 scores = k / (k - 1) * (s - mean_g)``, as OpenRLHF's
+    ``(sum - s) / (k - 1)`` baseline
+    (https://github.com/OpenRLHF/OpenRLHF/blob/3c3be6234e0cb353e76bb8019947db9dfe99fca7/openrlhf/trainer/ppo_utils/experience_maker.py#L264-L270)
+    and veRL's ``compute_rloo_outcome_advantage``
+    (https://github.com/volcengine/verl/blob/b178a3cd56f58b2d502255daba591e92833930a7/verl/trainer/ppo/core_algos.py#L501-L525).
+    A group of 1 gets 0 (veRL keeps the raw score there).
+
+    Args:
+        scores: ``[N]``, ``N = groups * group_size``.
+    Returns:
+        ``[N]`` advantages.
+    """
+    grouped = _groups(scores, group_size)
+    k = grouped.shape[1]
+    if k == 1:
+        return torch.zeros_like(grouped).reshape(-1)
+    return (grouped - (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)).reshape(-1)
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -390,7 +365,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
 
 def broadcast_to_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One value per sequence on each of its valid tokens: ``[B]`` -> ``[B, T]``,
-    ``values[:, None] * mask`` (e.g. :func:`group_advantages` as per-token advantages, as veRL's
+    ``values[:, None] * mask`` (e.g. :func:`group_normalized` as per-token advantages, as veRL's
     ``scores.unsqueeze(-1) * response_mask``)."""
     return values.unsqueeze(-1) * mask.to(values.dtype)
 

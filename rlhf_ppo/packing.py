@@ -19,10 +19,13 @@ silently mixing sequences.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .lm import backbone_hidden, is_partitioned, transformer
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +149,6 @@ def pack_for(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              prompt_length: int) -> Packed:
     """:func:`pack` with rows laid out for ``model``'s shape (:func:`attention_weight` of its
     config; a PEFT wrapper's base model is read)."""
-    from .models import transformer
-
     return pack(input_ids, attention_mask, prompt_length,
                 attention_weight(transformer(model).config))
 
@@ -155,8 +156,6 @@ def pack_for(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 def packed_hidden(model: nn.Module, packed: Packed) -> torch.Tensor:
     """Last hidden states ``(n * C, H)`` of a ``*ForCausalLM`` / ``*ForSequenceClassification``'s
     backbone over a packed batch (no attention mask: the position ids mark the sequences)."""
-    from .models import transformer
-
     out = transformer(model).base_model(input_ids=packed.input_ids,
                                         position_ids=packed.position_ids, attention_mask=None,
                                         use_cache=False)
@@ -170,10 +169,6 @@ def check_packing(model: nn.Module, name: str) -> bool:
     weights); else a warning naming ``name`` and the architecture, and False (use padded
     batches). A model whose weights an engine partitioned cannot run outside it: there the
     architecture's code is checked for transformers' packed-sequence mask instead."""
-    import sys
-
-    from .models import backbone_hidden, is_partitioned, transformer
-
     lm = transformer(model)
     config = lm.config.get_text_config()
     arch = type(lm).__name__

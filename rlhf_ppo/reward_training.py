@@ -33,13 +33,9 @@ from . import finetune as ft
 from . import formats
 from .config import ModelConfig, PeftConfig, check
 from .data import DataError, render_prompt
-from .models import (
-    enable_activation_checkpointing,
-    is_peft,
-    load_sequence_classifier,
-    load_tokenizer,
-    transformer,
-)
+from .lm import transformer
+from .loading import enable_activation_checkpointing, load_sequence_classifier, load_tokenizer
+from .lora import is_peft
 from .rewards import score_sequences
 
 logger = logging.getLogger(__name__)

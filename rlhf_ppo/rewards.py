@@ -36,18 +36,14 @@ from pathlib import Path
 
 import torch
 
-from . import builtin, ops
+from . import ops
+from .assets import POSITIVE_WORDS
 from .config import ModelConfig, RewardConfig, RewardSource
 from .errors import RewardError
-from .models import (
-    active_adapter,
-    backbone_hidden,
-    build_actor_critic,
-    load_pretrained,
-    load_sequence_classifier,
-    resolve,
-    zero3_partitioned_loading,
-)
+from .lm import backbone_hidden
+from .loading import load_pretrained, load_sequence_classifier, resolve, zero3_partitioned_loading
+from .lora import active_adapter
+from .models import CriticStart
 from .ops import RunningMoments
 from .packing import pack_for, packed_hidden
 from .rollout import Rollout
@@ -58,7 +54,7 @@ def keyword_share(prompts: list[str], responses: list[str], words: list[str] | N
                   **kwargs) -> list[float]:
     """Share of the words of each response that are in ``words`` (default: positive words such as
     "good", "great", "happy"); 0 for an empty response. The reward of the built-in tiny task."""
-    targets = set(words if words is not None else builtin.POSITIVE_WORDS)
+    targets = set(words if words is not None else POSITIVE_WORDS)
     scores = []
     for text in responses:
         tokens = re.findall(r"[\w']+|[^\w\s]", text.lower())
@@ -401,19 +397,11 @@ class RewardSum:
         """Restore :meth:`state_dict`."""
         self.moments.load_state_dict(state["score_moments"])
 
-    def build_actor_critic(self, model_cfg: ModelConfig, peft_cfg, with_critic: bool = True):
-        """:func:`models.build_actor_critic` with this reward's first reward model available as the
-        critic's start (``model.critic_init: reward``; with LoRA the critic is an adapter on that
-        very module, whose scoring then runs with the adapter off). Returns ``(actor_critic,
-        reference, the scorer inside the actor-critic or None)``."""
+    def critic_start_model(self) -> CriticStart | None:
+        """The reward model a critic may start from (``model.critic_init: reward``): the first
+        reward-model source's model, path and scorer; None without a reward-model source."""
         rm = next(iter(self.model_sources()), None)
-        model, ref = build_actor_critic(model_cfg, peft_cfg, reward_model=rm.model if rm else None,
-                                        reward_path=rm.path if rm else None,
-                                        with_critic=with_critic)
-        scorer = rm.scorer if model.critic_on_reward_model else None
-        if scorer is not None:
-            scorer.adapters_off = True
-        return model, ref, scorer
+        return None if rm is None else CriticStart(rm.model, rm.path, rm.scorer)
 
     def model_sources(self) -> list[ModelReward]:
         """The reward-model sources (their ``.scorer`` is placed on the device by the trainer)."""

@@ -17,6 +17,7 @@ import torch
 from . import ops
 from .config import GenerationConfig
 from .data import Prompt, left_pad
+from .lm import position_ids_from_mask, postprocess_logits, transformer
 
 logger = logging.getLogger(__name__)
 
@@ -315,8 +316,6 @@ def _cache_kwarg(base) -> str | None:
 def native_supported(model) -> bool:
     """True when the native sampling loop can drive ``model`` (a decoder whose backbone takes a
     KV cache); otherwise ``generate`` falls back to ``model.generate``."""
-    from .models import transformer
-
     base = getattr(transformer(model), "base_model", None)
     return base is not None and _cache_kwarg(base) is not None
 
@@ -343,8 +342,6 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     Returns ``{"response_ids": (B, R) with padding after each stop, "logprobs", "entropy",
     "values": (B, R) float32 or absent}``, ``R <= max_new_tokens``.
     """
-    from .models import position_ids_from_mask, postprocess_logits, transformer
-
     lm = transformer(model)
     base, head, config = lm.base_model, lm.get_output_embeddings(), lm.config
     cache_kw = _cache_kwarg(base)
@@ -376,7 +373,7 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
         hidden = base(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
                       **{cache_kw: cache}).last_hidden_state[:, -1]  # (b, H)
         logits = postprocess_logits(head(hidden), config).float()
-        # the same function as the training forward's log-probs (models.token_logprobs)
+        # the same function as the training forward's log-probs (lm.py's token_logprobs)
         logp = (ops.log_softmax_with_temperature(logits, cfg.temperature)
                 if record or not warped else None)
         probs = logp.exp() if logp is not None else None

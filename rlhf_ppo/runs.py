@@ -14,6 +14,7 @@ import math
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,15 @@ def held_run_files(out: Path, run_files: tuple[str, ...]) -> list[str]:
 
 
 def prepare_output_dir(output_dir: str | Path, overwrite: bool, run_files: tuple[str, ...],
-                       resume_from: str | None = None, config: dict | None = None) -> Path | None:
+                       resume_from: str | None = None, config: dict | None = None,
+                       upgrade: Callable[[dict], dict] | None = None) -> Path | None:
     """Check ``output_dir`` before anything loads; return the checkpoint to resume from, if any.
 
     ``resume_from`` (``latest`` or a folder) must name a complete checkpoint trained with the same
     settings as ``config`` (a nested dict; :data:`RESUMABLE_KEYS` may differ) unless
-    ``overwrite``. Without it, a folder holding a run is refused unless ``overwrite`` (the caller
-    then clears it with :func:`clear_run`)."""
+    ``overwrite``; ``upgrade`` brings a checkpoint's config of an older layout (renamed keys) to
+    the current one before they are compared. Without it, a folder holding a run is refused
+    unless ``overwrite`` (the caller then clears it with :func:`clear_run`)."""
     import yaml
 
     out = Path(output_dir)
@@ -72,7 +75,8 @@ def prepare_output_dir(output_dir: str | Path, overwrite: bool, run_files: tuple
         folder = ckpt.resolve_resume(resume_from, out)
         saved_cfg = folder / ckpt.STATE_DIR / "config.yaml"
         if saved_cfg.is_file() and config is not None and not overwrite:
-            diff = config_diff(yaml.safe_load(saved_cfg.read_text()), config)
+            saved = yaml.safe_load(saved_cfg.read_text())
+            diff = config_diff(upgrade(saved) if upgrade else saved, config)
             if diff:
                 raise ConfigError(
                     f"resume_from: {folder} was trained with other settings: {'; '.join(diff)}. "
@@ -195,7 +199,7 @@ def warn_on_jumps(history: list[dict], metrics: dict, is_main: bool = True) -> N
         logger.warning(
             "iteration %d: %s %.4g is %.0fx its median %.4g over the last iterations: the "
             "critic may be diverging (see docs/critic.md: a separate critic, "
-            "ppo.value_backbone_grad, a lower optim.critic_lr or ppo.vf_coef)",
+            "ppo.critic.backbone_grad, a lower optim.critic_lr or ppo.critic.vf_coef)",
             metrics["iteration"], key, value, value / median, median)
 
 

@@ -29,15 +29,9 @@ from . import formats
 from .config import ModelConfig, PeftConfig
 from .data import DataError, render_prompt
 from .errors import ConfigError
-from .models import (
-    apply_lora,
-    is_peft,
-    load_causal_lm,
-    load_tokenizer,
-    record_portable_base,
-    token_logprobs,
-    transformer,
-)
+from .lm import token_logprobs, transformer
+from .loading import load_causal_lm, load_tokenizer, record_portable_base
+from .lora import apply_lora, is_peft
 from .packing import check_packing
 
 logger = logging.getLogger(__name__)

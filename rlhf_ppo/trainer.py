@@ -1,6 +1,8 @@
 """``PPOTrainer``: build, step, update, train. ``step`` reads as the algorithm's numbered steps;
-the math lives in ``ops.py``, the run folder in ``runs.py``, the checkpoint format in
-``checkpoint.py``, cross-process statistics in ``distributed.py``.
+the parts it runs on are built in ``components.py``, the advantage estimators are entries of
+``estimators.py``, the math lives in ``ops.py``, the batch from scoring to the update in
+``experience.py``, the update in ``update.py``, the run folder in ``runs.py``, the checkpoint
+format in ``checkpoint.py``, cross-process statistics in ``distributed.py``.
 
 Shape legend: ``B`` rollouts per process, ``R`` response length.
 """
@@ -9,43 +11,30 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
 from . import ops
-from .config import Config, config_from_dict, config_to_yaml, save_config
-from .data import PromptSampler, load_prompts
+from .components import build_components, policy_folder
+from .config import Config, config_from_dict, config_to_yaml, save_config, upgrade_quietly
 from .distributed import (
     all_finite,
     check_engine_support,
-    full_state_dict,
     generation_model,
     global_mean,
-    global_moments,
-    is_deepspeed,
     make_ppo_accelerator,
-    match_partitioned_dtype,
     ppo_batch_per_process,
-    prepare_frozen,
     set_threads,
 )
 from .errors import NonFiniteError, TrainingInterrupted
-from .experience import Experience, loss_weights, records_logprobs, rollout_outputs
-from .metrics import greedy_samples, iteration_metrics, skipped_metrics
+from .experience import Experience, make_targets, records_logprobs, rollout_outputs
+from .metrics import IterationRecord, greedy_samples, iteration_metrics, skipped_metrics
 from .models import (
-    ActorCritic,
-    check_lengths,
-    load_checkpoint_weights,
-    load_tokenizer,
-    save_actor_critic,
     save_merged,
 )
-from .optim import make_optimizer
-from .packing import attention_weight, check_packing
-from .rewards import RewardSum
+from .packing import attention_weight
 from .rollout import Rollout, dynamic_sampling, generate, warn_off_policy
 from .runs import (
     PPO_RUN_FILES,
@@ -56,7 +45,7 @@ from .runs import (
     prepare_output_dir,
     warn_on_jumps,
 )
-from .update import ppo_update
+from .update import Learner, UpdateSettings, ppo_update
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +58,7 @@ def start_lines(t: PPOTrainer) -> list[str]:
     ac = t.unwrapped
     trainable = count(q for q in ac.parameters() if q.requires_grad)
     mini = t.batch_size // p.num_minibatches
-    micro = min(p.micro_batch_size, mini)
+    micro = min(p.forward.micro_batch_size, mini)
     steps = p.ppo_epochs * p.num_minibatches
     sources = ", ".join(f"{w:g} x {s.name}" for w, s in t.rewards.sources)
     return [
@@ -85,12 +74,12 @@ def start_lines(t: PPOTrainer) -> list[str]:
         f"trained parameters: {trainable / 1e6:.2f}M of {count(ac.parameters()) / 1e6:.2f}M",
         f"batch: {p.batch_size} rollouts per iteration = {acc.num_processes} process(es) x "
         f"{t.batch_size}; {p.num_minibatches} minibatches of {mini} per process in micro-batches of "
-        + (f"{micro} sequences" if p.micro_batch_tokens is None
-           else f"at most {p.micro_batch_tokens} tokens")
+        + (f"{micro} sequences" if p.forward.micro_batch_tokens is None
+           else f"at most {p.forward.micro_batch_tokens} tokens")
         + f"; {p.ppo_epochs} epochs: {steps} optimizer steps per iteration, "
         f"{steps * cfg.iterations} in {cfg.iterations} iterations",
         "forward passes: " + ("packed, without padding" if ac.pack_sequences else "padded"
-                              + (" (the model's packing check failed)" if p.packing else "")),
+                              + (" (the model's packing check failed)" if p.forward.packing else "")),
         f"device: {acc.device} ({acc.distributed_type.name}), torch threads "
         f"{torch.get_num_threads()}",
         f"output: {t.output_dir}/ (metrics.jsonl, checkpoint-N/, final/)",
@@ -103,7 +92,7 @@ class PPOTrainer:
     def __init__(self, cfg: Config, accelerator=None):
         config_from_dict(cfg.to_dict())  # re-check types and values changed after construction
         resume = prepare_output_dir(cfg.output_dir, cfg.overwrite, PPO_RUN_FILES, cfg.resume_from,
-                                    cfg.to_dict())  # before any model loads
+                                    cfg.to_dict(), upgrade_quietly)  # before any model loads
         self.cfg = cfg
         self.accelerator = acc = accelerator or make_ppo_accelerator(cfg)
         set_threads(cfg.threads)
@@ -111,8 +100,11 @@ class PPOTrainer:
         if acc.is_main_process:
             warn_off_policy(cfg.generation)
         check_engine_support(cfg, acc)
-        model = self._load(resume)
-        self._prepare(model)
+        c = build_components(cfg, acc, self.batch_size, resume)
+        self.tokenizer, self.sampler, self.rewards = c.tokenizer, c.sampler, c.rewards
+        self.unwrapped, self.model, self.ref = c.unwrapped, c.model, c.ref
+        self.optimizer, self.scheduler = c.optimizer, c.scheduler
+        self._prepare_algorithm()
         self.output_dir = Path(cfg.output_dir)
         self.run_log = RunLog(self.output_dir, acc.is_main_process, acc if cfg.report_to else None)
         self.iteration = 0
@@ -124,66 +116,19 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ build
 
-    def _load(self, resume: Path | None) -> ActorCritic:
-        """Tokenizer, prompts, rewards and models; the checkpoint's weights when resuming."""
-        from accelerate.utils import set_seed
-
-        cfg, acc = self.cfg, self.accelerator
-        self.tokenizer = load_tokenizer(cfg.model)
-        prompts = load_prompts(cfg.data, self.tokenizer)
-        k = cfg.ppo.samples_per_prompt  # each prompt is sampled k times (a group)
-        self.sampler = PromptSampler(prompts, self.batch_size // k, cfg.seed, cfg.data.shuffle,
-                                     acc.process_index, acc.num_processes)
-        self.rewards = RewardSum(cfg.reward, cfg.model, self.tokenizer)
-        set_seed(cfg.seed)  # fresh weights (LoRA, a new critic head) are the same on every run
-        model, self.ref, self._critic_scorer = self.rewards.build_actor_critic(
-            cfg.model, cfg.peft, with_critic=cfg.ppo.advantage_estimator == "gae")
-        check_lengths(cfg, model.policy.config, max(len(x.input_ids) for x in prompts),
-                      len(self.tokenizer))
-        if cfg.ppo.packing:
-            self._enable_packing(model)
-        if resume is not None:
-            load_checkpoint_weights(model, resume)
-        return model
-
-    def _enable_packing(self, model: ActorCritic) -> None:
-        """``ppo.packing``: padding-free passes for every model whose packed pass gives its padded
-        pass's numbers (:func:`packing.check_packing`; the others stay padded, with a warning)."""
-        m = self.cfg.model
-        model.pack_sequences = check_packing(model.policy, "model.name_or_path") and (
-            model.critic is None or check_packing(model.critic, "model.critic_name_or_path"))
-        self.ref.pack_sequences = (model.pack_sequences if self.ref.lm is model.policy
-                                   else check_packing(self.ref.lm, "model.ref_name_or_path"
-                                                      if m.ref_name_or_path else "reference"))
-        for source in self.rewards.model_sources():
-            source.scorer.pack_sequences = check_packing(source.model, f"{source.key}.model")
-
-    def _prepare(self, model: ActorCritic) -> None:
-        """Optimizer, schedule and KL controller; hand the models to the engine."""
-        cfg, acc, o, p = self.cfg, self.accelerator, self.cfg.optim, self.cfg.ppo
-        groups = [{"params": model.policy_parameters(), "lr": o.lr}]
-        if model.has_critic:
-            groups.append({"params": model.critic_parameters(), "lr": o.critic_lr or o.lr})
-        self.optimizer, self.scheduler = make_optimizer(
-            groups, o, cfg.iterations * p.ppo_epochs * p.num_minibatches,
-            fused=not is_deepspeed(acc) and acc.distributed_type.name != "FSDP")
-        if is_deepspeed(acc):
-            match_partitioned_dtype(model)
-        # Engines wrap the module (DDP, DeepSpeed, FSDP1) or shard it in place (FSDP2); the
-        # object itself stays what `accelerate.unwrap_model` returns, without the DeepSpeed
-        # import (~20 MB) that unwrap_model makes whenever DeepSpeed is installed.
-        self.unwrapped = model
-        self.model, self.optimizer = acc.prepare(model, self.optimizer)
-        self.ref = prepare_frozen(acc, self.ref, cfg.model.shard_frozen_models)
-        for source in self.rewards.model_sources():
-            if source.scorer is not self._critic_scorer:  # that one is inside self.model
-                source.scorer = prepare_frozen(acc, source.scorer, cfg.model.shard_frozen_models)
-        self.kl_ctl = (ops.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
-                       if p.adaptive_kl else ops.FixedKLController(p.kl_coef))
+    def _prepare_algorithm(self) -> None:
+        """The KL controller, the minibatch shuffle and the update's settings."""
+        cfg, p, model = self.cfg, self.cfg.ppo, self.unwrapped
+        self.kl_ctl = (ops.AdaptiveKLController(p.kl.coef, p.kl.adaptive_target, p.kl.horizon)
+                       if p.kl.adaptive else ops.FixedKLController(p.kl.coef))
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-        self._record_logprobs = p.tis_cap is not None or records_logprobs(  # log pi_old at sampling
-            p.old_logprobs, cfg.generation.backend, next(model.policy.parameters()).dtype,
-            acc.mixed_precision)
+        self.update_settings = UpdateSettings(
+            p, cfg.optim, cfg.generation.temperature, with_critic=model.has_critic,
+            max_response_length=cfg.generation.max_new_tokens,
+            packed=attention_weight(model.policy.config) if model.pack_sequences else None)
+        self._record_logprobs = p.loss.tis_cap is not None or records_logprobs(  # log pi_old
+            p.forward.old_logprobs, cfg.generation.backend, next(model.policy.parameters()).dtype,
+            self.accelerator.mixed_precision)
 
     def _start(self, resume: Path | None) -> None:
         """Seed, restore the checkpoint's state when resuming, and (re)write the run's files."""
@@ -299,15 +244,7 @@ class PPOTrainer:
 
         # step 2. scores from the reward sources (dynamic sampling: groups without a signal are
         # replaced by new ones)
-        raw_scores, reward_metrics = self.rewards(rollout)
-        if p.dynamic_sampling:
-            rollout, raw_scores, dyn = dynamic_sampling(
-                rollout, raw_scores, p.samples_per_prompt,
-                lambda: (r := self.sample(self.sampler.next_batch()), self.rewards(r)[0]),
-                lambda short: bool(acc.reduce(torch.tensor([float(short)], device=acc.device),
-                                              "max").item()),
-                self.tokenizer.pad_token_id)
-            reward_metrics.update(dyn)
+        rollout, raw_scores, reward_metrics = self.score(rollout)
         # step 3. what sampling did not record: log-probs and values under the rollout policy;
         # reference log-probs
         out = self.rollout_outputs(rollout)
@@ -324,49 +261,50 @@ class PPOTrainer:
         # Normalisation statistics come from every process's scores, so processes agree.
         self.rewards.update_moments(all_raw, all_stopped)
         scores = self.rewards.process(raw_scores, rollout.stopped, update_moments=False)
-        if p.overlong_buffer is not None:  # DAPO's soft overlong punishment
+        if p.loss.overlong_buffer is not None:  # DAPO's soft overlong punishment
             scores = scores + ops.overlong_penalty(rollout.response_mask.sum(-1),
                                                    cfg.generation.max_new_tokens,
-                                                   p.overlong_buffer, p.overlong_penalty)
+                                                   p.loss.overlong_buffer, p.loss.overlong_penalty)
         t2 = time.perf_counter()
 
-        # step 4. per-token rewards: -beta * KL_t, plus the score on the last valid token (for the
-        # group estimators: the score minus its group's baseline)
-        mask = rollout.response_mask.float()
-        kl = ops.kl_penalty(out.logprobs, out.ref_logprobs, p.kl_estimator) * mask
-        kl_coef, est = self.kl_ctl.value, p.advantage_estimator
-        # ... and the advantages: GAE with the critic's values, or the critic-free returns-to-go
-        rewards, advantages, returns = ops.estimate_advantages(
-            est, scores, kl, kl_coef, out.values, mask, p.samples_per_prompt, p.gamma, p.lam,
-            p.critic_lam, p.lam_length_alpha)
-        mean_kl = global_mean(acc, kl.sum(-1))  # summed KL per sequence
+        # steps 4-5. per-token rewards (-beta * KL_t, plus the score or the score minus its
+        # group's baseline on the last valid token), advantages and returns of the estimator,
+        # whitened over every process's tokens when the estimator does
+        kl_coef = self.kl_ctl.value
+        targets = make_targets(acc, p, rollout, out, scores, kl_coef)
+        mean_kl = global_mean(acc, targets.kl.sum(-1))  # summed KL per sequence
         self.kl_ctl.update(mean_kl, n_steps=len(rollout.prompts) * acc.num_processes)
-
-        # step 5. advantages whitened over the valid tokens of all processes (a global statistic:
-        # the result must not depend on how the batch is split)
-        if (est == "gae" and p.whiten_advantages) or est.startswith("reinforce_pp"):
-            advantages = ops.whiten(advantages, mask, *global_moments(acc, advantages, mask))
-        loss_mask, is_weights, tis = loss_weights(rollout, out, p.tis_cap, p.mask_truncated)
-        reward_metrics.update(tis)
 
         # step 6. PPO epochs over shuffled minibatches; the value loss is divided by the returns'
         # variance (over every process's valid tokens) when it exceeds 1
-        ret_moments = global_moments(acc, returns, mask)
-        value_loss_scale = 1.0 / max(ret_moments[1], 1.0) if p.scale_value_loss else 1.0
-        batch = Experience(rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
-                           loss_mask, out.logprobs, out.values, out.ref_logprobs, rewards,
-                           advantages, returns, is_weights)
-        update_metrics = self.update(batch, value_loss_scale)
+        ret_var = targets.returns_moments[1]
+        update_metrics = self.update(targets.batch, 1.0 / max(ret_var, 1.0)
+                                     if p.critic.scale_value_loss else 1.0)
         t3 = time.perf_counter()
 
         # step 7. metrics, as means over the whole (all-process) batch, in one reduction
-        return iteration_metrics(
-            acc, iteration=self.iteration, all_scores=all_raw, all_stopped=all_stopped, mask=mask,
-            entropy=out.entropy, values=out.values, returns=returns, scores=scores,
-            reward_metrics=reward_metrics, kl=mean_kl, kl_coef=kl_coef, returns_moments=ret_moments,
-            update=update_metrics, lr=self.scheduler.get_last_lr()[0],
-            with_critic=self.unwrapped.has_critic,
-            nonfinite_skips=self.nonfinite_skips, times=[t0, t1, t2, t3])
+        record = IterationRecord(
+            self.iteration, all_raw, all_stopped, scores, rollout.response_mask.float(), out.entropy,
+            out.values, targets.batch.returns, targets.returns_moments, mean_kl, kl_coef,
+            {**reward_metrics, **targets.metrics}, self.unwrapped.has_critic)
+        return iteration_metrics(acc, record, update_metrics, self.scheduler.get_last_lr()[0],
+                                 self.nonfinite_skips, [t0, t1, t2, t3])
+
+    def score(self, rollout: Rollout) -> tuple[Rollout, torch.Tensor, dict]:
+        """Step 2: ``(rollout, raw scores (B,), reward metrics)``; with ``ppo.dynamic_sampling``
+        the groups of equal scores are replaced by groups sampled anew (:func:`dynamic_sampling`;
+        every process samples as many rounds as the one that needs the most)."""
+        acc, p = self.accelerator, self.cfg.ppo
+        raw_scores, reward_metrics = self.rewards(rollout)
+        if p.dynamic_sampling:
+            rollout, raw_scores, dyn = dynamic_sampling(
+                rollout, raw_scores, p.samples_per_prompt,
+                lambda: (r := self.sample(self.sampler.next_batch()), self.rewards(r)[0]),
+                lambda short: bool(acc.reduce(torch.tensor([float(short)], device=acc.device),
+                                              "max").item()),
+                self.tokenizer.pad_token_id)
+            reward_metrics.update(dyn)
+        return rollout, raw_scores, reward_metrics
 
     def sample(self, prompts: list) -> Rollout:
         """Step 1: ``samples_per_prompt`` responses to each prompt (a group's rows in a row)."""
@@ -378,26 +316,21 @@ class PPOTrainer:
                             value_fn=ac.shared_values if ac.shares_backbone else None)
 
     def rollout_outputs(self, rollout: Rollout):
-        """The no-grad pass of step 2 (:func:`experience.rollout_outputs`)."""
+        """The no-grad pass of step 3 (:func:`experience.rollout_outputs`)."""
         return rollout_outputs(self.unwrapped, self.ref, rollout, self.cfg.generation.temperature,
-                               self.cfg.ppo.inference_batch_size, self.accelerator.device,
-                               recompute=self.cfg.ppo.tis_cap is not None)
+                               self.cfg.ppo.forward.inference_batch_size, self.accelerator.device,
+                               recompute=self.cfg.ppo.loss.tis_cap is not None)
 
     # ------------------------------------------------------------------ update
 
     def update(self, batch: Experience, value_loss_scale: float = 1.0) -> dict[str, float]:
         """Step 6: the PPO epochs over ``batch`` (:func:`update.ppo_update`); the first
-        ``ppo.critic_warmup`` iterations train the critic alone."""
-        return ppo_update(
-            self.accelerator, self.model, self.optimizer, self.scheduler, batch, self.cfg.ppo,
-            self.cfg.optim, self.cfg.generation.temperature, self.shuffle_gen,
-            critic_only=self.iteration <= self.cfg.ppo.critic_warmup,
-            value_loss_scale=value_loss_scale,
-            finite=lambda norm: self._finite("update", "the loss or its gradient", norm),
-            with_critic=self.unwrapped.has_critic,
-            max_response_length=self.cfg.generation.max_new_tokens,
-            packed=(attention_weight(self.unwrapped.policy.config)
-                    if self.unwrapped.pack_sequences else None))
+        ``ppo.critic.warmup`` iterations train the critic alone."""
+        return ppo_update(Learner(self.accelerator, self.model, self.optimizer, self.scheduler),
+                          batch, self.update_settings, self.shuffle_gen,
+                          critic_only=self.iteration <= self.cfg.ppo.critic.warmup,
+                          value_loss_scale=value_loss_scale,
+                          finite=lambda norm: self._finite("update", "the loss or its gradient", norm))
 
     def _finite(self, stage: str, detail: str, *tensors: torch.Tensor) -> bool:
         """True when every value is finite on every process. Otherwise raise
@@ -432,7 +365,8 @@ class PPOTrainer:
         acc = self.accelerator
         # Sharded engines keep per-process optimizer shards: not saved (resume refuses them).
         sharded = acc.distributed_type.name in ("DEEPSPEED", "FSDP")
-        with self._policy_folder(folder, ckpt.COMPLETE) as tmp:
+        with policy_folder(self.accelerator, self.model, self.unwrapped, self.tokenizer, folder,
+                           ckpt.COMPLETE) as tmp:
             ckpt.write_training_state(
                 tmp, rank=acc.process_index, is_main=acc.is_main_process,
                 rng={**ckpt.rng_state(), "shuffle": self.shuffle_gen.get_state()},
@@ -447,22 +381,11 @@ class PPOTrainer:
     def save(self, folder: Path) -> None:
         """``save_pretrained`` the policy + tokenizer (and value head / critic) into ``folder``,
         with the run's config (and the merged LoRA policy, ``peft.save_merged``)."""
-        with self._policy_folder(folder) as tmp:
+        with policy_folder(self.accelerator, self.model, self.unwrapped, self.tokenizer,
+                           folder) as tmp:
             if self.accelerator.is_main_process:
                 if self.cfg.peft.enabled and self.cfg.peft.save_merged:
                     save_merged(self.unwrapped, self.tokenizer, tmp / "merged")
                 save_config(self.cfg, tmp / "rlhf_ppo_config.yaml")
         if self.accelerator.is_main_process:
             logger.info("saved the policy to %s", folder)
-
-    @contextmanager
-    def _policy_folder(self, folder: Path, marker: str | None = None):
-        """An atomic folder (:func:`checkpoint.atomic_folder`) holding the policy and critic;
-        every process takes part (sharded weights are gathered), the main process writes."""
-        acc = self.accelerator
-        weights = full_state_dict(acc, self.model)
-        with ckpt.atomic_folder(folder, acc.is_main_process, acc.wait_for_everyone, marker) as tmp:
-            if acc.is_main_process:
-                save_actor_critic(self.unwrapped, self.tokenizer, tmp, weights)
-                ckpt.maybe_abort(folder.name, "model")
-            yield tmp

@@ -9,6 +9,8 @@ invariance tests in tests/test_trainer.py and tests/test_distributed.py hold it 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,27 +25,55 @@ LOSS_KEYS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac"
              "kl_loss", "dual_clipfrac")
 
 
-def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig, o: OptimConfig,
-               temperature: float, generator: torch.Generator, critic_only: bool = False,
-               value_loss_scale: float = 1.0,
-               finite: Callable[[torch.Tensor], bool] = lambda norm: bool(torch.isfinite(norm)),
-               with_critic: bool = True, max_response_length: int | None = None,
-               packed: float | None = None) -> dict[str, float]:
-    """Train the prepared ActorCritic ``model`` on ``batch`` (this process's rows).
+class Learner(NamedTuple):
+    """What the update trains, as the engine prepared it."""
 
-    ``optimizer.param_groups`` are the policy's and the critic's (clipped jointly, or each on its
-    own with ``o.separate_grad_clip``); ``generator`` shuffles the minibatches; ``critic_only``:
-    the policy loss is left out (value pretraining); the value loss enters the objective times
-    ``p.vf_coef * value_loss_scale`` (its metric is unscaled); ``finite(grad_norm)`` decides
-    whether a step is taken (False: the update stops there, its gradient dropped);
-    ``with_critic=False``: no value loss (critic-free estimators); ``max_response_length``: the
-    constant of the ``seq-mean-token-sum-norm`` aggregation (default: the batch's width);
-    ``packed``: when the model packs its forward passes, its :func:`packing.attention_weight`
-    (the packed layout sizes the token budgets and the padding counts); None: padded passes.
+    acc: Any
+    """the accelerate ``Accelerator``"""
+    model: torch.nn.Module
+    """the prepared ActorCritic (wrapped by DDP / DeepSpeed / FSDP, or not)"""
+    optimizer: torch.optim.Optimizer
+    """its ``param_groups``: the policy's, then the critic's"""
+    scheduler: Any
+    """the learning-rate schedule, stepped with the optimizer"""
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """How the update runs, fixed for a whole run."""
+
+    ppo: PPOConfig
+    """the ``ppo`` section (epochs, minibatches, the loss, the critic's loss, the KL loss)"""
+    optim: OptimConfig
+    """gradient clipping (``max_grad_norm``, ``separate_grad_clip``)"""
+    temperature: float
+    """the sampling temperature the log-probs are taken at"""
+    with_critic: bool = True
+    """False: no value loss (critic-free estimators)"""
+    max_response_length: int | None = None
+    """the constant of the ``seq-mean-token-sum-norm`` aggregation (None: the batch's width)"""
+    packed: float | None = None
+    """the model's :func:`packing.attention_weight` when it packs its forward passes (the packed
+    layout sizes token budgets and padding counts); None: padded passes"""
+
+
+def ppo_update(learner: Learner, batch: Experience, s: UpdateSettings, generator: torch.Generator,
+               critic_only: bool = False, value_loss_scale: float = 1.0,
+               finite: Callable[[torch.Tensor], bool] = lambda norm: bool(torch.isfinite(norm))
+               ) -> dict[str, float]:
+    """Train the prepared ActorCritic on ``batch`` (this process's rows).
+
+    The policy's and the critic's gradients are clipped jointly, or each on its own with
+    ``optim.separate_grad_clip``; ``generator`` shuffles the minibatches; ``critic_only``: the
+    policy loss is left out (value pretraining); the value loss enters the objective times
+    ``ppo.critic.vf_coef * value_loss_scale`` (its metric is unscaled); ``finite(grad_norm)``
+    decides whether a step is taken (False: the update stops there, its gradient dropped).
     Returns the update's metrics, means over every process and minibatch step, with
     ``ppo_steps``, ``early_stopped``, ``nonfinite_skipped`` and ``padding_share`` (the share of
     the token positions the update's forward passes computed that were padding).
     """
+    acc, model, optimizer, scheduler = learner
+    p, o, packed = s.ppo, s.optim, s.packed
     B = len(batch)
     groups = [g["params"] for g in optimizer.param_groups]
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in LOSS_KEYS + NORM_KEYS}
@@ -59,15 +89,15 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
             counts = torch.tensor([float(mb.response_mask.sum()), float(len(mb))], device=acc.device)
             g_tokens, g_seqs = (acc.reduce(counts, "sum") / acc.num_processes).tolist()
             mb_tokens = torch.tensor(max(g_tokens, 1e-8))
-            if p.loss_aggregation == "token-mean":
+            if p.loss.aggregation == "token-mean":
                 normalizer = mb_tokens
-            elif p.loss_aggregation == "seq-mean-token-sum-norm":  # a constant per sequence
-                normalizer = g_seqs * (max_response_length or batch.response_mask.shape[1])
+            elif p.loss.aggregation == "seq-mean-token-sum-norm":  # a constant per sequence
+                normalizer = g_seqs * (s.max_response_length or batch.response_mask.shape[1])
             else:
                 normalizer = g_seqs
             mb_stats = {k: torch.zeros((), device=acc.device) for k in LOSS_KEYS}
             parts = micro_batches(acc, mb, p, packed is not None)
-            if p.micro_batch_tokens is not None:  # as many micro-batches as this minibatch has
+            if p.forward.micro_batch_tokens is not None:  # as many micro-batches as this minibatch has
                 acc.gradient_accumulation_steps, acc.step = len(parts), 0
             # accelerate counts micro-batches and syncs gradients (DDP no_sync, DeepSpeed
             # accumulation boundary) only on the last one of each minibatch.
@@ -77,15 +107,15 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
                 computed = am.numel() if packed is None else packed_positions(am, packed)
                 positions += torch.tensor([float(computed), float(am.sum())], device=acc.device)
                 with acc.accumulate(model):
-                    s = micro_step(acc, model, micro, p, temperature, normalizer, mb_tokens,
-                                   critic_only, value_loss_scale, with_critic)
-                for name, value in s.items():
+                    got = micro_step(acc, model, micro, s, normalizer, mb_tokens, critic_only,
+                                     value_loss_scale)
+                for name, value in got.items():
                     mb_stats[name] += value
-            if p.target_kl is not None:
+            if p.early_stop_kl is not None:
                 approx_kl = acc.reduce(mb_stats["approx_kl"].clone(), "mean").item()
                 # Never take the step that overshoots (DeepSpeed has stepped already in
                 # backward: there the update ends after it).
-                if approx_kl > p.target_kl:
+                if approx_kl > p.early_stop_kl:
                     optimizer.zero_grad(set_to_none=True)
                     early_stop = True
                     break
@@ -121,14 +151,14 @@ def ppo_update(acc, model, optimizer, scheduler, batch: Experience, p: PPOConfig
 
 
 def micro_batches(acc, mb: Experience, p: PPOConfig, packed: bool) -> list[torch.Tensor]:
-    """The rows of each micro-batch of minibatch ``mb``: ``p.micro_batch_size`` rows at a time,
-    or with ``p.micro_batch_tokens`` the rows placed longest first into the first micro-batch whose
+    """The rows of each micro-batch of minibatch ``mb``: ``p.forward.micro_batch_size`` rows at a time,
+    or with ``p.forward.micro_batch_tokens`` the rows placed longest first into the first micro-batch whose
     token budget they fit (packed: the sum of their real tokens; padded: rows x (longest prompt +
     longest response)); a row over the budget alone. Every process
     gets as many micro-batches as the process that needs the most (its largest ones split), so
     gradient synchronisation happens on the same micro-batch everywhere."""
-    if p.micro_batch_tokens is None:
-        return list(torch.arange(len(mb)).split(p.micro_batch_size))
+    if p.forward.micro_batch_tokens is None:
+        return list(torch.arange(len(mb)).split(p.forward.micro_batch_size))
     P = mb.prompt_length
     prompt_len = mb.attention_mask[:, :P].sum(1).tolist()
     resp_len = mb.attention_mask[:, P:].sum(1).tolist()
@@ -140,7 +170,7 @@ def micro_batches(acc, mb: Experience, p: PPOConfig, packed: bool) -> list[torch
 
     parts: list[list[int]] = []  # first-fit decreasing
     for i in sorted(range(len(mb)), key=lambda i: -(prompt_len[i] + resp_len[i])):
-        part = next((q for q in parts if cost(q + [i]) <= p.micro_batch_tokens), None)
+        part = next((q for q in parts if cost(q + [i]) <= p.forward.micro_batch_tokens), None)
         if part is None:
             parts.append([i])
         else:
@@ -156,39 +186,38 @@ def micro_batches(acc, mb: Experience, p: PPOConfig, packed: bool) -> list[torch
     return [torch.tensor(sorted(rows)) for rows in parts]
 
 
-def micro_step(acc, model, mb: dict, p: PPOConfig, temperature: float, normalizer,
-               mb_tokens: torch.Tensor, critic_only: bool, value_loss_scale: float = 1.0,
-               with_critic: bool = True) -> dict[str, torch.Tensor]:
+def micro_step(acc, model, mb: dict, s: UpdateSettings, normalizer, mb_tokens: torch.Tensor,
+               critic_only: bool, value_loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Forward + backward of one micro-batch (:meth:`Experience.micro_batch`). Returns its loss
     terms (normalised, so they sum to the minibatch's) and its token-weighted share of the
     minibatch's token means."""
-    mask = mb["mask"]
+    p, mask = s.ppo, mb["mask"]
     normalizer = torch.as_tensor(normalizer, device=mask.device)
     logprobs, entropy, values = model(
-        mb["input_ids"], mb["attention_mask"], mb["prompt_length"], temperature,
-        with_entropy=p.entropy_coef > 0,
-        backbone_value_grad=0.0 if critic_only else p.value_backbone_grad)
-    variants = {k: v for k, v in dict(clip_range_high=p.clip_range_high, dual_clip=p.dual_clip,
+        mb["input_ids"], mb["attention_mask"], mb["prompt_length"], s.temperature,
+        with_entropy=p.loss.entropy_coef > 0,
+        backbone_value_grad=0.0 if critic_only else p.critic.backbone_grad)
+    variants = {k: v for k, v in dict(clip_range_high=p.loss.clip_range_high, dual_clip=p.loss.dual_clip,
                                       is_weights=mb["is_weights"]).items() if v is not None}
-    if p.ratio_level != "token":
-        variants["ratio_level"] = p.ratio_level
+    if p.loss.ratio_level != "token":
+        variants["ratio_level"] = p.loss.ratio_level
     pg_loss, pg_stats = ops.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
-                                        p.clip_range, p.loss_aggregation, normalizer, **variants)
-    ent_loss = ops.aggregate_loss(entropy, mask, p.loss_aggregation, normalizer)
+                                        p.loss.clip_range, p.loss.aggregation, normalizer, **variants)
+    ent_loss = ops.aggregate_loss(entropy, mask, p.loss.aggregation, normalizer)
     zero = torch.zeros((), device=mask.device)
     loss = zero
     vf_loss, vf_clipfrac = zero, zero
-    if with_critic:
+    if s.with_critic:
         vf_loss, vf_stats = ops.value_loss(values, mb["values"], mb["returns"], mask,
-                                           p.clip_range_value, p.loss_aggregation, normalizer)
+                                           p.critic.value_clip, p.loss.aggregation, normalizer)
         vf_clipfrac = vf_stats["vf_clipfrac"]
-        loss = p.vf_coef * value_loss_scale * vf_loss
+        loss = p.critic.vf_coef * value_loss_scale * vf_loss
     kl_loss = zero
-    if p.kl_loss_coef > 0:  # the KL to the reference as a loss term (GRPO)
-        kl_loss = ops.kl_loss(logprobs, mb["ref_logprobs"], mask, p.kl_loss_estimator,
-                              p.loss_aggregation, normalizer)
+    if p.kl.loss_coef > 0:  # the KL to the reference as a loss term (GRPO)
+        kl_loss = ops.kl_loss(logprobs, mb["ref_logprobs"], mask, p.kl.loss_estimator,
+                              p.loss.aggregation, normalizer)
     if not critic_only:
-        loss = loss + pg_loss - p.entropy_coef * ent_loss + p.kl_loss_coef * kl_loss
+        loss = loss + pg_loss - p.loss.entropy_coef * ent_loss + p.kl.loss_coef * kl_loss
     # accelerate (and DeepSpeed) divide by the accumulation steps; our normaliser already makes
     # the micro-batch losses sum to the minibatch loss, so undo that division.
     acc.backward(loss * acc.gradient_accumulation_steps)

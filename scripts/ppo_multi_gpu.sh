@@ -9,8 +9,8 @@
 #   PPO_CONFIG  the rlhf_ppo config (default configs/tiny.yaml); key=value overrides follow it,
 #               e.g. bash scripts/ppo_multi_gpu.sh 8 deepspeed_zero3 my.yaml output_dir=runs/big
 #   LAUNCH_ARGS extra accelerate launch flags, e.g. LAUNCH_ARGS="--machine_rank 1" (two_machines)
-# ppo.batch_size is per process: a rollout is N x ppo.batch_size sequences. Writes, as a
-# one-process run: output_dir/metrics.jsonl, checkpoint-*/ and final/ (from the main process).
+# ppo.batch_size counts responses over all processes: each samples ppo.batch_size / N. Writes, as
+# a one-process run: output_dir/metrics.jsonl, checkpoint-*/ and final/ (from the main process).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -74,10 +74,34 @@ def test_output_dir_with_another_run_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="holds a run.*resume_from=latest.*overwrite=true"):
         PPOTrainer(cfg_for(tmp_path, "iterations=1"))
     assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing lost
-    with pytest.raises(ConfigError, match=r"ppo\.kl_coef \(saved 0\.02, now 0\.5\)"):
+    with pytest.raises(ConfigError, match=r"ppo\.kl\.coef \(saved 0\.02, now 0\.5\)"):
         PPOTrainer(cfg_for(tmp_path, "iterations=2", "resume_from=latest", "ppo.kl_coef=0.5"))
     PPOTrainer(cfg_for(tmp_path, "iterations=1", "overwrite=true", "seed=3")).train()
     assert len(metrics_lines(tmp_path)) == 1 and metrics_lines(tmp_path)[0]["iteration"] == 1
+
+
+def test_a_checkpoint_saved_with_the_flat_ppo_keys_resumes(tmp_path):
+    """Checkpoints written before the ppo sections (issue 24) hold the flat keys in their saved
+    config: resuming compares them in the new layout, and a real difference is still named."""
+    import yaml
+
+    from rlhf_ppo.config import PPO_RENAMED
+
+    PPOTrainer(cfg_for(tmp_path, "iterations=1")).train()
+    saved = tmp_path / "checkpoint-1" / "training_state" / "config.yaml"
+    data = yaml.safe_load(saved.read_text())
+    flat = {k: v for k, v in data["ppo"].items() if not isinstance(v, dict)}
+    for old, new in PPO_RENAMED.items():
+        *section, leaf = new.split(".")
+        flat[old] = data["ppo"][section[0]][leaf] if section else data["ppo"][leaf]
+        flat.pop(new, None)
+    flat["whiten_advantages"] = True  # always written then (the default), read only by gae
+    saved.write_text(yaml.safe_dump({**data, "ppo": flat}))
+    assert "kl_coef" in yaml.safe_load(saved.read_text())["ppo"]
+    trainer = PPOTrainer(cfg_for(tmp_path, "iterations=2", "resume_from=latest"))
+    assert trainer.iteration == 1
+    with pytest.raises(ConfigError, match=r"ppo\.kl\.coef \(saved 0\.02, now 0\.5\)"):
+        PPOTrainer(cfg_for(tmp_path, "iterations=2", "resume_from=latest", "ppo.kl.coef=0.5"))
 
 
 def test_resume_errors(tmp_path):
@@ -100,10 +124,11 @@ def test_checkpoint_files_load_only_tensors(tmp_path):
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported"):
         PPOTrainer(cfg_for(tmp_path, "iterations=2", "resume_from=latest"))
     assert not (tmp_path / "pwned").exists()
-    for path in (ROOT / "rlhf_ppo").glob("*.py"):  # every torch.load in the package is safe
-        for line in path.read_text().splitlines():
-            if "torch.load(" in line and "def " not in line:
-                assert "weights_only=True" in line, (path, line)
+    loads = [(path, line) for path in (ROOT / "rlhf_ppo").glob("*.py")
+             for line in path.read_text().splitlines() if "torch.load(" in line and "def " not in line]
+    assert loads  # the scan found the package's loads (checkpoint.py reads the trainer state)
+    for path, line in loads:  # every torch.load in the package is safe
+        assert "weights_only=True" in line, (path, line)
 
 
 def _train_process(out, *overrides, env=None):

@@ -2,11 +2,16 @@
 
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 
 from rlhf_ppo import config as C
+from rlhf_ppo import estimators
 from rlhf_ppo.config import Config, ConfigError, load_config
+from rlhf_ppo.errors import UnreadKeyWarning
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _raises(overrides, *fragments):
@@ -263,8 +268,15 @@ def test_reward_function_without_colon():
 
 
 def test_validation_also_runs_on_direct_construction():
-    with pytest.raises(ConfigError, match=r"ppo\.clip_range"):
-        Config(ppo=C.PPOConfig(clip_range=-0.1))
+    with pytest.raises(ConfigError, match=r"ppo\.loss\.clip_range"):
+        Config(ppo=C.PPOConfig(loss=C.LossConfig(clip_range=-0.1)))
+    # the keyword of before the sections builds the section, with a warning, and validates it
+    with pytest.warns(FutureWarning, match="ppo.clip_range is deprecated"), \
+            pytest.raises(ConfigError, match=r"ppo\.loss\.clip_range: expected a number > 0"):
+        C.PPOConfig(clip_range=-0.1)
+    with pytest.warns(FutureWarning):
+        p = C.PPOConfig(kl_coef=0.3, kl_estimator="k3", target_kl=0.5, kl=C.KLConfig(adaptive=True))
+    assert (p.kl.coef, p.kl.estimator, p.kl.adaptive, p.early_stop_kl) == (0.3, "k3", True, 0.5)
 
 
 # --------------------------------------------------------------------------- files
@@ -305,7 +317,7 @@ def _leaf_keys(cls, prefix=""):
 
 
 def test_every_leaf_field_has_a_docstring():
-    rows = list(C.iter_fields())
+    rows = list(C.iter_fields(C.Config))
     keys = [r[0] for r in rows]
     assert len(keys) == len(set(keys))
     # every leaf of Config is listed
@@ -320,18 +332,19 @@ def test_every_leaf_field_has_a_docstring():
 
 def test_every_dataclass_field_has_a_docstring():
     for cls in (Config, C.ModelConfig, C.RewardSource, C.RewardConfig, C.DataConfig,
-                C.GenerationConfig, C.PPOConfig, C.OptimConfig):
+                C.GenerationConfig, C.PPOConfig, C.ForwardConfig, C.AdvantagesConfig, C.LossConfig,
+                C.CriticTrainConfig, C.KLConfig, C.OptimConfig):
         docs = C.field_docs(cls)
         for f in dataclasses.fields(cls):
             assert docs.get(f.name, "").strip(), f"{cls.__name__}.{f.name} has no docstring"
 
 
 def test_field_docs_and_iter_fields_content():
-    assert C.field_docs(C.PPOConfig)["clip_range"] == "PPO ratio clip epsilon"
-    rows = {r[0]: r for r in C.iter_fields()}
-    key, type_name, default, doc = rows["ppo.clip_range"]
+    assert C.field_docs(C.LossConfig)["clip_range"] == "PPO ratio clip epsilon"
+    rows = {r[0]: r for r in C.iter_fields(C.Config)}
+    key, type_name, default, doc = rows["ppo.loss.clip_range"]
     assert type_name == "float" and default == 0.2 and doc == "PPO ratio clip epsilon"
-    assert rows["ppo.kl_estimator"][1] == "one of 'k1', 'k2', 'k3'"
+    assert rows["ppo.kl.estimator"][1] == "one of 'k1', 'k2', 'k3'"
     assert rows["optim.critic_lr"][1] == "float or null"
     assert rows["optim.adam_betas"][2] == [0.9, 0.999]
     # list-of-dataclass defaults are shown as plain dicts
@@ -368,8 +381,9 @@ def test_every_renamed_key_points_to_a_key_that_exists():
 
 
 def test_unknown_key_suggests_the_close_one():
-    with pytest.raises(C.ConfigError, match=r"ppo.kl_coeff: unknown key; did you mean ppo.kl_coef\? "
-                                            r"expected one of adaptive_kl, "):
+    # a name close to an old name points to its new one
+    with pytest.raises(C.ConfigError, match=r"ppo.kl_coeff: unknown key; did you mean ppo.kl.coef\? "
+                                            r"expected one of advantage_estimator, advantages, "):
         C.load_config(None, ["ppo.kl_coeff=0.1"])
     with pytest.raises(C.ConfigError) as err:  # nothing close: no guess
         C.load_config(None, ["ppo.zzz=1"])
@@ -386,3 +400,133 @@ def test_help_shows_no_rest_markup(capsys):
         assert "``" not in out and ":func:" not in out and ":class:" not in out, command
     assert cli.plain("the ``rlhf-ppo`` command, see :func:`ops.whiten`") == \
         "the rlhf-ppo command, see ops.whiten"
+
+
+# --------------------------------------------------------------------------- estimators
+
+CRITIC_FREE = [n for n, e in estimators.ESTIMATORS.items() if not e.critic]
+
+
+@pytest.mark.parametrize("estimator", CRITIC_FREE)
+@pytest.mark.parametrize("override, key", [
+    ("ppo.critic.warmup=2", "ppo.critic.warmup"),  # was a raw RuntimeError in backward
+    ("ppo.critic_warmup=2", "ppo.critic.warmup"),  # the old name: the same refusal
+    ("model.critic=separate", "model.critic"),
+])
+def test_critic_free_estimators_refuse_the_keys_that_ask_for_a_critic(estimator, override, key):
+    msg = _raises([f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=2", override],
+                  key, f"not read by ppo.advantage_estimator='{estimator}' (it has no critic)")
+    assert msg.startswith(override.split("=")[0] + ":")  # the key as the user wrote it
+    assert set(estimators.CRITIC_REQUESTS) == {"ppo.critic.warmup", "model.critic",
+                                               "model.critic_name_or_path", "model.critic_init"}
+
+
+@pytest.mark.parametrize("estimator", CRITIC_FREE)
+@pytest.mark.parametrize("override, key", [
+    ("ppo.critic.vf_coef=0.5", "ppo.critic.vf_coef"),
+    ("ppo.critic.value_clip=null", "ppo.critic.value_clip"),
+    ("ppo.critic.lam=1.0", "ppo.critic.lam"),
+    ("ppo.critic.scale_value_loss=false", "ppo.critic.scale_value_loss"),
+    ("ppo.critic.backbone_grad=0.0", "ppo.critic.backbone_grad"),
+    ("ppo.advantages.lam=0.9", "ppo.advantages.lam"),
+    ("ppo.advantages.lam_length_alpha=0.05", "ppo.advantages.lam_length_alpha"),
+    ("optim.critic_lr=0.001", "optim.critic_lr"),
+    ("optim.separate_grad_clip=true", "optim.separate_grad_clip"),
+])
+def test_critic_free_estimators_warn_about_critic_settings_they_never_read(estimator, override, key):
+    why = "it does not use GAE" if key.startswith("ppo.advantages") else "it has no critic"
+    with pytest.warns(UnreadKeyWarning, match=rf"^{key}: .* not read by "
+                      rf"ppo.advantage_estimator='{estimator}' \({why}\)"):
+        load_config(None, [f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=2", override])
+
+
+def test_a_gae_config_file_runs_with_a_critic_free_estimator(recwarn):
+    # configs/tiny.yaml sets ppo.critic.vf_coef and optim.critic_lr: unread by grpo, not refused
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["ppo.advantage_estimator=grpo",
+                                                       "ppo.samples_per_prompt=2"])
+    assert cfg.ppo.critic.vf_coef == 0.5
+    assert {str(w.message).split(":")[0] for w in recwarn if w.category is UnreadKeyWarning} == {
+        "ppo.critic.vf_coef", "optim.critic_lr"}
+
+
+def test_critic_keys_at_their_defaults_are_harmless_without_a_critic():
+    cfg = load_config(None, ["ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=2",
+                             "ppo.critic.vf_coef=0.1", "model.critic=shared"])
+    assert cfg.ppo.critic.vf_coef == 0.1
+
+
+@pytest.mark.parametrize("estimator", [n for n, e in estimators.ESTIMATORS.items() if e.groups])
+def test_group_estimators_need_a_group(estimator):
+    _raises([f"ppo.advantage_estimator={estimator}"], "ppo.samples_per_prompt",
+            "an integer > 1 with ppo.advantage_estimator")
+
+
+@pytest.mark.parametrize("estimator, value", [
+    (n, not e.whiten) for n, e in estimators.ESTIMATORS.items() if e.whiten is not None])
+def test_an_estimator_with_a_fixed_whitening_rule_refuses_the_other(estimator, value):
+    _raises([f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=2",
+             f"ppo.advantages.whiten={str(value).lower()}"], "ppo.advantages.whiten",
+            f"ppo.advantage_estimator='{estimator}' {'always' if not value else 'never'} whitens")
+
+
+@pytest.mark.parametrize("estimator, whiten, expected", [
+    ("gae", None, True), ("gae", False, False), ("grpo", None, False), ("rloo", False, False),
+    ("reinforce_pp", None, True), ("reinforce_pp_baseline", True, True)])
+def test_whitening_follows_the_estimators_rule(estimator, whiten, expected):
+    assert estimators.get(estimator).whitens(whiten) is expected
+
+
+@pytest.mark.parametrize("estimator, old, new", [
+    ("gae", True, None), ("gae", False, False),  # read by gae: false stays false
+    ("grpo", True, None), ("grpo", False, None),  # never read by grpo: null, not a refusal
+    ("reinforce_pp", False, None)])
+def test_the_old_whiten_key_keeps_old_configs_working(estimator, old, new):
+    with pytest.warns(FutureWarning, match="ppo.whiten_advantages is deprecated"):
+        cfg = load_config(None, [f"ppo.advantage_estimator={estimator}", "ppo.samples_per_prompt=2",
+                                 f"ppo.whiten_advantages={str(old).lower()}"])
+    assert cfg.ppo.advantages.whiten is new
+
+
+def test_unknown_estimator_lists_the_registry():
+    _raises(["ppo.advantage_estimator=ppo2"], "ppo.advantage_estimator",
+            "expected one of " + ", ".join(repr(n) for n in estimators.ESTIMATORS))
+
+
+@pytest.mark.parametrize("override, key, because", [
+    ("ppo.kl.adaptive_target=3.0", "ppo.kl.adaptive_target", "ppo.kl.adaptive is false"),
+    ("ppo.kl_target=3.0", "ppo.kl.adaptive_target", "ppo.kl.adaptive is false"),
+    ("ppo.kl.horizon=100", "ppo.kl.horizon", "ppo.kl.adaptive is false"),
+    ("ppo.kl.loss_estimator=k1", "ppo.kl.loss_estimator", "ppo.kl.loss_coef is 0"),
+    ("ppo.loss.overlong_penalty=2.0", "ppo.loss.overlong_penalty", "ppo.loss.overlong_buffer is null"),
+])
+def test_unread_kl_and_overlong_keys_warn(override, key, because):
+    with pytest.warns(UnreadKeyWarning, match=rf"^{key}: set to .* but unread because {because}"):
+        load_config(None, [override])
+
+
+def test_old_ppo_names_map_to_the_sections_in_files_overrides_and_attributes(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("ppo:\n  kl_coef: 0.2\n  target_kl: 0.3\n  kl_target: 4.0\n  adaptive_kl: true\n"
+                    "  micro_batch_size: 4\n  loss_aggregation: seq-mean\n  clip_range_value: null\n")
+    with pytest.warns(FutureWarning):
+        cfg = load_config(path, ["ppo.critic_lam=1.0"])
+    p = cfg.ppo
+    assert (p.kl.coef, p.early_stop_kl, p.kl.adaptive_target, p.kl.adaptive) == (0.2, 0.3, 4.0, True)
+    assert (p.forward.micro_batch_size, p.loss.aggregation, p.critic.value_clip, p.critic.lam) == (
+        4, "seq-mean", None, 1.0)
+    with pytest.warns(FutureWarning, match="ppo.kl_coef is deprecated.*use ppo.kl.coef"):
+        assert p.kl_coef == 0.2
+    with pytest.warns(FutureWarning):
+        p.kl_coef = 0.5
+    assert p.kl.coef == 0.5
+    # both names at once: refused
+    _raises(["ppo.kl_coef=0.1", "ppo.kl.coef=0.2"], "ppo.kl_coef", "renamed to ppo.kl.coef")
+
+
+def test_an_override_under_either_name_wins_over_the_file(tmp_path):
+    new, old = tmp_path / "new.yaml", tmp_path / "old.yaml"
+    new.write_text("ppo:\n  kl:\n    coef: 0.2\n")
+    old.write_text("ppo:\n  kl_coef: 0.2\n")
+    with pytest.warns(FutureWarning):
+        assert load_config(new, ["ppo.kl_coef=0.7"]).ppo.kl.coef == 0.7
+    assert load_config(old, ["ppo.kl.coef=0.7"]).ppo.kl.coef == 0.7  # the file's old name

@@ -140,3 +140,18 @@ def test_readme_python_example_runs_twice(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), scope)
         assert [m["iteration"] for m in scope["history"]] == list(range(1, 11))
     assert (tmp_path / scope["cfg"].output_dir / "final" / "config.json").is_file()
+
+
+def test_estimator_table_is_current_and_reads_the_registry(monkeypatch):
+    from rlhf_ppo import estimators
+
+    text = (ROOT / "docs" / "estimators.md").read_text()
+    assert ref.estimators_current(text), f"docs/estimators.md is stale: run {ref.WRITE_COMMAND}"
+    for name in estimators.ESTIMATORS:
+        assert f"| `{name}` |" in ref.estimator_table()
+    # a new registry entry makes the docs stale until they are rewritten
+    extra = estimators.Estimator("toy", "a toy", critic=False, whiten=False,
+                                 baseline=estimators.ops.group_centered)
+    monkeypatch.setitem(estimators.ESTIMATORS, "toy", extra)
+    assert not ref.estimators_current(text)
+    assert "| `toy` | a toy | no | yes | never | no |" in ref.render_estimators(text)

@@ -10,7 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
 import estimator_bench as eb  # noqa: E402
 
-from rlhf_ppo.config import config_from_dict  # noqa: E402
+from rlhf_ppo import estimators  # noqa: E402
+from rlhf_ppo.config import config_from_dict, set_dotted  # noqa: E402
 
 
 def _result(out: Path, name: str, seed: int, acc: float, group: int) -> None:
@@ -35,8 +36,9 @@ def test_report_table_has_mean_and_spread_over_seeds(tmp_path):
 
 def test_every_estimator_config_is_valid_with_its_group():
     for name, overrides in eb.ESTIMATORS.items():
-        group = 1 if overrides["ppo.advantage_estimator"] == "gae" else 4
-        ppo = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("ppo.")}
-        cfg = config_from_dict({"ppo": dict(ppo, batch_size=256, samples_per_prompt=group,
-                                            micro_batch_size=128)})
+        group = 1 if estimators.get(overrides["ppo.advantage_estimator"]).critic else 4
+        data = {"ppo": {"batch_size": 256, "samples_per_prompt": group}}
+        for key, value in {**overrides, "ppo.forward.micro_batch_size": 128}.items():
+            set_dotted(data, key, value)
+        cfg = config_from_dict(data)
         assert cfg.ppo.batch_size // cfg.ppo.samples_per_prompt == (256 if group == 1 else 64), name

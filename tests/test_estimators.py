@@ -18,7 +18,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_ppo import ops
+from rlhf_ppo import estimators, ops
+from rlhf_ppo.errors import ConfigError
+
+GROUP_ESTIMATORS = [name for name, e in estimators.ESTIMATORS.items() if e.groups]
+
+
+def group_advantages(scores, k, name, eps=None):
+    """The registered group baseline of estimator ``name`` (``eps``: GRPO's std epsilon)."""
+    baseline = estimators.get(name).baseline
+    return baseline(scores, k) if eps is None else baseline(scores, k, eps=eps)
 
 # A value placed at padding positions: any leak of it into a result makes the test fail.
 JUNK = 1000.0
@@ -443,7 +452,7 @@ STD = math.sqrt(2.0 / 3.0)
 def test_group_advantages_grpo_hand_example():
     # groups of 4, contiguous: [1, 0, 2, 1], [4, 4, 4, 4], [0, 0, 0, 1]
     scores = torch.tensor(GROUP + [4.0, 4.0, 4.0, 4.0] + [0.0, 0.0, 0.0, 1.0])
-    out = ops.group_advantages(scores, 4, "grpo")
+    out = group_advantages(scores, 4, "grpo")
     e = 1e-6
     g1 = [0.0, -1.0 / (STD + e), 1.0 / (STD + e), 0.0]
     g2 = [0.0] * 4  # all equal: std 0, s - mean = 0
@@ -451,19 +460,19 @@ def test_group_advantages_grpo_hand_example():
     g3 = [-0.25 / (0.5 + e)] * 3 + [0.75 / (0.5 + e)]
     assert_close(out, torch.tensor(g1 + g2 + g3))
     # eps is added to the std, outside the square root
-    out = ops.group_advantages(torch.tensor(GROUP), 4, "grpo", eps=0.5)
+    out = group_advantages(torch.tensor(GROUP), 4, "grpo", eps=0.5)
     assert_close(out, torch.tensor([0.0, -1.0 / (STD + 0.5), 1.0 / (STD + 0.5), 0.0]))
 
 
 def test_group_advantages_dr_grpo_and_reinforce_pp_baseline_hand_example():
     scores = torch.tensor(GROUP + [3.0, 1.0, 5.0, -1.0])  # second group: mean 2
     expected = torch.tensor([0.0, -1.0, 1.0, 0.0] + [1.0, -1.0, 3.0, -3.0])  # s - mean_g
-    assert_close(ops.group_advantages(scores, 4, "dr_grpo"), expected)
-    assert_close(ops.group_advantages(scores, 4, "reinforce_pp_baseline"), expected)
+    assert_close(group_advantages(scores, 4, "dr_grpo"), expected)
+    assert_close(group_advantages(scores, 4, "reinforce_pp_baseline"), expected)
 
 
 def test_group_advantages_rloo_hand_example():
-    out = ops.group_advantages(torch.tensor(GROUP), 4, "rloo")
+    out = group_advantages(torch.tensor(GROUP), 4, "rloo")
     # s minus the mean of the 3 others: 1 - (0+2+1)/3, 0 - (1+2+1)/3, 2 - (1+0+1)/3, 1 - (1+0+2)/3
     expected = torch.tensor([1 - 3 / 3, 0 - 4 / 3, 2 - 2 / 3, 1 - 3 / 3])
     assert_close(out, expected)
@@ -475,26 +484,27 @@ def test_group_advantages_groups_of_two():
     scores = torch.tensor([3.0, 1.0, -2.0, 0.0])
     # [3, 1]: mean 2, unbiased std sqrt((1 + 1) / 1) = sqrt 2;  [-2, 0]: mean -1, std sqrt 2
     r2 = math.sqrt(2.0)
-    assert_close(ops.group_advantages(scores, 2, "grpo"),
+    assert_close(group_advantages(scores, 2, "grpo"),
                  torch.tensor([1 / (r2 + 1e-6), -1 / (r2 + 1e-6), -1 / (r2 + 1e-6), 1 / (r2 + 1e-6)]))
     # RLOO with k = 2: s minus the other one
-    assert_close(ops.group_advantages(scores, 2, "rloo"), torch.tensor([2.0, -2.0, -2.0, 2.0]))
+    assert_close(group_advantages(scores, 2, "rloo"), torch.tensor([2.0, -2.0, -2.0, 2.0]))
 
 
-@pytest.mark.parametrize("estimator", ops.GROUP_ESTIMATORS)
+@pytest.mark.parametrize("estimator", GROUP_ESTIMATORS)
 def test_group_advantages_group_of_one_is_zero(estimator):
-    out = ops.group_advantages(torch.tensor([3.0, -1.0, 0.5]), 1, estimator)
+    out = group_advantages(torch.tensor([3.0, -1.0, 0.5]), 1, estimator)
     assert torch.equal(out, torch.zeros(3))
 
 
 def test_group_advantages_integer_scores_and_errors():
-    out = ops.group_advantages(torch.tensor([1, 0, 2, 1]), 4, "dr_grpo")
+    out = group_advantages(torch.tensor([1, 0, 2, 1]), 4, "dr_grpo")
     assert out.dtype == torch.float32
     assert_close(out, torch.tensor([0.0, -1.0, 1.0, 0.0]))
-    with pytest.raises(ValueError, match="'grpo', 'dr_grpo', 'rloo', 'reinforce_pp_baseline'"):
-        ops.group_advantages(torch.tensor(GROUP), 4, "ppo")
+    with pytest.raises(ConfigError, match="ppo.advantage_estimator: expected one of 'gae', 'grpo', "
+                       "'dr_grpo', 'rloo', 'reinforce_pp', 'reinforce_pp_baseline', got 'ppo'"):
+        group_advantages(torch.tensor(GROUP), 4, "ppo")
     with pytest.raises(ValueError, match="group_size=3"):
-        ops.group_advantages(torch.tensor(GROUP), 3, "grpo")
+        group_advantages(torch.tensor(GROUP), 3, "grpo")
 
 
 def _scores_and_token_rewards(seed, groups=5, k=4, T=6):
@@ -514,15 +524,15 @@ def _scores_and_token_rewards(seed, groups=5, k=4, T=6):
 def test_group_advantages_match_verl(seed):
     k = 4
     scores, token_rewards, mask, index = _scores_and_token_rewards(seed, k=k)
-    adv = ops.broadcast_to_tokens(ops.group_advantages(scores, k, "grpo"), mask)
+    adv = ops.broadcast_to_tokens(group_advantages(scores, k, "grpo"), mask)
     assert_close(adv, verl_grpo(token_rewards.clone(), mask, index)[0])
-    adv = ops.broadcast_to_tokens(ops.group_advantages(scores, k, "dr_grpo"), mask)
+    adv = ops.broadcast_to_tokens(group_advantages(scores, k, "dr_grpo"), mask)
     assert_close(adv, verl_grpo(token_rewards.clone(), mask, index, norm_adv_by_std_in_grpo=False)[0])
-    adv = ops.broadcast_to_tokens(ops.group_advantages(scores, k, "rloo"), mask)
+    adv = ops.broadcast_to_tokens(group_advantages(scores, k, "rloo"), mask)
     assert_close(adv, verl_rloo(token_rewards.clone(), mask, index)[0])
     # REINFORCE++-baseline: s - mean_g on every token, then whitened over the batch's valid tokens
     # (the whitening is the trainer's step: ops.whiten with the unbiased variance)
-    tok = ops.broadcast_to_tokens(ops.group_advantages(scores, k, "reinforce_pp_baseline"), mask)
+    tok = ops.broadcast_to_tokens(group_advantages(scores, k, "reinforce_pp_baseline"), mask)
     mean = ops.masked_mean(tok, mask)
     var = ops.masked_sum((tok - mean) ** 2, mask) / (mask.sum() - 1)
     assert_close(ops.whiten(tok, mask, mean, var),
@@ -533,14 +543,14 @@ def test_group_advantages_match_verl(seed):
 def test_group_advantages_match_openrlhf_and_trl(seed):
     k = 4
     scores = _scores_and_token_rewards(seed, k=k)[0]
-    assert_close(ops.group_advantages(scores, k, "rloo"), openrlhf_group_baseline(scores, k, "rloo"))
-    assert_close(ops.group_advantages(scores, k, "dr_grpo"),
+    assert_close(group_advantages(scores, k, "rloo"), openrlhf_group_baseline(scores, k, "rloo"))
+    assert_close(group_advantages(scores, k, "dr_grpo"),
                  openrlhf_group_baseline(scores, k, "dr_grpo"))
-    assert_close(ops.group_advantages(scores, k, "reinforce_pp_baseline"),
+    assert_close(group_advantages(scores, k, "reinforce_pp_baseline"),
                  openrlhf_group_baseline(scores, k, "reinforce_baseline"))
-    assert_close(ops.group_advantages(scores, k, "grpo", eps=1e-9),
+    assert_close(group_advantages(scores, k, "grpo", eps=1e-9),
                  openrlhf_group_baseline(scores, k, "group_norm"))
-    assert_close(ops.group_advantages(scores, k, "grpo", eps=1e-4), trl_group_advantages(scores, k))
+    assert_close(group_advantages(scores, k, "grpo", eps=1e-4), trl_group_advantages(scores, k))
 
 
 def test_group_advantages_group_of_one_conventions_of_the_peers():
@@ -548,7 +558,7 @@ def test_group_advantages_group_of_one_conventions_of_the_peers():
     scores = torch.tensor([2.0, -1.0])
     mask = torch.ones(2, 1, dtype=torch.int64)
     index = np.arange(2)
-    assert torch.equal(ops.group_advantages(scores, 1, "grpo"), torch.zeros(2))
+    assert torch.equal(group_advantages(scores, 1, "grpo"), torch.zeros(2))
     assert_close(verl_grpo(scores[:, None].clone(), mask, index)[0][:, 0], scores / (1 + 1e-6))
 
 

@@ -375,6 +375,7 @@ def test_reward_pairs_are_what_model_reward_scores_in_ppo(tok, char_reward_dir, 
     data = rows(name)
     f = PairFormatter(reward.tokenizer, tok)
     pairs = encode_pairs(table(name), f, RewardDataConfig(path="x"), name)
+    assert len(pairs) == len(data) == len(prompts) > 0  # one pair per row: every row is compared
     for side in ("chosen", "rejected"):
         rollout = rollout_of(tok, prompts, [_final_answer(r[side]) for r in data])
         want_ids, want_mask = reward._inputs(rollout)

@@ -27,7 +27,8 @@ def quickstart_ppo(tmp_path):
 def test_trl_settings_match_the_quickstart_config(quickstart_ppo):
     cfg = dict(quickstart_ppo, seed=3, iterations=7)
     s = lb.trl_settings(cfg)
-    p, o, g = cfg["ppo"], cfg["optim"], cfg["generation"]
+    full = lb.full_config(cfg)  # the built config: the task module may write either layout
+    p, o, g = full["ppo"], full["optim"], full["generation"]
     # TRL: local_batch_size = per_device_train_batch_size * gradient_accumulation_steps is the
     # rollout batch; minibatch = local_batch_size / num_mini_batches; optimizer steps happen
     # every gradient_accumulation_steps micro-batches -> one per minibatch needs no accumulation
@@ -45,9 +46,9 @@ def test_trl_settings_match_the_quickstart_config(quickstart_ppo):
     assert s["max_grad_norm"] == 1.0  # rlhf_ppo's default (TRL passes it but never clips)
     assert s["temperature"] == 1.0  # TRL's own default is 0.7
     assert s["response_length"] == g["max_new_tokens"] == 28
-    assert s["kl_coef"] == p["kl_coef"] == 0.5
+    assert s["kl_coef"] == p["kl"]["coef"] == 0.5
     assert s["kl_estimator"] == "k1"
-    assert s["vf_coef"] == p["vf_coef"]
+    assert s["vf_coef"] == p["critic"]["vf_coef"]
     assert (s["cliprange"], s["cliprange_value"], s["gamma"], s["lam"]) == (0.2, 0.2, 1.0, 0.95)
     assert s["whiten_rewards"] is False
     assert s["stop_token"] == "eos"
@@ -59,7 +60,7 @@ def test_trl_settings_match_the_quickstart_config(quickstart_ppo):
     notes = " ".join(lb.trl_unmatched(cfg))
     assert "critic_lr" in notes and "never clips" in notes and "scale_value_loss" in notes
     # the quickstart's critic starts from the reward model, as TRL's value model does ...
-    assert "model.critic" not in notes and "ppo.critic_lam=1.0" in notes
+    assert "model.critic" not in notes and "ppo.critic.lam=1.0" in notes
     # ... a shared head is reported as a difference
     shared = copy.deepcopy(cfg)
     shared["model"].update(critic="shared", critic_init="policy")
@@ -70,9 +71,9 @@ def test_trl_settings_other_values_and_refusals(quickstart_ppo):
     from rlhf_ppo.config import apply_overrides
 
     cfg = apply_overrides(json.loads(json.dumps(quickstart_ppo)), [
-        "ppo.kl_estimator=k3", "optim.scheduler=cosine", "optim.warmup_steps=10",
+        "ppo.kl.estimator=k3", "optim.scheduler=cosine", "optim.warmup_steps=10",
         "generation.temperature=0.8", "reward.missing_stop_penalty=1.5",
-        "ppo.clip_range_value=null", "optim.max_grad_norm=null"])
+        "ppo.critic.value_clip=null", "optim.max_grad_norm=null"])
     s = lb.trl_settings(cfg)
     assert s["kl_estimator"] == "k3" and s["lr_scheduler_type"] == "cosine"
     assert s["warmup_steps"] == 3  # 10 optimizer steps / 4 per iteration, rounded up
@@ -80,11 +81,32 @@ def test_trl_settings_other_values_and_refusals(quickstart_ppo):
     assert s["cliprange_value"] >= 1e9 and s["max_grad_norm"] == 0.0
     with pytest.raises(ValueError, match="k1 and k3"):
         lb.trl_settings(apply_overrides(json.loads(json.dumps(quickstart_ppo)),
-                                        ["ppo.kl_estimator=k2"]))
+                                        ["ppo.kl.estimator=k2"]))
     with pytest.raises(ValueError, match="one reward model"):
         lb.trl_settings(apply_overrides(json.loads(json.dumps(quickstart_ppo)),
                                         ["reward.sources=[{function: a.b:c}]",
                                          "model.critic_init=policy"]))
+
+
+def test_trl_settings_and_run_config_read_either_layout(tmp_path):
+    # a task module may still write the keys of before the `ppo` sections: same TRL settings,
+    # same notes, same run config (in the current layout) as the sectioned keys
+    reward = {"sources": [{"model": "/r"}]}
+    old = {"reward": reward, "ppo": {"batch_size": 32, "micro_batch_size": 16, "kl_coef": 0.5,
+                                     "critic_lam": 1.0, "whiten_advantages": False}}
+    new = {"reward": reward, "ppo": {"batch_size": 32, "forward": {"micro_batch_size": 16},
+                                     "kl": {"coef": 0.5}, "critic": {"lam": 1.0},
+                                     "advantages": {"whiten": False}}}
+    assert lb.trl_settings(old) == lb.trl_settings(new)
+    assert lb.trl_unmatched(old) == lb.trl_unmatched(new)
+    assert "ppo.advantages.whiten=False" in " ".join(lb.trl_unmatched(new))
+    task = {"policy": "/p", "reward": "/r"}
+    assert (lb.run_config(dict(task, ppo=old), [], 0.1, 0, 3, tmp_path)
+            == lb.run_config(dict(task, ppo=new), [], 0.1, 0, 3, tmp_path))
+    # null whitening is the estimator's rule: GRPO never whitens (TRL always does)
+    grpo = {"reward": reward, "ppo": {"advantage_estimator": "grpo", "samples_per_prompt": 4}}
+    assert "ppo.advantages.whiten=False" in " ".join(lb.trl_unmatched(grpo))
+    assert "ppo.advantages.whiten" not in " ".join(lb.trl_unmatched({"reward": reward}))
 
 
 def test_run_config_and_variants(quickstart_ppo, tmp_path):
@@ -95,8 +117,8 @@ def test_run_config_and_variants(quickstart_ppo, tmp_path):
     cfg = lb.run_config(task, opts, 0.1, 2, 5, tmp_path / "train")
     assert name == "separate" and cfg["model"]["critic"] == "separate"
     assert cfg["model"]["critic_name_or_path"] == "/r"
-    assert (cfg["ppo"]["kl_coef"], cfg["seed"], cfg["iterations"], cfg["sample_every"]) == (0.1, 2, 5, 0)
-    assert quickstart_ppo["ppo"]["kl_coef"] == 0.5  # the task's config is not changed
+    assert (cfg["ppo"]["kl"]["coef"], cfg["seed"], cfg["iterations"], cfg["sample_every"]) == (0.1, 2, 5, 0)
+    assert lb.full_config(quickstart_ppo)["ppo"]["kl"]["coef"] == 0.5  # the task's config is not changed
     ev = lb.eval_config(task, "/run/final", tmp_path / "eval", 0)
     assert ev["reference"] == "/p" and ev["data"] == {"path": "/x.jsonl", "shuffle": False}
     assert ev["reward"]["sources"] == [{"model": "/r"}]

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from rlhf_ppo.metrics import iteration_metrics
+from rlhf_ppo.metrics import IterationRecord, iteration_metrics
 
 # One process: reductions are the identity.
 ACC = types.SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, op: t)
@@ -18,12 +18,11 @@ def test_iteration_metrics_hand_values():
     values = torch.tensor([[1.0, 2.0, 3.0], [3.0, 0.0, 0.0]])  # error 0, 0, 0, 1 on valid tokens
     entropy = torch.tensor([[0.5, 1.0, 1.5], [2.0, 9.0, 9.0]])  # padding must not count
     update = {"policy_loss": 0.1, "ppo_steps": 2, "nonfinite_skipped": False}
-    m = iteration_metrics(
-        ACC, iteration=3, all_scores=torch.tensor([1.0, 3.0]), all_stopped=torch.tensor([True, False]),
+    record = IterationRecord(
+        iteration=3, all_scores=torch.tensor([1.0, 3.0]), all_stopped=torch.tensor([True, False]),
         mask=mask, entropy=entropy, values=values, returns=returns, scores=torch.tensor([0.5, 1.5]),
-        reward_metrics={"reward/source0_mean": 2.0}, kl=0.4, kl_coef=0.1,
-        returns_moments=(2.5, 5 / 3), update=update, lr=1e-3, nonfinite_skips=0,
-        times=[0.0, 1.0, 1.5, 3.0])
+        reward_metrics={"reward/source0_mean": 2.0}, kl=0.4, kl_coef=0.1, returns_moments=(2.5, 5 / 3))
+    m = iteration_metrics(ACC, record, update, lr=1e-3, nonfinite_skips=0, times=[0.0, 1.0, 1.5, 3.0])
     # error (0, 0, 0, 1): mean 0.25, unbiased variance (3 * 0.0625 + 0.5625) / 3 = 0.25
     assert m["explained_variance"] == pytest.approx(1 - 0.25 / (5 / 3))
     assert m["value_error"] == pytest.approx(math.sqrt(1 / 4))  # root mean square of the error

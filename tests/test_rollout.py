@@ -136,8 +136,9 @@ def test_transformers_backend_with_a_static_cache(tiny_policy_dir):
     assert hf_generation_config(static, tok, []).cache_implementation == "static"
     runs = [generate(model, prompts, tok, c) for c in (cfg, static)]
     assert torch.equal(runs[0].response_ids, runs[1].response_ids)
-    assert load_config(overrides=["generation.backend=transformers",
-                                  "generation.cache_implementation=static"]) is not None
+    loaded = load_config(overrides=["generation.backend=transformers",
+                                    "generation.cache_implementation=static"])
+    assert loaded.generation.cache_implementation == "static"
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -294,8 +294,13 @@ def test_tensorboard_tracker_and_stop_strings(tmp_path):
 
 def test_cli_help_lists_every_key(cli):
     out = cli("train", "--help")
-    assert out.returncode == 0 and "ppo.kl_estimator" in out.stdout
+    assert out.returncode == 0 and "ppo.kl.estimator" in out.stdout
     assert "reward.sources[].function" in out.stdout
+    # the ppo sections, each under a header, in this order
+    heads = [out.stdout.index(f"\n {s}: ") for s in ("ppo.advantages", "ppo.loss", "ppo.critic",
+                                                      "ppo.kl", "ppo.forward")]
+    assert heads == sorted(heads) and out.stdout.index("ppo.batch_size (") < heads[0]
+    assert heads[1] < out.stdout.index("ppo.loss.clip_range (") < heads[2]
 
 
 def test_lr_schedule_values():
@@ -323,8 +328,8 @@ def test_config_changed_after_construction_is_checked(tmp_path):
     from rlhf_ppo import ConfigError
 
     cfg = Config(output_dir=str(tmp_path))
-    cfg.ppo.clip_range = -1.0
-    with pytest.raises(ConfigError, match="ppo.clip_range"):
+    cfg.ppo.loss.clip_range = -1.0
+    with pytest.raises(ConfigError, match="ppo.loss.clip_range"):
         PPOTrainer(cfg)
 
 
@@ -548,14 +553,41 @@ def test_token_budget_micro_batches_by_hand():
         [0, 1, 2], [3, 4, 5]]
 
 
+SCRIPTED_REWARD = '''
+calls = 0
+PLAN = {plan}
+
+def scripted(prompts, responses, **kwargs):
+    """Call n scores group g (4 rows in a row) 0, 1, 2, 3 where PLAN[n][g] is true, else 0.5 on
+    every row (a group of equal scores: no signal). The last plan repeats."""
+    global calls
+    plan = PLAN[min(calls, len(PLAN) - 1)]
+    calls += 1
+    return [float(i % 4) if plan[i // 4] else 0.5 for i in range(len(responses))]
+'''
+
+
+def scripted_reward(tmp_path, plan: list[list[bool]]) -> str:
+    """The ``reward.sources`` override for :data:`SCRIPTED_REWARD` with ``plan`` (a fresh module
+    per test: the call counter starts at 0)."""
+    fn = tmp_path / "scripted_reward.py"
+    fn.write_text(SCRIPTED_REWARD.format(plan=plan))
+    return f"reward.sources=[{{function: '{fn}:scripted'}}]"
+
+
+# GRPO's advantage of the scores 0, 1, 2, 3: (s - 1.5) / (unbiased std sqrt(5 / 3) + eps 1e-6)
+GRPO_0123 = torch.tensor([(j - 1.5) / (math.sqrt(5 / 3) + 1e-6) for j in range(4)])
+
+
 def test_critic_free_grpo_builds_no_critic_and_uses_group_advantages(tmp_path):
     """GRPO: no value head, no critic, one optimizer group; each prompt sampled
     samples_per_prompt times in a row; every token of a response gets its group-normalised
-    score (kl_coef 0, gamma 1)."""
+    score (kl_coef 0, gamma 1). The scores 0, 1, 2, 3 in every group: each group has a spread,
+    so the normalised advantages are known exactly."""
     trainer = PPOTrainer(tiny_config(
         tmp_path, "iterations=1", "ppo.batch_size=8", "ppo.micro_batch_size=8",
         "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.kl_coef=0.0",
-        "reward.sources=[{function: rlhf_ppo.rewards:response_length}]"))
+        scripted_reward(tmp_path, [[True, True]])))
     ac = trainer.unwrapped
     assert ac.value_head is None and ac.critic is None and not ac.has_critic
     assert len(trainer.optimizer.param_groups) == 1
@@ -563,33 +595,53 @@ def test_critic_free_grpo_builds_no_critic_and_uses_group_advantages(tmp_path):
     m = trainer.step()
     batch = updates[0][0]
     mask = batch.response_mask.float()
-    lengths = mask.sum(-1)  # response_length scores the number of words; recompute from text
     assert m["ppo_steps"] > 0 and math.isnan(m["explained_variance"]) and m["value_loss"] == 0.0
     assert torch.equal(batch.values, torch.zeros_like(batch.values))
     # rows 4g..4g+3 answer the same prompt
     ids = batch.input_ids[:, : batch.prompt_length]
     for g in range(2):
         assert all(torch.equal(ids[4 * g], ids[4 * g + j]) for j in range(4))
-    # the advantage is constant along each response and equals the group-normalised score
-    adv = batch.advantages
-    per_row = (adv * mask).sum(-1) / lengths
-    torch.testing.assert_close(adv, per_row[:, None] * mask)
+    # the advantage is constant along each response and equals the group-normalised score:
+    # centred within the group, unit (unbiased) std
+    torch.testing.assert_close(batch.advantages, GRPO_0123.repeat(2)[:, None] * mask)
+    per_row = (batch.advantages * mask).sum(-1) / mask.sum(-1)
     for g in range(2):
         a = per_row[4 * g: 4 * g + 4]
-        assert abs(float(a.mean())) < 1e-5  # centred within the group
-        if a.abs().max() > 0:
-            assert float(a.std()) == pytest.approx(1.0, abs=1e-3)  # unit (unbiased) std
+        assert abs(float(a.mean())) < 1e-6 and float(a.std()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
+    """Two groups a batch. Round 0: group 0 has equal scores, group 1 a spread; round 1: both
+    equal; round 2: group 0 a spread. The batch is full of informative groups after two extra
+    rounds: round 0's group 1 then round 2's group 0 (rows kept in sampling order)."""
     trainer = PPOTrainer(tiny_config(
         tmp_path, "iterations=1", "ppo.batch_size=8", "ppo.micro_batch_size=8",
         "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4", "ppo.dynamic_sampling=true",
-        "reward.sources=[{function: rlhf_ppo.rewards:response_length}]"))
+        "ppo.kl_coef=0.0",
+        scripted_reward(tmp_path, [[False, True], [False, False], [True, False], [True, True]])))
+    sampled = []  # every rollout the trainer drew, in order
+    sample = trainer.sample
+    trainer.sample = lambda prompts: sampled.append(sample(prompts)) or sampled[-1]
     updates = record_updates(trainer)
     m = trainer.step()
-    assert len(updates[0][0]) == 8 and 0 <= m["dynamic/rounds"] <= 4
-    assert m["dynamic/informative_kept"] >= m["dynamic/informative_first"]
+    draws = len(sampled)
+    assert draws == 3  # the first batch and two extra rounds
+    assert m["dynamic/rounds"] == 2.0
+    assert m["dynamic/informative_first"] == 0.5  # 1 of 2 groups
+    assert m["dynamic/informative_kept"] == 1.0
+    assert m["score_mean"] == pytest.approx(1.5)  # the batch's scores: 0, 1, 2, 3 twice
+    batch = updates[0][0]
+    assert len(batch) == 8
+
+    def tokens(input_ids, attention_mask, row):  # the row's prompt and response, no padding
+        return input_ids[row][attention_mask[row].bool()].tolist()
+    expected = [(sampled[0], 4 + j) for j in range(4)] + [(sampled[2], j) for j in range(4)]
+    for row, (rollout, r) in enumerate(expected):
+        assert tokens(batch.input_ids, batch.attention_mask, row) == tokens(
+            rollout.input_ids, rollout.attention_mask, r), row
+    # every group that reaches the update has a signal: GRPO's advantages of 0, 1, 2, 3
+    mask = batch.response_mask.float()
+    torch.testing.assert_close(batch.advantages, GRPO_0123.repeat(2)[:, None] * mask)
 
 
 @pytest.mark.parametrize("packing", [False, True])

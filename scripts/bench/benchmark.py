@@ -76,9 +76,9 @@ rlhf_ppo variants (``--critics``, comparison mode): ``shared`` (a value head on 
 default), ``separate`` (TRL's layout: a critic initialised from the reward model), each with any
 of ``+ckpt`` (gradient checkpointing), ``+lora`` (a LoRA adapter of rank ``--lora-r`` on the
 attention and MLP projections; TRL still trains all weights), ``+pack`` / ``+nopack``
-(``ppo.packing`` on / off). ``--packing`` and ``--micro-batch-tokens`` set ``ppo.packing`` and
-``ppo.micro_batch_tokens`` for every rlhf_ppo variant, and only when given (otherwise the
-library's defaults; a library without these keys refuses them).
+(``ppo.forward.packing`` on / off). ``--packing`` and ``--micro-batch-tokens`` set
+``ppo.forward.packing`` and ``ppo.forward.micro_batch_tokens`` for every rlhf_ppo variant, and only
+when given (otherwise the library's defaults; a library without these keys refuses them).
 
 The variable-workload table and the real-model rows (SmolLM2-135M-Instruct, 2 threads):
 
@@ -410,14 +410,14 @@ def rlhf_config(args, prompts: Path, output_dir: str):
              "gradient_checkpointing": args.gradient_checkpointing}
     if args.critic == "separate":  # TRL's value model also starts from the reward model
         model["critic_name_or_path"] = args.reward
-    ppo = {"batch_size": B, "num_minibatches": M, "ppo_epochs": args.epochs,
-           "micro_batch_size": args.micro_batch or B // M,
-           "inference_batch_size": args.inference_batch or B}
+    forward = {"micro_batch_size": args.micro_batch or B // M,
+               "inference_batch_size": args.inference_batch or B}
     # Set only when given: the library's defaults otherwise (and code without these keys works).
     if args.packing is not None:
-        ppo["packing"] = args.packing == "on"
+        forward["packing"] = args.packing == "on"
     if args.micro_batch_tokens is not None:
-        ppo["micro_batch_tokens"] = args.micro_batch_tokens
+        forward["micro_batch_tokens"] = args.micro_batch_tokens
+    ppo = {"batch_size": B, "num_minibatches": M, "ppo_epochs": args.epochs, "forward": forward}
     extra = {}
     if args.lora:
         extra["peft"] = {"enabled": True, "r": args.lora_r, "alpha": 2 * args.lora_r,
@@ -722,7 +722,7 @@ def shape_flags(args) -> list[str]:
 
 VARIANT_OPTIONS = ("ckpt", "lora", "pack", "nopack")
 """``--critics`` entries are CRITIC[+OPTION...]: ``+ckpt`` gradient checkpointing, ``+lora`` a
-LoRA adapter (``--lora-r``), ``+pack`` / ``+nopack`` ``ppo.packing`` on / off"""
+LoRA adapter (``--lora-r``), ``+pack`` / ``+nopack`` ``ppo.forward.packing`` on / off"""
 
 
 def parse_variant(spec: str) -> tuple[str, set[str]]:
@@ -889,14 +889,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "projections) instead of all policy weights; TRL trains all of them")
     p.add_argument("--lora-r", type=int, default=16, help="the LoRA rank (alpha = 2 r)")
     p.add_argument("--packing", choices=("on", "off"), default=None,
-                   help="rlhf_ppo side: ppo.packing (default: the library's default, unset)")
+                   help="rlhf_ppo side: ppo.forward.packing (default: the library's default, unset)")
     p.add_argument("--micro-batch-tokens", type=int, default=None, metavar="N",
-                   help="rlhf_ppo side: ppo.micro_batch_tokens, a token budget per micro-batch "
-                        "(default: the library's default, unset)")
+                   help="rlhf_ppo side: ppo.forward.micro_batch_tokens, a token budget per "
+                        "micro-batch (default: the library's default, unset)")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help="sequences per forward/backward (default: the minibatch)")
+                   help="rlhf_ppo side: ppo.forward.micro_batch_size, sequences per forward/backward "
+                        "(default: the minibatch)")
     p.add_argument("--inference-batch", type=int, default=None,
-                   help="sequences per no-grad forward (default: the whole batch)")
+                   help="rlhf_ppo side: ppo.forward.inference_batch_size, sequences per no-grad "
+                        "forward (default: the whole batch)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--backend", choices=("native", "transformers"), default="native",
                    help="rlhf_ppo's generation.backend (--static-cache implies transformers)")

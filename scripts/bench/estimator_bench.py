@@ -1,5 +1,5 @@
 """PPO with GAE against the critic-free estimators on the built-in reasoning task
-(rlhf_ppo/reasoning.py), at equal numbers of sampled responses per iteration.
+(rlhf_ppo/tasks/reasoning.py), at equal numbers of sampled responses per iteration.
 
 One SFT model is trained once; then every estimator trains from it with the same batch of
 responses (``--responses``; GAE: one response per prompt, the group estimators:
@@ -28,7 +28,7 @@ ESTIMATORS = {
     "ppo (gae)": {"ppo.advantage_estimator": "gae"},
     "grpo": {"ppo.advantage_estimator": "grpo"},
     "dr_grpo": {"ppo.advantage_estimator": "dr_grpo",
-                "ppo.loss_aggregation": "seq-mean-token-sum-norm"},
+                "ppo.loss.aggregation": "seq-mean-token-sum-norm"},
     "rloo": {"ppo.advantage_estimator": "rloo"},
     "reinforce_pp": {"ppo.advantage_estimator": "reinforce_pp"},
     "reinforce_pp_baseline": {"ppo.advantage_estimator": "reinforce_pp_baseline"},
@@ -73,19 +73,22 @@ def run_one(spec: dict) -> dict:
 
     import torch
 
-    from rlhf_ppo import PPOTrainer
-    from rlhf_ppo.config import config_from_dict, set_dotted
+    from rlhf_ppo import PPOTrainer, estimators
+    from rlhf_ppo.config import config_from_dict, set_dotted, upgrade_quietly
     from rlhf_ppo.evaluate import EvalConfig, run_evaluate
 
     torch.set_num_threads(1)
     out = Path(spec["out"])
     data, stages = shared_stages(Path(spec["bench"]))
-    ppo = copy.deepcopy(stages["ppo"])
-    group = 1 if spec["overrides"]["ppo.advantage_estimator"] == "gae" else spec["group"]
+    # the task's PPO stage in the current layout (a task written before the ``ppo`` sections
+    # still works), so the dotted settings below cannot meet an old name for the same key
+    ppo = upgrade_quietly(stages["ppo"])
+    estimator = estimators.get(spec["overrides"]["ppo.advantage_estimator"])
+    group = 1 if estimator.critic else spec["group"]  # GAE: one response per prompt
     settings = {"output_dir": str(out / "ppo"), "seed": spec["seed"], "iterations": spec["iterations"],
                 "sample_every": 0, "ppo.batch_size": spec["responses"],
                 "ppo.samples_per_prompt": group, "ppo.num_minibatches": 2,
-                "ppo.micro_batch_size": spec["responses"] // 2, **spec["overrides"]}
+                "ppo.forward.micro_batch_size": spec["responses"] // 2, **spec["overrides"]}
     for key, value in settings.items():
         set_dotted(ppo, key, value)
     t0 = time.perf_counter()

@@ -390,7 +390,7 @@ MAX_NEW_TOKENS = 32
 
 def stage_configs(out: Path, data: dict[str, str]) -> dict[str, dict]:
     """SFT, reward-model (two stages) and PPO configs (as dicts); PPO's has no ``output_dir``.
-    What differs from the quickstart (``rlhf_ppo.quickstart.stage_configs``), and why:
+    What differs from the quickstart (``rlhf_ppo.tasks.quickstart.stage_configs``), and why:
 
     * ``sft``: 3 epochs of 6,000 forecasts (~560 steps; quickstart: 2 of 3,000, 180 steps). After
       180 steps the SFT model barely read the condition (log p(response | its condition) -
@@ -408,7 +408,7 @@ def stage_configs(out: Path, data: dict[str, str]) -> dict[str, dict]:
       (held-out 0.995-1.0 after 3 epochs, every run since) and keeps it while learning the rest.
     * ``ppo``: the quickstart's settings (a separate critic initialised from the reward model,
       ``model.critic: separate, critic_init: reward``, toward Monte-Carlo returns,
-      ``ppo.critic_lam: 1.0``, ``optim.separate_grad_clip: true``), with 32 new tokens.
+      ``ppo.critic.lam: 1.0``, ``optim.separate_grad_clip: true``), with 32 new tokens.
       Bradley-Terry pairs leave each prompt's
       score level free, and the reward model's levels differ by condition (mean score of the
       SFT corpus's forecasts: windy -4.1, foggy +2.7). The quickstart's zero-initialised shared

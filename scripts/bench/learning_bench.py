@@ -34,7 +34,6 @@ reference's J is its score, its KL being 0: the run ended worse than not trainin
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import importlib
 import json
@@ -147,7 +146,10 @@ def custom_task(args) -> dict:
     if missing:
         raise SystemExit(f"a custom task needs --policy, --reward, --prompts and --config; "
                          f"missing {' '.join(missing)}")
-    ppo = yaml.safe_load(Path(args.config).read_text()) or {}
+    from rlhf_ppo.config import Config
+
+    # in the current layout; a key named as before the ``ppo`` sections warns, as `train` would
+    ppo = Config.upgrade(yaml.safe_load(Path(args.config).read_text()) or {})
     ppo.pop("output_dir", None)
     ppo.setdefault("model", {})["name_or_path"] = args.policy
     ppo.setdefault("reward", {})["sources"] = [{"model": args.reward}]
@@ -162,11 +164,12 @@ def custom_task(args) -> dict:
 # --------------------------------------------------------------------------- TRL settings
 
 def full_config(cfg: dict) -> dict:
-    """``cfg`` (a nested rlhf_ppo PPO config dict, possibly partial) validated and completed with
-    rlhf_ppo's defaults, as a plain nested dict."""
-    from rlhf_ppo.config import config_from_dict
+    """``cfg`` (a nested rlhf_ppo PPO config dict, possibly partial, in the current layout or
+    the one before the ``ppo`` sections, as a task module may still write it) validated and
+    completed with rlhf_ppo's defaults, as a plain nested dict in the current layout."""
+    from rlhf_ppo.config import config_from_dict, upgrade_quietly
 
-    return dataclasses.asdict(config_from_dict(copy.deepcopy(cfg)))
+    return config_from_dict(upgrade_quietly(cfg)).to_dict()
 
 
 def trl_settings(cfg: dict) -> dict:
@@ -184,8 +187,9 @@ def trl_settings(cfg: dict) -> dict:
     changes memory, not the gradient). Raises ValueError for what TRL cannot run at all."""
     full = full_config(cfg)
     p, o, g, r, m = full["ppo"], full["optim"], full["generation"], full["reward"], full["model"]
-    if p["kl_estimator"] not in ("k1", "k3"):
-        raise ValueError(f"ppo.kl_estimator={p['kl_estimator']!r}: TRL supports k1 and k3 only")
+    adv, critic, kl = p["advantages"], p["critic"], p["kl"]
+    if kl["estimator"] not in ("k1", "k3"):
+        raise ValueError(f"ppo.kl.estimator={kl['estimator']!r}: TRL supports k1 and k3 only")
     sources = r["sources"]
     if len(sources) != 1 or not sources[0].get("model") or sources[0].get("weight", 1.0) != 1.0:
         raise ValueError("reward.sources: TRL's PPO takes exactly one reward model (weight 1)")
@@ -208,13 +212,13 @@ def trl_settings(cfg: dict) -> dict:
         # TRL steps its scheduler once per iteration; rlhf_ppo counts optimizer steps
         warmup_steps=math.ceil(o["warmup_steps"] / steps_per_iter),
         max_grad_norm=float(o["max_grad_norm"] or 0.0),
-        cliprange=p["clip_range"],
-        cliprange_value=p["clip_range_value"] if p["clip_range_value"] is not None else 1e10,
-        vf_coef=p["vf_coef"],
-        gamma=p["gamma"],
-        lam=p["lam"],
-        kl_coef=p["kl_coef"],
-        kl_estimator=p["kl_estimator"],
+        cliprange=p["loss"]["clip_range"],
+        cliprange_value=critic["value_clip"] if critic["value_clip"] is not None else 1e10,
+        vf_coef=critic["vf_coef"],
+        gamma=adv["gamma"],
+        lam=adv["lam"],
+        kl_coef=kl["coef"],
+        kl_estimator=kl["estimator"],
         whiten_rewards=False,
         response_length=g["max_new_tokens"],
         temperature=g["temperature"],
@@ -232,8 +236,13 @@ def trl_settings(cfg: dict) -> dict:
 
 def trl_unmatched(cfg: dict) -> list[str]:
     """What of ``cfg`` the TRL run does not (or cannot) reproduce, one sentence each."""
+    from rlhf_ppo import estimators
+
     full = full_config(cfg)
     p, o, g, r, m = full["ppo"], full["optim"], full["generation"], full["reward"], full["model"]
+    adv, loss, critic, kl = p["advantages"], p["loss"], p["critic"], p["kl"]
+    # TRL always whitens; null `advantages.whiten` is the estimator's rule (the registry's)
+    whitens = estimators.get(p["advantage_estimator"]).whitens(adv["whiten"])
     notes = []
     if o["critic_lr"] not in (None, o["lr"]):
         notes.append(f"optim.critic_lr={o['critic_lr']:g}: TRL has one learning rate (optim.lr="
@@ -255,14 +264,14 @@ def trl_unmatched(cfg: dict) -> list[str]:
     if o["scheduler"] != "constant":
         notes.append(f"optim.scheduler={o['scheduler']}: TRL steps it once per iteration, "
                      "rlhf_ppo once per optimizer step")
-    for key, value, neutral in (("ppo.entropy_coef", p["entropy_coef"], 0.0),
-                                ("ppo.adaptive_kl", p["adaptive_kl"], False),
-                                ("ppo.whiten_advantages", p["whiten_advantages"], True),
-                                ("ppo.loss_aggregation", p["loss_aggregation"], "token-mean"),
-                                ("ppo.target_kl", p["target_kl"], None),
-                                ("ppo.critic_warmup", p["critic_warmup"], 0),
-                                ("ppo.critic_lam", p.get("critic_lam"), None),
-                                ("ppo.lam_length_alpha", p.get("lam_length_alpha"), None),
+    for key, value, neutral in (("ppo.loss.entropy_coef", loss["entropy_coef"], 0.0),
+                                ("ppo.kl.adaptive", kl["adaptive"], False),
+                                ("ppo.advantages.whiten", whitens, True),
+                                ("ppo.loss.aggregation", loss["aggregation"], "token-mean"),
+                                ("ppo.early_stop_kl", p["early_stop_kl"], None),
+                                ("ppo.critic.warmup", critic["warmup"], 0),
+                                ("ppo.critic.lam", critic["lam"], None),
+                                ("ppo.advantages.lam_length_alpha", adv["lam_length_alpha"], None),
                                 ("optim.separate_grad_clip", o.get("separate_grad_clip"), False),
                                 ("reward.normalize", r["normalize"], False),
                                 ("reward.clip", r["clip"], None),
@@ -276,11 +285,11 @@ def trl_unmatched(cfg: dict) -> list[str]:
                                 ("mixed_precision", full["mixed_precision"], None)):
         if value != neutral:
             notes.append(f"{key}={value!r}: no TRL equivalent, TRL runs without it")
-    if p.get("scale_value_loss"):
-        notes.append("ppo.scale_value_loss=true: rlhf_ppo divides the value loss by the returns' "
-                     "variance when above 1; TRL does not")
-    if p["clip_range_value"] is None:
-        notes.append("ppo.clip_range_value=null: TRL always clips; cliprange_value=1e10 instead")
+    if critic["scale_value_loss"]:
+        notes.append("ppo.critic.scale_value_loss=true: rlhf_ppo divides the value loss by the "
+                     "returns' variance when above 1; TRL does not")
+    if critic["value_clip"] is None:
+        notes.append("ppo.critic.value_clip=null: TRL always clips; cliprange_value=1e10 instead")
     notes.append("TRL adds the score one position after the EOS (the first padding token) when "
                  "a response stopped early, and trains the value there; rlhf_ppo adds it on the "
                  "EOS token itself")
@@ -316,16 +325,17 @@ def fmt_coef(x: float) -> str:
 def run_config(task: dict, overrides: list[str], kl_coef: float, seed: int, iterations: int,
                output_dir: Path) -> dict:
     """The rlhf_ppo config (nested dict) of one run: the task's, the variant's overrides (with
-    ``{reward}`` / ``{policy}`` replaced by the task's models), then the run's own settings."""
-    from rlhf_ppo.config import apply_overrides
+    ``{reward}`` / ``{policy}`` replaced by the task's models), then the run's own settings;
+    in the current layout whatever layout the task's config has."""
+    from rlhf_ppo.config import apply_overrides, upgrade_quietly
 
-    cfg = copy.deepcopy(task["ppo"])
+    cfg = upgrade_quietly(task["ppo"])  # a copy: the task's config is not changed
     items = [o.replace("{reward}", task["reward"]).replace("{policy}", task["policy"])
              for o in overrides]
     apply_overrides(cfg, items)
     cfg.update(output_dir=str(output_dir), overwrite=True, seed=seed, sample_every=0,
                iterations=iterations)
-    cfg.setdefault("ppo", {})["kl_coef"] = kl_coef
+    cfg.setdefault("ppo", {}).setdefault("kl", {})["coef"] = kl_coef
     return cfg
 
 
@@ -752,7 +762,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", help="custom task: prompts .jsonl (column `prompt`)")
     p.add_argument("--config", help="custom task: rlhf_ppo PPO config YAML")
     p.add_argument("--kl-coefs", type=float, nargs="+",
-                   help="default: 0.2x, 1x and 5x the task config's ppo.kl_coef")
+                   help="default: 0.2x, 1x and 5x the task config's ppo.kl.coef")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iterations", type=int, help="default: the task config's")
     p.add_argument("--variants", nargs="+", default=["shipped="], metavar="NAME=OVERRIDES",
@@ -853,7 +863,7 @@ def main(argv=None) -> int:
     if args.eval_samples:
         task["eval"]["samples_per_prompt"] = args.eval_samples
     base = full_config(task["ppo"])
-    kl0 = base["ppo"]["kl_coef"]
+    kl0 = base["ppo"]["kl"]["coef"]
     kl_coefs = args.kl_coefs or [round(kl0 * f, 10) for f in (0.2, 1.0, 5.0)]
     iterations = args.iterations or base["iterations"]
     runs = plan_runs(variants, trl_variants, kl_coefs, args.seeds, iterations, args.eval_seed)

