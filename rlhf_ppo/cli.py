@@ -13,9 +13,10 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 from .config import iter_fields, load_config, section_docs
-from .errors import ConfigError, exit_code
+from .errors import ConfigError, UnreadKeyWarning, exit_code
 from .eval_config import load_eval_config
 
 # command -> (module, config class, run function, help)
@@ -128,6 +129,19 @@ def _done_line(command: str, s: dict, cfg) -> str:
     return "done: " + ", ".join(f"{k} {v}" for k, v in shown.items())
 
 
+_plain_showwarning = warnings.showwarning
+
+
+def _show_config_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A renamed or unread config key as one line naming the key (the source line of the warning
+    is ours, not the user's); other warnings as Python shows them."""
+    renamed = issubclass(category, FutureWarning) and str(message).startswith("config key")
+    if renamed or issubclass(category, UnreadKeyWarning):
+        print(f"rlhf-ppo: warning: {message}", file=file or sys.stderr)
+    else:
+        _plain_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
@@ -137,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    warnings.showwarning = _show_config_warning
     try:
         return _run(args)
     except Exception as e:  # the errors users see (errors.py) get their exit code; bugs raise

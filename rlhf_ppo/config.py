@@ -42,6 +42,7 @@ from .typed import (  # noqa: F401  (re-exported: commands and tests read them f
     save_config,
     section_docs,
     set_dotted,
+    set_overrides,
     unread,
 )
 

@@ -195,21 +195,27 @@ def _pop_dotted(data: dict[str, Any], key: str) -> None:
         node.pop(leaf, None)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str],
-                    renamed: dict[str, str] | None = None) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in place. With
-    ``renamed`` (old dotted key -> new), an override replaces the value under the key's other
-    name too, so an old name on the command line wins over a file in the new layout and back
-    (both names among the overrides stay an error, :func:`apply_renamed`)."""
+def set_overrides(data: dict[str, Any], items: list[tuple[str, Any]],
+                  renamed: dict[str, str] | None = None) -> dict[str, Any]:
+    """Set each dotted ``(key, value)`` of ``items`` in the nested dict ``data``, in place. With
+    ``renamed`` (old dotted key -> new), a key replaces the value under its other name too, so an
+    old name wins over a file in the new layout and back (both names among ``items`` stay an
+    error, :func:`apply_renamed`)."""
     aliases = {**(renamed or {}), **{new: old for old, new in (renamed or {}).items()}}
     given = set()
-    for item in overrides:
-        key, value = parse_override(item)
+    for key, value in items:
         if key in aliases and aliases[key] not in given:
             _pop_dotted(data, aliases[key])
-        set_dotted(data, key, value, where=f"override {item!r}")
+        set_dotted(data, key, value, where=f"override {key}={value!r}")
         given.add(key)
     return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str],
+                    renamed: dict[str, str] | None = None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place
+    (:func:`set_overrides`)."""
+    return set_overrides(data, [parse_override(item) for item in overrides], renamed)
 
 
 def config_to_yaml(cfg: Any) -> str:

@@ -530,3 +530,23 @@ def test_an_override_under_either_name_wins_over_the_file(tmp_path):
     with pytest.warns(FutureWarning):
         assert load_config(new, ["ppo.kl_coef=0.7"]).ppo.kl.coef == 0.7
     assert load_config(old, ["ppo.kl.coef=0.7"]).ppo.kl.coef == 0.7  # the file's old name
+
+
+def test_cli_names_renamed_and_refused_keys_in_one_line_each(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    from rlhf_ppo import cli
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored afterwards
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code = cli.main(["train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                         "ppo.advantage_estimator=grpo", "ppo.samples_per_prompt=4",
+                         "ppo.critic_warmup=2", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert "rlhf-ppo: warning: config key ppo.critic_warmup is deprecated and will be removed: use " \
+           "ppo.critic.warmup" in err
+    assert err[-1].startswith("rlhf-ppo: config error: ppo.critic_warmup: iterations that train the "
+                              "critic alone is not read by ppo.advantage_estimator='grpo'")
+    assert not any("config.py" in line for line in err)  # no source lines of ours

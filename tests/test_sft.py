@@ -360,8 +360,9 @@ def test_overwrite_clears_only_the_runs_files(tmp_path):
 
 def test_renamed_keys_still_work_with_a_warning(tmp_path):
     """`train.lr` moved to the shared `optim` section, `data.eval_*` became `data.heldout_*`:
-    the old keys keep working (with a FutureWarning naming the new one); both at once is an
-    error."""
+    the old keys keep working (with a FutureWarning naming the new one); both at once in one
+    file or among the overrides is an error; an override under the old name replaces the
+    file's value under the new one."""
     old = ["data.path=x.jsonl", "train.lr=0.01", "train.scheduler=cosine",
            "data.eval_fraction=0.2", "train.eval_batch_size=7", f"output_dir={tmp_path}"]
     with pytest.warns(FutureWarning, match="train.lr is deprecated .* use optim.lr"):
@@ -369,7 +370,10 @@ def test_renamed_keys_still_work_with_a_warning(tmp_path):
     assert (cfg.optim.lr, cfg.optim.scheduler) == (0.01, "cosine")
     assert (cfg.data.heldout_fraction, cfg.train.heldout_batch_size) == (0.2, 7)
     with pytest.raises(ConfigError, match="train.lr: renamed to optim.lr, and both are set"):
-        load_config(ROOT / "configs" / "sft_tiny.yaml", ["train.lr=0.01"], cls=SFTConfig)
+        load_config(None, ["train.lr=0.01", "optim.lr=0.02"], cls=SFTConfig)
+    with pytest.warns(FutureWarning, match="train.lr is deprecated"):
+        cfg = load_config(ROOT / "configs" / "sft_tiny.yaml", ["train.lr=0.01"], cls=SFTConfig)
+    assert cfg.optim.lr == 0.01
 
 
 def test_cli_sft_with_bf16_autocast(tmp_path, tiny_policy_dir, cli, fresh_accelerate_state,

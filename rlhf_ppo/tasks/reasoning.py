@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config, ConfigError, parse_override, set_dotted
+from ..config import Config, ConfigError, parse_override, set_overrides
 from ..evaluate import EvalConfig, run_evaluate
 from ..ops import pass_at_k  # noqa: F401  (re-exported: the unbiased pass@k estimator)
 from ..sft import SFTConfig, run_sft
@@ -265,14 +265,19 @@ def stage_configs(out: Path, data: dict) -> dict[str, dict]:
     }
 
 
+STAGE_CLASSES = {"sft": SFTConfig, "ppo": Config, "eval": EvalConfig, "eval_greedy": EvalConfig}
+"""the config class of each command stage (its renamed keys apply to the stage's overrides)"""
+
+
 def apply_overrides(configs: dict[str, dict], overrides: dict[str, dict[str, Any]]) -> None:
-    """Set the dotted ``overrides`` (``{stage: {"ppo.advantages.lam": 1.0}}``) in ``configs``, in place;
-    ValueError for a stage that is not there."""
+    """Set the dotted ``overrides`` (``{stage: {"ppo.advantages.lam": 1.0}}``) in ``configs``, in
+    place, an old key name replacing the value under its new one; ValueError for a stage that is
+    not there."""
     for name, items in overrides.items():
         if name not in configs:
             raise ValueError(f"stage_overrides: unknown stage {name!r}; expected one of {list(configs)}")
-        for key, value in items.items():
-            set_dotted(configs[name], key, value)
+        set_overrides(configs[name], list(items.items()),
+                      getattr(STAGE_CLASSES.get(name), "RENAMED", {}))
 
 
 def reasoning_stages(out: Path, estimator_overrides: dict[str, Any] | None = None,
