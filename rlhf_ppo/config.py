@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from . import estimators
-from .errors import ConfigError
+from .errors import ConfigError, UnreadKeyWarning
 from .ppo_config import (  # noqa: F401  (re-exported: the ppo section's names)
     PPO_RENAMED,
     AdvantagesConfig,
@@ -443,6 +443,11 @@ def _translate_whiten(data: dict[str, Any]) -> None:
     if not isinstance(ppo, dict) or ppo.get("whiten_advantages") is None:
         return
     est = estimators.ESTIMATORS.get(ppo.get("advantage_estimator", estimators.DEFAULT))
+    if est is not None and est.whiten is not None and ppo["whiten_advantages"] is not est.whiten:
+        warnings.warn(f"ppo.whiten_advantages: {ppo['whiten_advantages']!r} was never read by "
+                      f"ppo.advantage_estimator={est.name!r} (it "
+                      f"{'always' if est.whiten else 'never'} whitens); dropped", UnreadKeyWarning,
+                      stacklevel=4)
     if ppo["whiten_advantages"] is True or (est is not None and est.whiten is not None):
         ppo["whiten_advantages"] = None
 

@@ -550,3 +550,22 @@ def test_cli_names_renamed_and_refused_keys_in_one_line_each(tmp_path, capsys, m
     assert err[-1].startswith("rlhf-ppo: config error: ppo.critic_warmup: iterations that train the "
                               "critic alone is not read by ppo.advantage_estimator='grpo'")
     assert not any("config.py" in line for line in err)  # no source lines of ours
+
+
+def test_an_old_whiten_value_an_estimator_never_read_warns():
+    with pytest.warns(UnreadKeyWarning, match=r"ppo.whiten_advantages: False was never read by "
+                      r"ppo.advantage_estimator='reinforce_pp' \(it always whitens\); dropped"):
+        cfg = load_config(None, ["ppo.advantage_estimator=reinforce_pp", "ppo.whiten_advantages=false"])
+    assert cfg.ppo.advantages.whiten is None
+
+
+def test_a_new_registry_entry_is_a_valid_estimator(monkeypatch):
+    """Adding an estimator is one entry: the config accepts it and applies its needs."""
+    toy = estimators.Estimator("toy", "score minus the group mean", critic=False, whiten=False,
+                               baseline=estimators.ops.group_centered)
+    monkeypatch.setitem(estimators.ESTIMATORS, "toy", toy)
+    cfg = load_config(None, ["ppo.advantage_estimator=toy", "ppo.samples_per_prompt=2"])
+    assert estimators.get(cfg.ppo.advantage_estimator) is toy
+    _raises(["ppo.advantage_estimator=toy"], "ppo.samples_per_prompt", "an integer > 1")
+    _raises(["ppo.advantage_estimator=toy", "ppo.samples_per_prompt=2", "ppo.critic.warmup=1"],
+            "ppo.critic.warmup", "not read by ppo.advantage_estimator='toy'")
