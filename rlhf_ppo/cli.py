@@ -1,6 +1,7 @@
 """The ``rlhf-ppo`` command line.
 
-``rlhf-ppo train|sft|reward|evaluate --config FILE key.sub=value ...`` and ``rlhf-ppo quickstart``.
+``rlhf-ppo train|sft|reward|evaluate|serve-reward --config FILE key.sub=value ...`` and
+``rlhf-ppo quickstart``.
 Exit codes: 0 done, 2 config error, 1 data/model/reward/checkpoint error, 128+signal when
 interrupted (a checkpoint is saved first).
 """
@@ -27,6 +28,8 @@ COMMANDS = {
                "train a reward model on preference pairs (Bradley-Terry)"),
     "evaluate": ("rlhf_ppo.evaluate", "EvalConfig", "run_evaluate",
                  "sample from policy and reference, score, and write report.html"),
+    "serve-reward": ("rlhf_ppo.serve", "ServeConfig", "run_serve",
+                     "serve a reward model or function over HTTP, for `url` reward sources"),
 }
 
 

@@ -135,7 +135,36 @@ class RewardSource:
     weight: float = 1.0
     """weight of this source in the summed score"""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """extra keyword arguments passed to the reward function"""
+    """extra keyword arguments passed to the reward function (a `url` source: sent in each request)"""
+    url: str | None = None
+    """reward server `http://host:port/path`: POST a batch, get `{"scores": [...]}` (docs/rewards.md)"""
+    rows_per_request: int = 64
+    """`url` source: responses per request"""
+    concurrency: int = 4
+    """`url` source: requests in flight at once"""
+    timeout: float = 60.0
+    """`url` source: seconds one request may take before it counts as failed"""
+    max_retries: int = 3
+    """`url` source: retries of a request after a connection error, a timeout, HTTP 429 or 5xx"""
+    backoff: float = 1.0
+    """`url` source: seconds before the first retry, doubled before each further one"""
+
+    def check(self, key: str) -> None:
+        """Validate this entry; ``key`` is its dotted name (``reward.sources[i]``)."""
+        given = [k for k in ("model", "function", "url") if getattr(self, k) is not None]
+        check(len(given) == 1, key, "exactly one of `model`, `function` or `url`",
+              dataclasses.asdict(self))
+        check(self.function is None or ":" in self.function, f"{key}.function",
+              "'package.module:function' or 'path/to/file.py:function'", self.function)
+        check(self.url is None or self.url.startswith(("http://", "https://")), f"{key}.url",
+              "an address starting with http:// or https://", self.url)
+        for name in ("rows_per_request", "concurrency"):
+            check(getattr(self, name) >= 1, f"{key}.{name}", "an integer >= 1", getattr(self, name))
+        check(self.timeout > 0, f"{key}.timeout", "a number of seconds > 0", self.timeout)
+        check(self.max_retries >= 0, f"{key}.max_retries", "an integer >= 0", self.max_retries)
+        check(self.backoff >= 0, f"{key}.backoff", "a number of seconds >= 0", self.backoff)
+        for name in ("rows_per_request", "concurrency", "timeout", "max_retries", "backoff"):
+            unread(self, name, key, self.url is not None, "the source has no `url`")
 
 
 @dataclass
@@ -145,7 +174,7 @@ class RewardConfig:
     sources: list[RewardSource] = field(
         default_factory=lambda: [RewardSource(function="rlhf_ppo.rewards:keyword_share")]
     )
-    """reward sources, each with exactly one of `model` or `function`; scores are summed by weight"""
+    """reward sources, each with exactly one of `model`, `function` or `url`; scores are summed by weight"""
     missing_stop_penalty: float | None = None
     """subtracted from the score of a response that never emitted a stop token"""
     normalize: bool = False
@@ -158,10 +187,7 @@ class RewardConfig:
     def __post_init__(self) -> None:
         check(len(self.sources) >= 1, "reward.sources", "at least one reward source", self.sources)
         for i, src in enumerate(self.sources):
-            check((src.model is None) != (src.function is None), f"reward.sources[{i}]",
-                  "exactly one of `model` or `function`", dataclasses.asdict(src))
-            check(src.function is None or ":" in src.function, f"reward.sources[{i}].function",
-                  "'package.module:function' or 'path/to/file.py:function'", src.function)
+            src.check(f"reward.sources[{i}]")
         check(self.clip is None or self.clip > 0, "reward.clip", "a number > 0 or null", self.clip)
         check(self.batch_size >= 1, "reward.batch_size", "an integer >= 1", self.batch_size)
 

@@ -31,6 +31,11 @@ class RewardError(RuntimeError):
     """A reward function or model failed, or returned something other than one score per row."""
 
 
+class AgentError(RuntimeError):
+    """A tool or environment failed, hung, or returned what its protocol does not allow; the
+    message names the tool or environment class, the row and what was expected."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run."""
 
@@ -55,6 +60,7 @@ def exit_code(error: BaseException) -> int | None:
         return 2
     if isinstance(error, TrainingInterrupted):
         return 128 + error.signum
-    if isinstance(error, (DataError, ModelLoadError, RewardError, CheckpointError, NonFiniteError)):
+    if isinstance(error, (DataError, ModelLoadError, RewardError, AgentError, CheckpointError,
+                          NonFiniteError)):
         return 1
     return None

@@ -9,7 +9,9 @@ baseline function in ``ops.py`` and its tests.
 Every estimator turns a batch into per-token rewards, advantages and returns the same way
 (:meth:`Estimator.estimate`): the score (or, with a group baseline, the score minus its group's
 baseline) lands on the last valid token with ``-kl_coef * KL_t`` on every token, as OpenRLHF shapes
-them; then GAE with the critic's values, or the critic-free returns-to-go.
+them, plus a multi-turn rollout's turn rewards on the last token of each rewarded turn; then GAE
+with the critic's values, or the critic-free returns-to-go. Both skip the tokens the action mask
+leaves out (the environment's tokens between turns).
 
 Shape legend: ``B`` sequences, ``T`` response length.
 """
@@ -88,20 +90,25 @@ class Estimator:
 
     def estimate(self, scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, values: torch.Tensor,
                  mask: torch.Tensor, group_size: int, gamma: float, lam: float,
-                 critic_lam: float | None = None, lam_length_alpha: float | None = None
+                 critic_lam: float | None = None, lam_length_alpha: float | None = None,
+                 turn_rewards: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token rewards, advantages and returns of one batch, before any whitening.
 
         Args:
-            scores: ``[B]``.  kl, values, mask: ``[B, T]`` (``values`` unread without a critic).
+            scores: ``[B]``.  kl, values, mask: ``[B, T]`` (``values`` unread without a critic;
+                ``mask`` the action mask).
             group_size: responses per prompt (contiguous rows), read by a group baseline.
+            turn_rewards: ``[B, T]`` rewards of intermediate turns, each on the last token of its
+                turn (``mask`` 1 there: else a ValueError), added as they are (a group baseline
+                applies to the score only), or None.
         Returns:
             ``(rewards, advantages, returns)``, each ``[B, T]``, 0 at masked positions. Without
             a critic the returns-to-go (:func:`ops.discounted_returns`) are both the advantages
             and the returns.
         """
         terminal = scores if self.baseline is None else self.baseline(scores, group_size)
-        rewards = ops.shape_rewards(terminal, kl, mask, kl_coef)
+        rewards = ops.shape_rewards(terminal, kl, mask, kl_coef, turn_rewards)
         if self.critic:
             advantages, returns = ops.advantages_and_returns(rewards, values, mask, gamma, lam,
                                                              critic_lam, lam_length_alpha)

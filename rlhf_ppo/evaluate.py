@@ -353,7 +353,7 @@ def run_evaluate(cfg: EvalConfig) -> dict:
                                     device)
 
     # step 4. statistics and outputs
-    names = [src.function or src.model for src in cfg.reward.sources]
+    names = [src.function or src.model or src.url for src in cfg.reward.sources]
     summary = build_summary(cfg, pol, ref, kl, names, (len(prompts), K),
                             {"policy": pol_spec.name, "reference": ref_spec.name}, settings_from)
     rows = sample_rows(prompts, K, pol, ref, kl)

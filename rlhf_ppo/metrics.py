@@ -28,7 +28,7 @@ class IterationRecord:
     scores: torch.Tensor
     """(B,) processed scores (normalised, clipped, penalised)"""
     mask: torch.Tensor
-    """(B, R) valid response tokens"""
+    """(B, R) the action mask: the tokens the policy sampled (never the environment's)"""
     entropy: torch.Tensor
     """(B, R) the policy's entropy per token"""
     values: torch.Tensor
@@ -51,7 +51,9 @@ def iteration_metrics(acc, r: IterationRecord, update: dict, lr: float, nonfinit
                       times: list[float]) -> dict:
     """The metrics of one iteration, in one reduction over processes. ``update``: what the
     update returned; ``times``: ``perf_counter`` at the start, after the rollout, after scoring
-    and after the update."""
+    and after the update. Per-token means (entropy, values, value error) are over the action
+    mask; ``response_length`` is the mean number of trained tokens (the model's own, every turn
+    together, environment tokens not counted), and ``tokens_per_second`` counts those too."""
     mask, entropy, values, returns, scores = r.mask, r.entropy, r.values, r.returns, r.scores
     reward_metrics, kl, kl_coef, all_scores = r.reward_metrics, r.kl, r.kl_coef, r.all_scores
     inputs = {"value_error": (returns - values, mask), "entropy": (entropy, mask),

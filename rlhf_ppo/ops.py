@@ -1,9 +1,13 @@
 """The PPO math as pure functions on tensors: no models, no I/O, no accelerate.
 
 Shape legend: ``B`` batch (sequences), ``T`` response length (tokens after the prompt),
-``V`` vocabulary, ``H`` hidden size. Every ``mask`` is 1 (or True) on the valid response tokens
-(up to and including the stop token) and 0 on the padding after it; that is the only mask
-convention in this package. Masked positions of every returned per-token tensor are 0.
+``V`` vocabulary, ``H`` hidden size. Every ``mask`` is the action mask: 1 (or True) on the tokens
+the policy sampled and is trained on (a single-turn response: up to and including the stop
+token), 0 elsewhere: the padding after the response and, in a multi-turn rollout, the
+environment's tokens between the model's turns (holes). That is the only mask convention in this
+package. Nothing here assumes the 1s of a row are contiguous: every recursion skips masked
+positions (``t+1`` is the next *trained* token) and every reduction ignores them. Masked
+positions of every returned per-token tensor are 0.
 
 References (code links pinned to the commit and lines that were read)
 - PPO: Schulman et al. 2017, https://arxiv.org/abs/1707.06347 (eq. 7 clipped surrogate).
@@ -136,15 +140,17 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last valid token of each row: ``[B, T]`` -> ``[B]`` (0 for an empty row)."""
+    """Index of the last valid (action) token of each row, holes or not: ``[B, T]`` -> ``[B]``
+    (0 for an empty row)."""
     positions = torch.arange(mask.shape[-1], device=mask.device)
     return (positions * mask.long()).argmax(-1)
 
 
 def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
-                  kl_coef: float) -> torch.Tensor:
-    """Per-token rewards: ``-kl_coef * kl_t`` on every response token, plus the sequence score on
-    its last valid token.
+                  kl_coef: float, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token rewards: ``-kl_coef * kl_t`` on every response token, plus ``extra`` (a
+    multi-turn rollout's turn rewards, each on the last model token of its turn), plus the
+    sequence score on its last valid token.
 
     The last valid token is the stop token itself when the response has one (it is part of the
     response and its log-prob is trained), else the last generated token. Putting the score one
@@ -158,13 +164,35 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
 
     Args:
         scores: ``[B]`` sequence scores.  kl: ``[B, T]`` per-token KL.  mask: ``[B, T]``.
+        extra: ``[B, T]`` rewards to add, 0 wherever ``mask`` is 0, or None.
     Returns:
         ``[B, T]`` rewards, 0 at masked positions.
+    Raises:
+        ValueError: ``extra`` is non-zero on a masked position (the recursions skip those: the
+            reward would never be credited to any token).
     """
     rewards = -kl_coef * kl * mask.to(kl.dtype)
+    if extra is not None:
+        check_on_mask(extra, mask, "turn_rewards")
+        rewards = rewards + extra.to(rewards.dtype)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
     return rewards
+
+
+def check_on_mask(x: torch.Tensor, mask: torch.Tensor, name: str) -> None:
+    """ValueError naming ``name``, the first offending row and column, unless ``x`` ``[B, T]``
+    (the shape of ``mask``) is 0 wherever ``mask`` is 0."""
+    if x.shape != mask.shape:
+        raise ValueError(f"{name}: expected shape {tuple(mask.shape)} (the response mask's), "
+                         f"got {tuple(x.shape)}")
+    off = (x != 0) & ~mask.bool()
+    if off.any():
+        b, t = (int(i) for i in off.nonzero()[0])
+        raise ValueError(f"{name}: row {b}, response column {t} holds {float(x[b, t])!r} on a "
+                         f"token the policy did not sample (action mask 0), where no advantage "
+                         f"would ever credit it; place each turn's reward on the last model "
+                         f"token of its turn")
 
 
 def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int,

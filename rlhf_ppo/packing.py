@@ -41,11 +41,13 @@ class Packed:
     """(n, C) 0, 1, ... within each sequence (and within each row's unused tail)"""
     response_index: torch.Tensor
     """(N,) flat position that predicts each real response token (the position before it), in
-    the row-major order of ``response_mask``"""
+    the row-major order of ``response_real``"""
     response_tokens: torch.Tensor
     """(N,) the real response tokens, same order"""
-    response_mask: torch.Tensor
-    """(B, R) bool: which response columns of the padded batch are real"""
+    response_real: torch.Tensor
+    """(B, R) bool: which response columns of the padded batch are real (attention mask 1: the
+    model's tokens and, multi-turn, the environment's). Not the action mask: the loss masks the
+    environment's tokens afterwards, as it does in a padded batch"""
     last_index: torch.Tensor
     """(B,) flat position of each sequence's last real token"""
 
@@ -55,8 +57,8 @@ class Packed:
     def unpack(self, flat: torch.Tensor) -> torch.Tensor:
         """``(N,)`` or ``(1, N)`` per-response-token values back to the padded ``(B, R)`` layout
         (0 where the response is padding)."""
-        out = flat.new_zeros(self.response_mask.shape)
-        out[self.response_mask] = flat.reshape(-1)
+        out = flat.new_zeros(self.response_real.shape)
+        out[self.response_real] = flat.reshape(-1)
         return out
 
 
@@ -117,7 +119,8 @@ def packed_positions(attention_mask: torch.Tensor, attention: float) -> int:
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
          attention: float = 0.0) -> Packed:
-    """Pack the real tokens (``attention_mask`` 1) of each row of a padded batch into rows laid
+    """Pack the real tokens (``attention_mask`` 1: all the model reads, the environment's tokens
+    between turns included) of each row of a padded batch into rows laid
     out by :func:`layout` (``attention``: :func:`attention_weight` of the model; 0: one row).
     Every row must have at least one real prompt token (the position that predicts the first
     response token)."""

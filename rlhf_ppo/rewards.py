@@ -1,4 +1,5 @@
-"""Reward sources (reward models and Python functions), their weighted sum, and score processing.
+"""Reward sources (reward models, Python functions, reward servers: :mod:`.remote`), their
+weighted sum, and score processing.
 
 A reward function is written in one of two styles, told apart by its signature
 (:func:`function_style`):
@@ -39,6 +40,7 @@ import torch
 from . import ops
 from .assets import POSITIVE_WORDS
 from .config import ModelConfig, RewardConfig, RewardSource
+from .data import Prompt
 from .errors import RewardError
 from .lm import backbone_hidden
 from .loading import load_pretrained, load_sequence_classifier, resolve, zero3_partitioned_loading
@@ -46,6 +48,7 @@ from .lora import active_adapter
 from .models import CriticStart
 from .ops import RunningMoments
 from .packing import pack_for, packed_hidden
+from .remote import RemoteReward
 from .rollout import Rollout
 
 # --------------------------------------------------------------------------- built-in rewards
@@ -276,6 +279,7 @@ class ModelReward:
     included). Otherwise the text is re-tokenized with its own tokenizer: through its chat template
     when it has one (the prompt's messages, or the prompt text as a user turn, then the response
     as the assistant turn), else the prompt and response tokens decoded together.
+    ``policy_tokenizer`` None: texts only (``rlhf-ppo serve-reward``, :mod:`.serve`).
     """
 
     def __init__(self, source: RewardSource, key: str, model_cfg: ModelConfig, policy_tokenizer,
@@ -295,7 +299,8 @@ class ModelReward:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.tokenizer.padding_side = "right"
         self.policy_tokenizer = policy_tokenizer
-        self.same_tokenizer = self.tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+        self.same_tokenizer = (policy_tokenizer is not None
+                               and self.tokenizer.get_vocab() == policy_tokenizer.get_vocab())
 
     @property
     def device(self) -> torch.device:
@@ -307,8 +312,13 @@ class ModelReward:
             # them for many tokenizers (SentencePiece, word-level).
             return [self.policy_tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
                     for ids, mask in zip(rollout.input_ids, rollout.attention_mask)]
+        return self.chat_texts(rollout.prompts, rollout.response_texts)
+
+    def chat_texts(self, prompts: list[Prompt], responses: list[str]) -> list[str]:
+        """Each conversation through the reward model's chat template: the prompt's messages (or
+        its text as a user turn), then the response as the assistant turn."""
         texts = []
-        for prompt, response in zip(rollout.prompts, rollout.response_texts):
+        for prompt, response in zip(prompts, responses):
             messages = list(prompt.messages or [{"role": "user", "content": prompt.text}])
             messages.append({"role": "assistant", "content": response})
             texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
@@ -317,15 +327,22 @@ class ModelReward:
     def _inputs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         if self.same_tokenizer:
             return rollout.input_ids, rollout.attention_mask
+        return self.tokenize(self._texts(rollout))
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask ``[B, L]`` (right-padded) of ``texts`` for this model."""
         add_special = self.tokenizer.chat_template is None
-        enc = self.tokenizer(self._texts(rollout), padding=True, return_tensors="pt",
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt",
                              add_special_tokens=add_special, truncation=True,
                              max_length=min(self.tokenizer.model_max_length, 1 << 20))
         return enc["input_ids"], enc["attention_mask"]
 
-    @torch.no_grad()
     def __call__(self, rollout: Rollout) -> torch.Tensor:
-        input_ids, attention_mask = self._inputs(rollout)
+        return self.score_tokens(*self._inputs(rollout))
+
+    @torch.no_grad()
+    def score_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B]`` of ``input_ids`` ``[B, L]``, ``batch_size`` sequences per forward pass."""
         scores = []
         for s in range(0, input_ids.shape[0], self.batch_size):
             ids = input_ids[s:s + self.batch_size].to(self.device)
@@ -382,6 +399,8 @@ class RewardSum:
             key = f"reward.sources[{i}]"
             if src.function is not None:
                 self.sources.append((src.weight, FunctionReward(src, key)))
+            elif src.url is not None:
+                self.sources.append((src.weight, RemoteReward(src, key, policy_tokenizer)))
             else:
                 self.sources.append((src.weight, ModelReward(src, key, model_cfg,
                                                              policy_tokenizer, cfg.batch_size)))
@@ -412,7 +431,7 @@ class RewardSum:
         where a TRL-style function returned None or NaN; the score there is NaN)."""
         raw, scored = [], []
         for _, source in self.sources:
-            if isinstance(source, FunctionReward):
+            if isinstance(source, (FunctionReward, RemoteReward)):
                 r, s = source.score(rollout)
             else:
                 r = source(rollout)

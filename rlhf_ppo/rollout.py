@@ -3,6 +3,13 @@ recorded), before any scoring. ``experience.py`` turns a rollout into the update
 
 Shape legend: ``B`` rollouts, ``P`` prompt length (left-padded), ``R`` response length
 (right-padded after the first stop token), ``L = P + R``.
+
+Two masks, one meaning each (docs/algorithm.md, "Masks: what the model reads and what it is
+trained on"): ``attention_mask`` ``(B, L)`` is what the model reads, ``response_mask`` ``(B, R)``
+(alias ``action_mask``) the tokens the policy sampled and is trained on. A single-turn response
+is one block where the two agree; in a multi-turn rollout the response region also holds tool
+outputs, environment messages and chat-template glue between the model's turns: read
+(attention 1), never trained (response mask 0), i.e. holes in the response mask.
 """
 
 from __future__ import annotations
@@ -24,18 +31,23 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Rollout:
-    """One iteration's experience. Per-token tensors cover response tokens only; ``response_mask``
-    is 1 on tokens up to and including the first stop token, 0 after it."""
+    """One iteration's experience. Per-token tensors cover the response region (columns P..)
+    and are 0 where ``response_mask`` is 0. ``response_mask`` is the action mask: 1 on the tokens
+    the policy sampled (a single-turn response: up to and including the first stop token), 0 on
+    everything else: padding, and in a multi-turn rollout the environment's tokens between the
+    model's turns (read: ``attention_mask`` 1, never trained)."""
 
     # ---- tokens
     input_ids: torch.Tensor
-    """(B, L) prompt (left-padded to P) then response (padded after the stop)"""
+    """(B, L) prompt (left-padded to P) then response region (padded after its end)"""
     attention_mask: torch.Tensor
-    """(B, L) 1 on real prompt tokens and valid response tokens"""
+    """(B, L) what the model reads: 1 on real prompt tokens, the model's tokens and the
+    environment's tokens between turns; 0 on padding"""
     prompt_length: int
-    """P: the response starts at column P"""
+    """P: the response region starts at column P"""
     response_mask: torch.Tensor
-    """(B, R) 1 on valid response tokens (stop token included)"""
+    """(B, R) the action mask: 1 on the tokens the policy sampled and is trained on (each turn's
+    stop token included), 0 on environment tokens and padding"""
     stopped: torch.Tensor
     """(B,) bool: the response ended with a stop token (else it hit max_new_tokens)"""
     prompts: list[Prompt] = field(default_factory=list)
@@ -50,16 +62,27 @@ class Rollout:
     """(B, R) entropy of the policy's next-token distribution"""
     values: torch.Tensor | None = None
     """(B, R) V_old(s_t) from a value head on the policy's hidden states"""
+    # ---- multi-turn
+    turn_rewards: torch.Tensor | None = None
+    """(B, R) float: an environment's reward for an intermediate turn, on the last model token
+    of that turn (``response_mask`` 1 there), 0 elsewhere; added to the per-token rewards before
+    the advantages. None: single-turn (the score on the last action token is the only reward)"""
 
     @property
     def response_ids(self) -> torch.Tensor:
-        """(B, R) response tokens."""
+        """(B, R) response region tokens (the model's and, multi-turn, the environment's)."""
         return self.input_ids[:, self.prompt_length:]
+
+    @property
+    def action_mask(self) -> torch.Tensor:
+        """(B, R) ``response_mask`` under its meaning: the tokens the policy sampled."""
+        return self.response_mask
 
     @staticmethod
     def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
         """One rollout of the rows of ``rollouts`` in order: prompts re-padded on the left to the
-        longest, responses on the right (pad token ``pad_id``, mask 0, recorded values 0)."""
+        longest, responses on the right (pad token ``pad_id``, mask 0, recorded values 0).
+        ``turn_rewards`` are kept (zeros for the parts without any; None when no part has)."""
         P = max(r.prompt_length for r in rollouts)
         R = max(r.response_mask.shape[1] for r in rollouts)
         F = torch.nn.functional
@@ -79,6 +102,11 @@ class Rollout:
             if all(getattr(r, key) is not None for r in rollouts):
                 recorded[key] = torch.cat([F.pad(getattr(r, key), (0, R - getattr(r, key).shape[1]))
                                            for r in rollouts])
+        given = [r.turn_rewards for r in rollouts if r.turn_rewards is not None]
+        if given:  # a part without turn rewards has none: zeros
+            recorded["turn_rewards"] = torch.cat([
+                F.pad(r.turn_rewards, (0, R - r.turn_rewards.shape[1])) if r.turn_rewards is not None
+                else given[0].new_zeros(r.response_mask.shape[0], R) for r in rollouts])
         return Rollout(
             input_ids=join("input_ids", pad_id, pad_id),
             attention_mask=join("attention_mask", 0, 0), prompt_length=P,
@@ -114,7 +142,8 @@ def dynamic_sampling(rollout: Rollout, scores: torch.Tensor, group_size: int,
     groups (``resample()``: a rollout and its scores) until there are as many as in ``rollout``.
     Every process samples as many rounds as the one that needs most (``any_process(short)``:
     whether any process is short), at most :data:`DYNAMIC_SAMPLING_ROUNDS` more; a batch still
-    short is filled with the groups left out. Returns ``(rollout, scores, metrics)``."""
+    short is filled with the groups left out. A multi-turn rollout's ``turn_rewards`` travel with
+    their rows (a group is judged by its scores alone). Returns ``(rollout, scores, metrics)``."""
     groups = len(rollout.prompts) // group_size
 
     def informative(s: torch.Tensor) -> torch.Tensor:  # (groups,)

@@ -4,6 +4,9 @@ minibatch one optimizer step accumulated over micro-batches.
 Every loss is normalised by its minibatch's global token (or sequence) count, so the gradient
 does not depend on how a minibatch is cut into micro-batches or spread over processes (the
 invariance tests in tests/test_trainer.py and tests/test_distributed.py hold it to that).
+Tokens counted in a loss are the action mask's (``Experience.response_mask``: the tokens the
+policy sampled); the forward passes read, and token budgets count, what the attention mask holds
+(environment tokens between turns included).
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ def ppo_update(learner: Learner, batch: Experience, s: UpdateSettings, generator
             mb = batch.select(mb_idx)
             # Denominators are global counts / processes: the engine averages gradients over
             # processes, so each process's loss must be its share of the global token mean.
+            # Tokens: trained (action) tokens, never the environment's.
             counts = torch.tensor([float(mb.response_mask.sum()), float(len(mb))], device=acc.device)
             g_tokens, g_seqs = (acc.reduce(counts, "sum") / acc.num_processes).tolist()
             mb_tokens = torch.tensor(max(g_tokens, 1e-8))
@@ -153,20 +157,25 @@ def ppo_update(learner: Learner, batch: Experience, s: UpdateSettings, generator
 def micro_batches(acc, mb: Experience, p: PPOConfig, packed: bool) -> list[torch.Tensor]:
     """The rows of each micro-batch of minibatch ``mb``: ``p.forward.micro_batch_size`` rows at a time,
     or with ``p.forward.micro_batch_tokens`` the rows placed longest first into the first micro-batch whose
-    token budget they fit (packed: the sum of their real tokens; padded: rows x (longest prompt +
-    longest response)); a row over the budget alone. Every process
+    token budget they fit (packed: the sum of their real tokens, the attention mask's; padded:
+    rows x (longest prompt + longest response, the response up to its last real column, so that
+    holes in the attention mask cost what the padded pass computes)); a row over the budget
+    alone. Every process
     gets as many micro-batches as the process that needs the most (its largest ones split), so
     gradient synchronisation happens on the same micro-batch everywhere."""
     if p.forward.micro_batch_tokens is None:
         return list(torch.arange(len(mb)).split(p.forward.micro_batch_size))
     P = mb.prompt_length
     prompt_len = mb.attention_mask[:, :P].sum(1).tolist()
-    resp_len = mb.attention_mask[:, P:].sum(1).tolist()
+    resp_real = mb.attention_mask[:, P:]
+    resp_len = resp_real.sum(1).tolist()  # real tokens: the model's and the environment's
+    # padded width: up to the last real column (the real-token count when there are no holes)
+    resp_width = (ops.last_token_index(resp_real) + resp_real.any(1).long()).tolist()
 
     def cost(rows: list[int]) -> int:
         if packed:
             return sum(prompt_len[j] + resp_len[j] for j in rows)
-        return len(rows) * (max(prompt_len[j] for j in rows) + max(resp_len[j] for j in rows))
+        return len(rows) * (max(prompt_len[j] for j in rows) + max(resp_width[j] for j in rows))
 
     parts: list[list[int]] = []  # first-fit decreasing
     for i in sorted(range(len(mb)), key=lambda i: -(prompt_len[i] + resp_len[i])):

@@ -34,3 +34,36 @@ def record_updates(trainer) -> list[tuple]:
 
     trainer.update = recorded
     return calls
+
+
+def multiturn_rollout(prompts: list[Prompt], turns: list[list[tuple[list[int], bool]]],
+                      pad_id: int, turn_rewards: list[dict[int, float]] | None = None,
+                      tokenizer=None) -> Rollout:
+    """A multi-turn rollout built by hand: row ``b``'s response region is the segments
+    ``turns[b]`` in order, each ``(token ids, trained)``: the model's turns (trained: response
+    mask 1) and the environment's tokens between them (read, attention 1, response mask 0),
+    then padding (both masks 0). ``turn_rewards[b]``: ``{response column: reward}``."""
+    p_ids, p_mask = left_pad([p.input_ids for p in prompts], pad_id)
+    R = max(sum(len(ids) for ids, _ in row) for row in turns)
+    B = len(turns)
+    r_ids = torch.full((B, R), pad_id)
+    r_attn = torch.zeros((B, R), dtype=torch.long)
+    r_mask = torch.zeros((B, R), dtype=torch.long)
+    for b, row in enumerate(turns):
+        t = 0
+        for ids, trained in row:
+            r_ids[b, t:t + len(ids)], r_attn[b, t:t + len(ids)] = torch.tensor(ids), 1
+            r_mask[b, t:t + len(ids)] = int(trained)
+            t += len(ids)
+    rewards = None
+    if turn_rewards is not None:
+        rewards = torch.zeros(B, R)
+        for b, placed in enumerate(turn_rewards):
+            for t, value in placed.items():
+                rewards[b, t] = value
+    texts = [tokenizer.decode([i for ids, trained in row if trained for i in ids])
+             if tokenizer is not None else "" for row in turns]
+    return Rollout(input_ids=torch.cat([p_ids, r_ids], 1),
+                   attention_mask=torch.cat([p_mask, r_attn], 1), prompt_length=p_ids.shape[1],
+                   response_mask=r_mask, stopped=torch.ones(B, dtype=torch.bool),
+                   prompts=list(prompts), response_texts=texts, turn_rewards=rewards)
