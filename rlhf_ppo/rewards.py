@@ -236,7 +236,10 @@ class FunctionReward:
             # As TRL's GRPOTrainer._calculate_rewards: the dataset's prompts, and the completions
             # as chat messages when the (first) prompt is one.
             chat = bool(rollout.prompts) and rollout.prompts[0].messages is not None
-            lengths = rollout.response_mask.sum(-1).tolist()
+            # the whole response region the model read, tool outputs and environment turns
+            # included (a multi-turn action mask has holes; single-turn: the same as its sum)
+            read = rollout.attention_mask[:, rollout.prompt_length:]
+            lengths = torch.where(read.any(-1), ops.last_token_index(read) + 1, 0).tolist()
             kwargs.update(
                 prompts=[copy.deepcopy(p.messages) if p.messages is not None else p.text
                          for p in rollout.prompts],

@@ -390,3 +390,24 @@ def test_two_processes_reproduce_one_process_on_a_multiturn_batch(tmp_path):
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), sys.argv[2:])
+
+
+def test_trl_style_reward_functions_receive_the_whole_transcript_ids(tmp_path):
+    """completion_ids of a multi-turn response run to its last read token (the environment's
+    turns included), not to the count of trained tokens, which would cut the transcript short."""
+    from rlhf_ppo.config import RewardSource
+    from rlhf_ppo.rewards import FunctionReward
+
+    trainer = trainer_of(tmp_path / "run")
+    rollout = make_rollout(trainer)
+    (tmp_path / "ids_reward.py").write_text(
+        "def ids(completions, completion_ids, **kwargs):\n    return [0.0] * len(completions)\n")
+    fn = FunctionReward(RewardSource(function=f"{tmp_path / 'ids_reward.py'}:ids"), "reward.sources[0]")
+    assert fn.style == "trl"
+    _, kwargs = fn.arguments(rollout)
+    P = rollout.prompt_length
+    for b, ids in enumerate(kwargs["completion_ids"]):
+        read = rollout.attention_mask[b, P:].nonzero().flatten()
+        assert ids == rollout.input_ids[b, P:P + int(read[-1]) + 1].tolist()
+        assert len(ids) > int(rollout.response_mask[b].sum()) or not holes(rollout)[b].any()
+    assert holes(rollout).any()  # the batch has environment tokens at all
