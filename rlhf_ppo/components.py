@@ -1,6 +1,7 @@
 """What a PPO run is built from, before its first iteration: the tokenizer, the prompt sampler,
 the reward sources, the policy / critic / reference models (packed where their attention allows),
-the optimizer and its schedule, all handed to the engine. :class:`~rlhf_ppo.trainer.PPOTrainer`
+the optimizer and its schedule, all handed to the engine, and the agent (tools or environment)
+of a multi-turn run. :class:`~rlhf_ppo.trainer.PPOTrainer`
 builds one :class:`Components` and runs the algorithm on it.
 """
 
@@ -16,6 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import estimators
+from .agent_rollout import Agent, build_agent
 from .config import Config
 from .data import PromptSampler, load_prompts
 from .distributed import full_state_dict, is_deepspeed, match_partitioned_dtype, prepare_frozen
@@ -53,6 +55,9 @@ class Components:
     """AdamW over the policy's and the critic's parameters (two groups)"""
     scheduler: Any
     """the learning-rate schedule over every optimizer step of the run"""
+    agent: Agent | None = None
+    """the tools or environment that answer a multi-turn rollout (the ``agent`` section); None:
+    single-turn"""
 
 
 def build_components(cfg: Config, acc, batch_size: int, resume: Path | None) -> Components:
@@ -81,7 +86,8 @@ def build_components(cfg: Config, acc, batch_size: int, resume: Path | None) -> 
     for source in rewards.model_sources():
         if source.scorer is not critic_scorer:  # that one is inside the prepared model
             source.scorer = prepare_frozen(acc, source.scorer, cfg.model.shard_frozen_models)
-    return Components(tokenizer, sampler, rewards, model, prepared, ref, optimizer, scheduler)
+    agent = build_agent(cfg.agent, tokenizer) if cfg.agent.enabled else None
+    return Components(tokenizer, sampler, rewards, model, prepared, ref, optimizer, scheduler, agent)
 
 
 def enable_packing(cfg: Config, model: ActorCritic, ref, rewards: RewardSum) -> None:

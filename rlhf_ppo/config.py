@@ -375,6 +375,51 @@ class RunConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Multi-turn rollouts with tools or an environment (docs/agents.md); off when neither is set."""
+
+    tools: list[str] = field(default_factory=list)
+    """tool functions offered to the model: `package.module:function` or `path/file.py:function`"""
+    environment: str | None = None
+    """environment class (`module:Class`, `file.py:Class`): TRL environment_factory or reset/step"""
+    protocol: Literal["auto", "chat", "text"] = "auto"
+    """`chat`: the template's tool format, `text` (`<call>NAME {json}</call>`), `auto` (chat if it can)"""
+    max_turns: int = 4
+    """model turns per rollout at most; the episode is cut after this many"""
+    max_tokens_per_turn: int | None = None
+    """tokens the model samples per turn at most; null: max_total_tokens"""
+    max_total_tokens: int | None = None
+    """tokens of the whole response region (model turns and observations); null: generation.max_new_tokens"""
+    tool_timeout: float = 30.0
+    """seconds per tool call or environment reset/step before it counts as hung"""
+    on_tool_error: Literal["observe", "raise"] = "observe"
+    """a tool that raised, hung or got a bad call: `observe` returns the error to the model, `raise` stops"""
+    call_open: str = "<call>"
+    """text protocol: the marker that opens a tool call"""
+    call_close: str = "</call>"
+    """text protocol: the marker that closes a tool call (the stop string of a call)"""
+    result_template: str = " <result> {content} </result> "
+    """text protocol: how a tool's result is appended (`{content}`: the result text)"""
+
+    @property
+    def enabled(self) -> bool:
+        """True when the rollouts are multi-turn (tools or an environment are configured)."""
+        return bool(self.tools) or self.environment is not None
+
+    def __post_init__(self) -> None:
+        check(self.max_turns >= 1, "agent.max_turns", "an integer >= 1", self.max_turns)
+        for key in ("max_tokens_per_turn", "max_total_tokens"):
+            value = getattr(self, key)
+            check(value is None or value >= 1, f"agent.{key}", "an integer >= 1 or null", value)
+        check(self.tool_timeout > 0, "agent.tool_timeout", "a number of seconds > 0", self.tool_timeout)
+        check(all(t != "" for t in self.tools), "agent.tools", "non-empty function specs", self.tools)
+        check(self.call_open != "" and self.call_close != "", "agent.call_open / agent.call_close",
+              "non-empty markers", (self.call_open, self.call_close))
+        check("{content}" in self.result_template, "agent.result_template",
+              "a template containing {content}", self.result_template)
+
+
+@dataclass
 
 
 class Config(RunConfig):
@@ -410,6 +455,8 @@ class Config(RunConfig):
     """rollout sampling"""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO algorithm"""
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    """multi-turn rollouts with tools or an environment (off by default: single-turn)"""
 
     RENAMED: ClassVar[dict[str, str]] = {
         # "eval" meant four things (the command, these samples, held-out loss, a scoring pass)
@@ -457,6 +504,8 @@ def validate(cfg: Config) -> None:
     check(cfg.model.critic_init == "policy" or any(s.model for s in r.sources), "model.critic_init",
           "'policy' unless a reward.sources entry is a reward model (`model: ...`)",
           cfg.model.critic_init)
+    check(not cfg.agent.enabled or g.backend == "native", "generation.backend",
+          "'native' with an agent section (multi-turn sampling pauses the native loop)", g.backend)
     defaults = types.SimpleNamespace(ppo=PPOConfig(), model=ModelConfig(), optim=PPOOptimConfig())
     estimators.check_unread(cfg, defaults)
 
@@ -507,7 +556,10 @@ def upgrade_quietly(data: dict[str, Any]) -> dict[str, Any]:
     (a checkpoint written before a rename is not the user's doing)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return Config.upgrade(copy.deepcopy(data))
+        data = Config.upgrade(copy.deepcopy(data))
+    # a checkpoint from before the agent section ran without one (single-turn)
+    data.setdefault("agent", dataclasses.asdict(AgentConfig()))
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

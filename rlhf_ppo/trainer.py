@@ -17,6 +17,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import ops
+from .agent_rollout import sample_rollout
 from .components import build_components, policy_folder
 from .config import Config, config_from_dict, config_to_yaml, save_config, upgrade_quietly
 from .distributed import (
@@ -35,7 +36,7 @@ from .models import (
     save_merged,
 )
 from .packing import attention_weight
-from .rollout import Rollout, dynamic_sampling, generate, warn_off_policy
+from .rollout import Rollout, dynamic_sampling, warn_off_policy
 from .runs import (
     PPO_RUN_FILES,
     RunLog,
@@ -103,13 +104,12 @@ class PPOTrainer:
         c = build_components(cfg, acc, self.batch_size, resume)
         self.tokenizer, self.sampler, self.rewards = c.tokenizer, c.sampler, c.rewards
         self.unwrapped, self.model, self.ref = c.unwrapped, c.model, c.ref
-        self.optimizer, self.scheduler = c.optimizer, c.scheduler
+        self.optimizer, self.scheduler, self.agent = c.optimizer, c.scheduler, c.agent
         self._prepare_algorithm()
         self.output_dir = Path(cfg.output_dir)
         self.run_log = RunLog(self.output_dir, acc.is_main_process, acc if cfg.report_to else None)
-        self.iteration = 0
-        self.nonfinite_skips = 0
-        self.history: list[dict] = []
+        self.iteration, self.nonfinite_skips = 0, 0
+        self.history: list[dict] = []  # every iteration's metrics
         self._start(resume)
         if acc.is_main_process:
             logger.info("%s", "\n  ".join(["run:", *start_lines(self)]))
@@ -291,9 +291,8 @@ class PPOTrainer:
                                  self.nonfinite_skips, [t0, t1, t2, t3])
 
     def score(self, rollout: Rollout) -> tuple[Rollout, torch.Tensor, dict]:
-        """Step 2: ``(rollout, raw scores (B,), reward metrics)``; with ``ppo.dynamic_sampling``
-        the groups of equal scores are replaced by groups sampled anew (:func:`dynamic_sampling`;
-        every process samples as many rounds as the one that needs the most)."""
+        """Step 2: ``(rollout, raw scores (B,), reward metrics)``; ``ppo.dynamic_sampling`` replaces
+        groups of equal scores by new ones (:func:`dynamic_sampling`, rounds agreed by processes)."""
         acc, p = self.accelerator, self.cfg.ppo
         raw_scores, reward_metrics = self.rewards(rollout)
         if p.dynamic_sampling:
@@ -309,11 +308,11 @@ class PPOTrainer:
     def sample(self, prompts: list) -> Rollout:
         """Step 1: ``samples_per_prompt`` responses to each prompt (a group's rows in a row)."""
         k, ac = self.cfg.ppo.samples_per_prompt, self.unwrapped
-        with generation_model(self.accelerator, self.model, ac) as policy:
-            return generate(policy, [q for q in prompts for _ in range(k)], self.tokenizer,
-                            self.cfg.generation, self.accelerator.device,
-                            record=self._record_logprobs,
-                            value_fn=ac.shared_values if ac.shares_backbone else None)
+        with generation_model(self.accelerator, self.model, ac) as policy:  # agent: multi-turn
+            return sample_rollout(policy, [q for q in prompts for _ in range(k)], self.tokenizer,
+                                  self.cfg.generation, self.accelerator.device, self.agent,
+                                  record=self._record_logprobs,
+                                  value_fn=ac.shared_values if ac.shares_backbone else None)
 
     def rollout_outputs(self, rollout: Rollout):
         """The no-grad pass of step 3 (:func:`experience.rollout_outputs`)."""

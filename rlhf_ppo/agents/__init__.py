@@ -1,7 +1,8 @@
 """Tools and environments for multi-turn rollouts, in TRL's conventions (``tools=[...]``,
 ``environment_factory``) and a gymnasium / OpenEnv-style multi-turn protocol; see docs/agents.md.
 
-Library code only: the sampler does not use it yet.
+The multi-turn sampler (:mod:`rlhf_ppo.agent_rollout`) runs them when the config has an
+``agent`` section.
 """
 
 from .environments import (

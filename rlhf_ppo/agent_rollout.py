@@ -1,0 +1,321 @@
+"""Multi-turn sampling: the policy writes a turn, the tools or the environment answer, the answer
+is appended to the row's context, and the policy writes its next turn, until every row is done.
+The single-turn loop (:func:`rollout.generate`) stays as it is; this module drives its native
+KV-cached sampler (:func:`rollout.sample_native`) one turn at a time.
+
+A row pauses at the end of a tool call (the text protocol's stop string ``agent.call_close``; in
+the chat protocol at the end of its turn, when the turn holds calls) or at the end of its turn
+(EOS, a stop string of ``generation``, or ``agent.max_tokens_per_turn``). The paused rows' tool
+calls or ``step`` calls run together (:class:`~rlhf_ppo.agents.AgentRunner`: concurrently, with a
+timeout each). A row is done when its turn holds no call (tools), its environment says ``done``,
+after ``agent.max_turns`` model turns, or when its response region reaches
+``agent.max_total_tokens``.
+
+Each turn is sampled with a fresh prefill of the row's whole context (prompt, earlier turns and
+observations), then a KV cache within the turn: the cache is not carried from one turn to the
+next yet, so a turn costs one forward over the history before its tokens are sampled.
+
+Shape legend: ``B`` rows, ``P`` prompt length (left-padded), ``R`` response region length.
+The returned :class:`~rlhf_ppo.rollout.Rollout`'s response region holds, per row: the model's
+turns (``response_mask`` 1, log-probs recorded by the sampling pass as in single-turn sampling)
+and the observations between them (``attention_mask`` 1, ``response_mask`` 0), then padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .agents import AgentRunner, Episode, TextProtocol, ToolSet, environment_toolset, load_tool
+from .agents.parsing import chat_tool_suffix, detect_format, parse_tool_calls, tool_template_problem
+from .config import AgentConfig, GenerationConfig
+from .data import Prompt, left_pad
+from .errors import AgentError
+from .rollout import Rollout, find_stops, generate, native_supported, sample_native, stop_token_ids
+
+logger = logging.getLogger(__name__)
+
+RECORDED = ("logprobs", "entropy", "values")
+"""Per-token values the sampling pass records on the model's tokens (0 on observations)."""
+
+
+@dataclass
+class Agent:
+    """What a multi-turn rollout runs besides the policy, built once per run (:func:`build_agent`).
+
+    ``environment``: the environment class (one instance per rollout) or None; ``multiturn``: it
+    follows the reset(row)/step(text) protocol (it has a ``step`` method), else TRL's
+    environment_factory convention (its public methods are tools); ``protocol``: ``"text"`` or the
+    chat template's tool-call format (:data:`~rlhf_ppo.agents.FORMATS`)."""
+
+    cfg: AgentConfig
+    tools: list[Callable]
+    environment: Callable[[], Any] | None
+    multiturn: bool
+    protocol: str
+    text: TextProtocol
+    runner: AgentRunner
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def build_agent(cfg: AgentConfig, tokenizer) -> Agent:
+    """Load ``cfg``'s tools and environment class and choose the tool-call protocol.
+
+    ``protocol: auto`` takes the chat template's tool format when the template can express tools
+    (:func:`~rlhf_ppo.agents.parsing.tool_template_problem`), else the text protocol."""
+    tools = [load_tool(spec, "agent.tools[]") for spec in cfg.tools]
+    env = load_tool(cfg.environment, "agent.environment") if cfg.environment else None
+    multiturn = env is not None and callable(getattr(env, "step", None))
+    if multiturn and tools:
+        raise AgentError(f"agent.tools: {cfg.environment} is a reset/step environment, which answers "
+                         "every turn itself; expected no agent.tools with it (use a TRL-style "
+                         "environment class, whose public methods are tools, to combine both)")
+    if cfg.protocol == "text" or (cfg.protocol == "auto" and tool_template_problem(tokenizer)):
+        protocol = "text"
+    else:
+        protocol = detect_format(tokenizer)  # protocol: chat without tool support raises here
+    return Agent(cfg, tools, env, multiturn, protocol,
+                 TextProtocol(cfg.call_open, cfg.call_close, cfg.result_template),
+                 AgentRunner(cfg.tool_timeout, cfg.max_turns if multiturn else None))
+
+
+@dataclass
+class _Row:
+    """One rollout in progress: its context and the response region built so far (lists)."""
+
+    index: int
+    """the row's position in the batch (named in errors)"""
+    prompt: Prompt
+    prompt_ids: list[int]
+    budget: int
+    """tokens the response region may still take"""
+    ids: list[int] = field(default_factory=list)
+    action: list[int] = field(default_factory=list)
+    recorded: dict[str, list[float]] = field(default_factory=dict)
+    turn_rewards: list[float] = field(default_factory=list)
+    turns: int = 0
+    done: bool = False
+    stopped: bool = False
+    toolset: ToolSet | None = None
+    env: Any = None
+
+    def add(self, ids: Sequence[int], trained: bool, recorded: dict[str, list[float]] | None = None):
+        """Append a model turn (``trained``, with its recorded values) or an observation."""
+        ids = list(ids)[: self.budget]
+        self.ids += ids
+        self.action += [int(trained)] * len(ids)
+        self.turn_rewards += [0.0] * len(ids)
+        for key, values in self.recorded.items():
+            values += (recorded[key][: len(ids)] if trained and recorded else [0.0] * len(ids))
+        self.budget -= len(ids)
+
+
+def _row_dict(prompt: Prompt) -> dict[str, Any]:
+    """The dataset row as environments see it: its columns, ``prompt`` included (as TRL)."""
+    return {**prompt.extra, "prompt": prompt.messages if prompt.messages is not None else prompt.text}
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _start_rows(agent: Agent, prompts: list[Prompt], tokenizer, total: int,
+                keys: tuple[str, ...]) -> list[_Row]:
+    """A row per prompt with its environment reset; text a reset returns is appended to the prompt."""
+    rows = [_Row(i, p, list(p.input_ids), total, recorded={k: [] for k in keys})
+            for i, p in enumerate(prompts)]
+    if agent.environment is None:
+        toolset = ToolSet(agent.tools, agent.cfg.tool_timeout, agent.cfg.on_tool_error)
+        for row in rows:
+            row.toolset = toolset
+        return rows
+    envs = [agent.environment() for _ in rows]
+    if agent.multiturn:
+        episodes = [Episode(env, _row_dict(p), i) for i, (env, p) in enumerate(zip(envs, prompts))]
+        first = agent.runner.reset_episodes(episodes)
+        for row, ep in zip(rows, episodes):
+            row.env = ep
+    else:
+        first = agent.runner.reset_tool_environments(envs, [_row_dict(p) for p in prompts])
+        for row, env in zip(rows, envs):
+            row.env, row.toolset = env, environment_toolset(
+                env, agent.tools, timeout=agent.cfg.tool_timeout, on_error=agent.cfg.on_tool_error)
+    for row, text in zip(rows, first):
+        if text:
+            row.prompt_ids += _encode(tokenizer, text)
+            row.prompt = dataclasses.replace(row.prompt, text=row.prompt.text + text,
+                                             input_ids=list(row.prompt_ids))
+    return rows
+
+
+def _sample_turn(model, rows: list[_Row], cfg: GenerationConfig, stop_ids: list[int], tokenizer,
+                 device, record: bool, value_fn) -> tuple[dict[str, torch.Tensor], torch.Tensor,
+                                                          torch.Tensor]:
+    """One turn of each row in ``rows``: a fresh prefill of its whole context, then KV-cached
+    sampling (:func:`rollout.sample_native`) in chunks of ``generation.batch_size``.
+    Returns ``(outputs, lengths (b,), stopped (b,))``: ``outputs["response_ids"]`` ``(b, r)`` and
+    the recorded ``(b, r)`` values; each turn's length up to and including its first stop."""
+    ids, mask = left_pad([r.prompt_ids + r.ids for r in rows], tokenizer.pad_token_id)
+    chunk = cfg.batch_size or len(rows)
+    parts = [sample_native(model, ids[s:s + chunk].to(device), mask[s:s + chunk].to(device), cfg,
+                           stop_ids, tokenizer, record, value_fn) for s in range(0, len(rows), chunk)]
+    width = max(p["response_ids"].shape[1] for p in parts)
+    F = torch.nn.functional
+    out = {k: torch.cat([F.pad(p[k].cpu(), (0, width - p[k].shape[1]),
+                               value=tokenizer.pad_token_id if k == "response_ids" else 0.0)
+                         for p in parts]) for k in parts[0]}
+    lengths, stopped = find_stops(out["response_ids"], stop_ids, cfg.stop_strings, tokenizer)
+    return out, lengths, stopped
+
+
+def _turn_config(gen: GenerationConfig, agent: Agent, rows: list[_Row]) -> GenerationConfig:
+    """``generation`` for one turn: at most the tokens the rows may still take, and the text
+    protocol's call end as a stop string."""
+    per_turn = agent.cfg.max_tokens_per_turn or max(r.budget for r in rows)
+    n = max(1, min(per_turn, max(r.budget for r in rows)))
+    stops = list(gen.stop_strings) + ([agent.text.call_close] if agent.protocol == "text" else [])
+    return dataclasses.replace(gen, max_new_tokens=n, min_new_tokens=min(gen.min_new_tokens, n),
+                               stop_strings=stops)
+
+
+def _calls_of(agent: Agent, text: str, ended_by_call: bool):
+    """The tool calls of a model turn (empty: the turn ends the row's tool use)."""
+    if agent.protocol == "text":
+        return agent.text.parse(text).tool_calls if ended_by_call else []
+    return parse_tool_calls(text, agent.protocol).tool_calls
+
+
+def _answer(agent: Agent, rows: list[_Row], texts: list[str], calls: list[list], tokenizer) -> None:
+    """Run the paused rows' tool calls or environment steps together and append their answers."""
+    if agent.multiturn:
+        results = agent.runner.step_episodes([r.env for r in rows], texts)
+        for row, res in zip(rows, results):
+            if res.reward is not None:  # on the last model token of the turn that earned it
+                row.turn_rewards[-1] += res.reward
+            row.stopped = res.done and not res.truncated
+            row.done = res.done
+            if not res.done:
+                row.add(_encode(tokenizer, res.observation), trained=False)
+        return
+    busy = [i for i, c in enumerate(calls) if c]
+    for i, row in enumerate(rows):
+        if not calls[i]:
+            row.done = True
+    if not busy:
+        return
+    results = agent.runner.run_tool_calls([rows[i].toolset for i in busy], [calls[i] for i in busy],
+                                          [rows[i].index for i in busy])
+    for i, res in zip(busy, results):
+        text = (agent.text.render_results(res) if agent.protocol == "text"
+                else chat_tool_suffix(tokenizer, res))
+        rows[i].add(_encode(tokenizer, text), trained=False)
+
+
+@torch.no_grad()
+def generate_multiturn(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig, agent: Agent,
+                       device: torch.device | str = "cpu", record: bool = False,
+                       value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Rollout:
+    """Sample one multi-turn rollout per prompt (see the module docstring) and build its
+    ``Rollout``: ``turn_rewards`` ``(B, R)`` holds the environment's step rewards (and a TRL-style
+    environment's ``get_reward()`` on the last model token) when there is an environment, else
+    None; ``response_texts`` are the decoded response regions (model turns and observations);
+    ``stopped``: the episode ended by itself (a turn without a call, the environment's ``done``),
+    not by ``max_turns`` or a token limit."""
+    if not native_supported(model):
+        raise AgentError(f"agent: multi-turn sampling needs the native sampler, but "
+                         f"{type(model).__name__}'s backbone takes no KV cache argument")
+    stop_ids = stop_token_ids(cfg, tokenizer)
+    total = agent.cfg.max_total_tokens or cfg.max_new_tokens
+    keys = (("logprobs", "entropy") + (("values",) if value_fn is not None else ())) if record else ()
+    rows = _start_rows(agent, prompts, tokenizer, total, keys)
+    was_training = model.training
+    model.eval()
+    try:
+        while active := [r for r in rows if not r.done]:
+            _turn(model, active, cfg, agent, stop_ids, tokenizer, device, record, value_fn)
+        if agent.environment is not None and not agent.multiturn:
+            for row, reward in zip(rows, agent.runner.get_rewards([r.env for r in rows])):
+                if reward is not None:
+                    row.turn_rewards[max(i for i, a in enumerate(row.action) if a)] += reward
+    finally:
+        model.train(was_training)
+    return _assemble(rows, tokenizer, keys, with_rewards=agent.environment is not None)
+
+
+def _turn(model, active: list[_Row], cfg: GenerationConfig, agent: Agent, stop_ids: list[int],
+          tokenizer, device, record: bool, value_fn) -> None:
+    """One model turn of every active row, then the tools' or the environment's answers."""
+    turn_cfg = _turn_config(cfg, agent, active)
+    out, lengths, stopped = _sample_turn(model, active, turn_cfg, stop_ids, tokenizer, device, record,
+                                         value_fn)
+    texts, calls, paused = [], [], []
+    per_turn = agent.cfg.max_tokens_per_turn or turn_cfg.max_new_tokens
+    for b, row in enumerate(active):
+        n = min(int(lengths[b]), row.budget, per_turn)
+        ids = out["response_ids"][b, :n].tolist()
+        ended = bool(stopped[b]) and n == int(lengths[b])  # a stop within the row's own limits
+        row.add(ids, trained=True, recorded={k: out[k][b, :n].tolist() for k in row.recorded})
+        row.turns += 1
+        by_call = ended and ids[-1] not in stop_ids and agent.protocol == "text" and \
+            agent.text.call_close in tokenizer.decode(ids, skip_special_tokens=False)
+        row.stopped = ended
+        text = tokenizer.decode(ids, skip_special_tokens=agent.protocol == "text")
+        limit = row.turns >= agent.cfg.max_turns or row.budget <= 0
+        if agent.multiturn:
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+            paused.append(row)
+            continue
+        row_calls = _calls_of(agent, text, by_call)
+        if limit or not row_calls:
+            row.done, row.stopped = True, ended and not row_calls
+            continue
+        calls.append(row_calls)
+        paused.append(row)
+    if paused:
+        _answer(agent, paused, texts, calls, tokenizer)
+    for row in active:  # a limit ends the episode even when the environment would go on
+        if not row.done and (row.turns >= agent.cfg.max_turns or row.budget <= 0):
+            row.done, row.stopped = True, False
+
+
+def _assemble(rows: list[_Row], tokenizer, keys: tuple[str, ...], with_rewards: bool) -> Rollout:
+    """The ``Rollout`` of the finished rows: prompts left-padded to P, response regions
+    right-padded to R (pad token, both masks 0, recorded values 0)."""
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = left_pad([r.prompt_ids for r in rows], pad)
+    B, R = len(rows), max(len(r.ids) for r in rows)
+
+    def grid(values: list[list], fill, dtype) -> torch.Tensor:
+        return torch.tensor([v + [fill] * (R - len(v)) for v in values], dtype=dtype).view(B, R)
+    response_ids = grid([r.ids for r in rows], pad, torch.long)
+    attention = grid([[1] * len(r.ids) for r in rows], 0, torch.long)
+    recorded = {k: grid([r.recorded[k] for r in rows], 0.0, torch.float32) for k in keys}
+    if with_rewards:
+        recorded["turn_rewards"] = grid([r.turn_rewards for r in rows], 0.0, torch.float32)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, attention], dim=1), prompt_length=prompt_ids.shape[1],
+        response_mask=grid([r.action for r in rows], 0, torch.long),
+        stopped=torch.tensor([r.stopped for r in rows], dtype=torch.bool),
+        prompts=[r.prompt for r in rows],
+        response_texts=tokenizer.batch_decode([r.ids for r in rows], skip_special_tokens=True),
+        **recorded)
+
+
+def sample_rollout(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig,
+                   device: torch.device | str, agent: Agent | None = None, record: bool = False,
+                   value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Rollout:
+    """One rollout of ``prompts``: multi-turn with ``agent`` (its tools or environment answer the
+    turns, :func:`generate_multiturn`), else the single-turn :func:`rollout.generate`."""
+    if agent is None:
+        return generate(model, prompts, tokenizer, cfg, device, record=record, value_fn=value_fn)
+    return generate_multiturn(model, prompts, tokenizer, cfg, agent, device, record=record,
+                              value_fn=value_fn)
+
