@@ -11,9 +11,18 @@ timeout each). A row is done when its turn holds no call (tools), its environmen
 after ``agent.max_turns`` model turns, or when its response region reaches
 ``agent.max_total_tokens``.
 
-Each turn is sampled with a fresh prefill of the row's whole context (prompt, earlier turns and
-observations), then a KV cache within the turn: the cache is not carried from one turn to the
-next yet, so a turn costs one forward over the history before its tokens are sampled.
+Each row's KV cache is carried from one turn to the next (:mod:`rlhf_ppo.turn_cache`): a turn
+prefills only the tokens appended since the row's previous turn (its last sampled token and the
+observation), then samples with the cache. ``generate_multiturn(carry_cache=False)`` (and
+``generation.repetition_penalty``) prefills the row's whole context every turn instead; both give
+the same tokens and log-probs.
+
+Protocols: ``text`` appends tool results as ``agent.result_template`` text and observations as
+they are; the chat protocol (a chat template that can express tools) renders the prompts with the
+tool schemas (``data.load_prompts(tools=...)``), appends tool results as ``role: tool`` messages
+and a reset/step environment's observations as ``role: user`` messages, each with the template's
+glue up to the next assistant header, and adds a TRL environment's reset text to the prompt's
+last message.
 
 Shape legend: ``B`` rows, ``P`` prompt length (left-padded), ``R`` response region length.
 The returned :class:`~rlhf_ppo.rollout.Rollout`'s response region holds, per row: the model's
@@ -31,12 +40,15 @@ from typing import Any
 
 import torch
 
+from . import turn_cache
 from .agents import AgentRunner, Episode, TextProtocol, ToolSet, environment_toolset, load_tool
 from .agents.parsing import chat_tool_suffix, detect_format, parse_tool_calls, tool_template_problem
 from .config import AgentConfig, GenerationConfig
-from .data import Prompt, left_pad
+from .data import Prompt, left_pad, render_prompt
 from .errors import AgentError
+from .lm import transformer
 from .rollout import Rollout, find_stops, generate, native_supported, sample_native, stop_token_ids
+from .turn_cache import RowCache
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +72,15 @@ class Agent:
     protocol: str
     text: TextProtocol
     runner: AgentRunner
+    schemas: list[dict] | None = None
+    """the tools' JSON schemas that the chat protocol renders into the prompt
+    (``apply_chat_template(tools=...)``); None: the text protocol or no tools"""
+
+    @property
+    def chat(self) -> bool:
+        """The conversation is rendered by the chat template (tool results as ``role: tool``
+        messages, environment observations as ``role: user`` messages)."""
+        return self.protocol != "text"
 
     def close(self) -> None:
         self.runner.close()
@@ -69,7 +90,9 @@ def build_agent(cfg: AgentConfig, tokenizer) -> Agent:
     """Load ``cfg``'s tools and environment class and choose the tool-call protocol.
 
     ``protocol: auto`` takes the chat template's tool format when the template can express tools
-    (:func:`~rlhf_ppo.agents.parsing.tool_template_problem`), else the text protocol."""
+    (:func:`~rlhf_ppo.agents.parsing.tool_template_problem`), else the text protocol. In the chat
+    protocol the agent's ``schemas`` go into the prompts (``data.load_prompts(tools=...)``): those
+    of ``agent.tools`` and of a TRL environment's public methods (read from one instance, as TRL)."""
     tools = [load_tool(spec, "agent.tools[]") for spec in cfg.tools]
     env = load_tool(cfg.environment, "agent.environment") if cfg.environment else None
     multiturn = env is not None and callable(getattr(env, "step", None))
@@ -81,9 +104,13 @@ def build_agent(cfg: AgentConfig, tokenizer) -> Agent:
         protocol = "text"
     else:
         protocol = detect_format(tokenizer)  # protocol: chat without tool support raises here
+    schemas = None
+    if protocol != "text" and not multiturn:  # one instance shows a TRL environment's tools
+        found = environment_toolset(env(), tools) if env is not None else ToolSet(tools)
+        schemas = found.schemas or None
     return Agent(cfg, tools, env, multiturn, protocol,
                  TextProtocol(cfg.call_open, cfg.call_close, cfg.result_template),
-                 AgentRunner(cfg.tool_timeout, cfg.max_turns if multiturn else None))
+                 AgentRunner(cfg.tool_timeout, cfg.max_turns if multiturn else None), schemas)
 
 
 @dataclass
@@ -105,6 +132,17 @@ class _Row:
     stopped: bool = False
     toolset: ToolSet | None = None
     env: Any = None
+    tool_calls: int = 0
+    """the tool calls run for the row (a call that could not be parsed or run included)"""
+    tool_errors: int = 0
+    """the calls whose result was an error observation (raised, timed out, unknown, bad arguments)"""
+    tool_timeouts: int = 0
+    """the calls among ``tool_errors`` that hung past ``agent.tool_timeout``"""
+    success: bool = False
+    """the environment ended the episode with a positive reward (see :func:`episode_stats`)"""
+    cache: RowCache | None = None
+    """the KV cache of the first ``cache.length`` tokens of ``prompt_ids + ids``, carried to the
+    next turn (:mod:`rlhf_ppo.turn_cache`); None: none yet, or the fresh-prefill path"""
 
     def add(self, ids: Sequence[int], trained: bool, recorded: dict[str, list[float]] | None = None):
         """Append a model turn (``trained``, with its recorded values) or an observation."""
@@ -149,23 +187,76 @@ def _start_rows(agent: Agent, prompts: list[Prompt], tokenizer, total: int,
                 env, agent.tools, timeout=agent.cfg.tool_timeout, on_error=agent.cfg.on_tool_error)
     for row, text in zip(rows, first):
         if text:
-            row.prompt_ids += _encode(tokenizer, text)
-            row.prompt = dataclasses.replace(row.prompt, text=row.prompt.text + text,
-                                             input_ids=list(row.prompt_ids))
+            _extend_prompt(agent, row, text, tokenizer)
     return rows
 
 
+def _extend_prompt(agent: Agent, row: _Row, text: str, tokenizer) -> None:
+    """Add the text an environment's ``reset`` returned to the row's prompt. As TRL: appended to
+    the content of the prompt's last message and rendered again by the chat template (with the
+    tool schemas) in the chat protocol; appended to the prompt text otherwise."""
+    prompt = row.prompt
+    if agent.chat and prompt.messages is not None:
+        messages = [dict(m) for m in prompt.messages]
+        messages[-1]["content"] = str(messages[-1].get("content") or "") + text
+        rendered, _ = render_prompt(messages, tokenizer, row.index, "agent.environment reset",
+                                    tools=agent.schemas)
+        # as data.load_prompts: a rendered template holds the special tokens it needs
+        row.prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        row.prompt = dataclasses.replace(prompt, text=rendered, messages=messages,
+                                         input_ids=list(row.prompt_ids))
+        return
+    row.prompt_ids += _encode(tokenizer, text)
+    row.prompt = dataclasses.replace(prompt, text=prompt.text + text, input_ids=list(row.prompt_ids))
+
+
+def chat_user_suffix(tokenizer, text: str, tools: list[dict] | None = None) -> str:
+    """The text the chat template puts after a finished assistant turn (its end-of-turn token
+    included) for a ``role: user`` message ``text`` and the next assistant header: how a
+    reset/step environment's observation is appended in the chat protocol. Found as
+    :func:`~rlhf_ppo.agents.parsing.chat_tool_suffix` finds a tool message's (the difference of
+    two renderings, the shorter cut after its last end-of-turn token)."""
+    kwargs = {"tools": tools} if tools else {}
+    dummy = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "dummy"}]
+    prefix = tokenizer.apply_chat_template(dummy, tokenize=False, **kwargs)
+    full = tokenizer.apply_chat_template(dummy + [{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True, **kwargs)
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and eos in prefix:
+        prefix = prefix[: prefix.rindex(eos) + len(eos)]
+    if not full.startswith(prefix):
+        raise AgentError("agent.protocol: the chat template is not prefix-preserving (appending a user "
+                         "message changes how the earlier messages render), so an environment's "
+                         "observation cannot be appended to a turn; expected a template that renders "
+                         "earlier messages the same, or agent.protocol: text")
+    return full[len(prefix):]
+
+
+def _observation_ids(agent: Agent, tokenizer, observation: str) -> list[int]:
+    """Tokens of a reset/step environment's observation: a ``role: user`` message with the
+    template's glue (chat protocol) or the text itself."""
+    if agent.chat:
+        return _encode(tokenizer, chat_user_suffix(tokenizer, observation, agent.schemas))
+    return _encode(tokenizer, observation)
+
+
 def _sample_turn(model, rows: list[_Row], cfg: GenerationConfig, stop_ids: list[int], tokenizer,
-                 device, record: bool, value_fn) -> tuple[dict[str, torch.Tensor], torch.Tensor,
-                                                          torch.Tensor]:
-    """One turn of each row in ``rows``: a fresh prefill of its whole context, then KV-cached
-    sampling (:func:`rollout.sample_native`) in chunks of ``generation.batch_size``.
-    Returns ``(outputs, lengths (b,), stopped (b,))``: ``outputs["response_ids"]`` ``(b, r)`` and
-    the recorded ``(b, r)`` values; each turn's length up to and including its first stop."""
-    ids, mask = left_pad([r.prompt_ids + r.ids for r in rows], tokenizer.pad_token_id)
+                 device, record: bool, value_fn, carry: bool) -> tuple[dict[str, torch.Tensor],
+                                                                    torch.Tensor, torch.Tensor]:
+    """One turn of each row in ``rows``, KV-cached sampling (:func:`rollout.sample_native`) in
+    chunks of ``generation.batch_size``: ``carry``: each row's cache from its previous turn and a
+    prefill of the tokens appended since (:func:`_sample_carried`); else a fresh prefill of its
+    whole context. Returns ``(outputs, lengths (b,), stopped (b,))``: ``outputs["response_ids"]``
+    ``(b, r)`` and the recorded ``(b, r)`` values; each turn's length up to and including its
+    first stop."""
     chunk = cfg.batch_size or len(rows)
-    parts = [sample_native(model, ids[s:s + chunk].to(device), mask[s:s + chunk].to(device), cfg,
-                           stop_ids, tokenizer, record, value_fn) for s in range(0, len(rows), chunk)]
+    if carry:
+        parts = [_sample_carried(model, rows[s:s + chunk], cfg, stop_ids, tokenizer, device, record,
+                                 value_fn) for s in range(0, len(rows), chunk)]
+    else:
+        ids, mask = left_pad([r.prompt_ids + r.ids for r in rows], tokenizer.pad_token_id)
+        parts = [sample_native(model, ids[s:s + chunk].to(device), mask[s:s + chunk].to(device), cfg,
+                               stop_ids, tokenizer, record, value_fn) for s in range(0, len(rows), chunk)]
     width = max(p["response_ids"].shape[1] for p in parts)
     F = torch.nn.functional
     out = {k: torch.cat([F.pad(p[k].cpu(), (0, width - p[k].shape[1]),
@@ -175,12 +266,29 @@ def _sample_turn(model, rows: list[_Row], cfg: GenerationConfig, stop_ids: list[
     return out, lengths, stopped
 
 
+def _sample_carried(model, rows: list[_Row], cfg: GenerationConfig, stop_ids: list[int], tokenizer,
+                    device, record: bool, value_fn) -> dict[str, torch.Tensor]:
+    """One turn of a chunk of rows that continues each row's carried cache: only the tokens of
+    its context not in the cache are fed (all of them on the first turn); each row keeps the
+    batched cache's entries of its real tokens (cut to the tokens it keeps in :func:`_turn`)."""
+    cache, past_mask = turn_cache.assemble([r.cache for r in rows], transformer(model).config)
+    new = [(r.prompt_ids + r.ids)[r.cache.length if r.cache is not None else 0:] for r in rows]
+    ids, mask = left_pad(new, tokenizer.pad_token_id)
+    out = sample_native(model, ids.to(device), mask.to(device), cfg, stop_ids, tokenizer, record,
+                        value_fn, cache=cache, past_mask=past_mask, keep_cache=True)
+    caches = turn_cache.split(out.pop("cache_parts"), len(rows))
+    for row, kept in zip(rows, caches or [None] * len(rows)):
+        row.cache = kept
+    return out
+
+
 def _turn_config(gen: GenerationConfig, agent: Agent, rows: list[_Row]) -> GenerationConfig:
     """``generation`` for one turn: at most the tokens the rows may still take, and the text
-    protocol's call end as a stop string."""
+    protocol's call end as a stop string (with tools: a reset/step environment takes no calls)."""
     per_turn = agent.cfg.max_tokens_per_turn or max(r.budget for r in rows)
     n = max(1, min(per_turn, max(r.budget for r in rows)))
-    stops = list(gen.stop_strings) + ([agent.text.call_close] if agent.protocol == "text" else [])
+    calls = agent.protocol == "text" and not agent.multiturn
+    stops = list(gen.stop_strings) + ([agent.text.call_close] if calls else [])
     return dataclasses.replace(gen, max_new_tokens=n, min_new_tokens=min(gen.min_new_tokens, n),
                                stop_strings=stops)
 
@@ -192,6 +300,11 @@ def _calls_of(agent: Agent, text: str, ended_by_call: bool):
     return parse_tool_calls(text, agent.protocol).tool_calls
 
 
+def _timed_out(result) -> bool:
+    """The call hung: ``ToolSet.call`` reports it as an error observation ending in "(timeout)"."""
+    return result.error and result.content.endswith("(timeout)")
+
+
 def _answer(agent: Agent, rows: list[_Row], texts: list[str], calls: list[list], tokenizer) -> None:
     """Run the paused rows' tool calls or environment steps together and append their answers."""
     if agent.multiturn:
@@ -200,9 +313,10 @@ def _answer(agent: Agent, rows: list[_Row], texts: list[str], calls: list[list],
             if res.reward is not None:  # on the last model token of the turn that earned it
                 row.turn_rewards[-1] += res.reward
             row.stopped = res.done and not res.truncated
+            row.success = row.stopped and res.reward is not None and res.reward > 0
             row.done = res.done
             if not res.done:
-                row.add(_encode(tokenizer, res.observation), trained=False)
+                row.add(_observation_ids(agent, tokenizer, res.observation), trained=False)
         return
     busy = [i for i, c in enumerate(calls) if c]
     for i, row in enumerate(rows):
@@ -213,21 +327,28 @@ def _answer(agent: Agent, rows: list[_Row], texts: list[str], calls: list[list],
     results = agent.runner.run_tool_calls([rows[i].toolset for i in busy], [calls[i] for i in busy],
                                           [rows[i].index for i in busy])
     for i, res in zip(busy, results):
+        rows[i].tool_calls += len(res)
+        rows[i].tool_errors += sum(r.error for r in res)
+        rows[i].tool_timeouts += sum(_timed_out(r) for r in res)
         text = (agent.text.render_results(res) if agent.protocol == "text"
-                else chat_tool_suffix(tokenizer, res))
+                else chat_tool_suffix(tokenizer, res, **({"tools": agent.schemas} if agent.schemas else {})))
         rows[i].add(_encode(tokenizer, text), trained=False)
 
 
 @torch.no_grad()
 def generate_multiturn(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig, agent: Agent,
                        device: torch.device | str = "cpu", record: bool = False,
-                       value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Rollout:
+                       value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       carry_cache: bool = True) -> Rollout:
     """Sample one multi-turn rollout per prompt (see the module docstring) and build its
     ``Rollout``: ``turn_rewards`` ``(B, R)`` holds the environment's step rewards (and a TRL-style
     environment's ``get_reward()`` on the last model token) when there is an environment, else
     None; ``response_texts`` are the decoded response regions (model turns and observations);
     ``stopped``: the episode ended by itself (a turn without a call, the environment's ``done``),
-    not by ``max_turns`` or a token limit."""
+    not by ``max_turns`` or a token limit. ``carry_cache``: each row's KV cache goes from one turn
+    to the next (:mod:`rlhf_ppo.turn_cache`); False, or with ``generation.repetition_penalty``
+    (which needs every token of the history at each turn): a fresh prefill of the whole history
+    per turn. Both give the same tokens and log-probs (to float rounding)."""
     if not native_supported(model):
         raise AgentError(f"agent: multi-turn sampling needs the native sampler, but "
                          f"{type(model).__name__}'s backbone takes no KV cache argument")
@@ -235,13 +356,15 @@ def generate_multiturn(model, prompts: list[Prompt], tokenizer, cfg: GenerationC
     total = agent.cfg.max_total_tokens or cfg.max_new_tokens
     keys = (("logprobs", "entropy") + (("values",) if value_fn is not None else ())) if record else ()
     rows = _start_rows(agent, prompts, tokenizer, total, keys)
+    carry = carry_cache and cfg.repetition_penalty == 1.0
     was_training = model.training
     model.eval()
     try:
         while active := [r for r in rows if not r.done]:
-            _turn(model, active, cfg, agent, stop_ids, tokenizer, device, record, value_fn)
+            _turn(model, active, cfg, agent, stop_ids, tokenizer, device, record, value_fn, carry)
         if agent.environment is not None and not agent.multiturn:
             for row, reward in zip(rows, agent.runner.get_rewards([r.env for r in rows])):
+                row.success = reward is not None and reward > 0
                 if reward is not None:
                     row.turn_rewards[max(i for i, a in enumerate(row.action) if a)] += reward
     finally:
@@ -250,11 +373,11 @@ def generate_multiturn(model, prompts: list[Prompt], tokenizer, cfg: GenerationC
 
 
 def _turn(model, active: list[_Row], cfg: GenerationConfig, agent: Agent, stop_ids: list[int],
-          tokenizer, device, record: bool, value_fn) -> None:
+          tokenizer, device, record: bool, value_fn, carry: bool = False) -> None:
     """One model turn of every active row, then the tools' or the environment's answers."""
     turn_cfg = _turn_config(cfg, agent, active)
     out, lengths, stopped = _sample_turn(model, active, turn_cfg, stop_ids, tokenizer, device, record,
-                                         value_fn)
+                                         value_fn, carry)
     texts, calls, paused = [], [], []
     per_turn = agent.cfg.max_tokens_per_turn or turn_cfg.max_new_tokens
     for b, row in enumerate(active):
@@ -262,6 +385,8 @@ def _turn(model, active: list[_Row], cfg: GenerationConfig, agent: Agent, stop_i
         ids = out["response_ids"][b, :n].tolist()
         ended = bool(stopped[b]) and n == int(lengths[b])  # a stop within the row's own limits
         row.add(ids, trained=True, recorded={k: out[k][b, :n].tolist() for k in row.recorded})
+        if row.cache is not None:  # the turn's last token was never fed: it opens the next prefill
+            row.cache = row.cache.cut(len(row.prompt_ids) + len(row.ids) - 1)
         row.turns += 1
         by_call = ended and ids[-1] not in stop_ids and agent.protocol == "text" and \
             agent.text.call_close in tokenizer.decode(ids, skip_special_tokens=False)
@@ -283,6 +408,8 @@ def _turn(model, active: list[_Row], cfg: GenerationConfig, agent: Agent, stop_i
     for row in active:  # a limit ends the episode even when the environment would go on
         if not row.done and (row.turns >= agent.cfg.max_turns or row.budget <= 0):
             row.done, row.stopped = True, False
+        if row.done:
+            row.cache = None  # free its memory
 
 
 def _assemble(rows: list[_Row], tokenizer, keys: tuple[str, ...], with_rewards: bool) -> Rollout:
@@ -306,7 +433,24 @@ def _assemble(rows: list[_Row], tokenizer, keys: tuple[str, ...], with_rewards: 
         stopped=torch.tensor([r.stopped for r in rows], dtype=torch.bool),
         prompts=[r.prompt for r in rows],
         response_texts=tokenizer.batch_decode([r.ids for r in rows], skip_special_tokens=True),
-        **recorded)
+        episode_stats=episode_stats(rows, with_success=with_rewards), **recorded)
+
+
+def episode_stats(rows: list[_Row], with_success: bool) -> dict[str, torch.Tensor]:
+    """Per row ``(B,)``: ``turns`` (model turns), ``tool_calls``, ``tool_errors``,
+    ``tool_timeouts`` (those of the errors that hung), ``observation_tokens`` (tokens of the
+    response region the model read but did not sample: tool results, observations, template glue)
+    and, with an environment (``with_success``), ``success``: a reset/step environment ended the
+    episode itself (``done``, not cut by a limit) with a positive reward on that last step, or a
+    TRL-style environment's ``get_reward()`` is positive. ``rlhf-ppo evaluate`` reports their
+    means, ``metrics.jsonl`` too (:func:`rlhf_ppo.metrics.agent_metrics`)."""
+    stats = {key: torch.tensor([getattr(r, key) for r in rows], dtype=torch.long)
+             for key in ("turns", "tool_calls", "tool_errors", "tool_timeouts")}
+    stats["observation_tokens"] = torch.tensor([len(r.action) - sum(r.action) for r in rows],
+                                               dtype=torch.long)
+    if with_success:
+        stats["success"] = torch.tensor([r.success for r in rows], dtype=torch.bool)
+    return stats
 
 
 def sample_rollout(model, prompts: list[Prompt], tokenizer, cfg: GenerationConfig,

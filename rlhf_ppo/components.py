@@ -67,7 +67,8 @@ def build_components(cfg: Config, acc, batch_size: int, resume: Path | None) -> 
     from accelerate.utils import set_seed  # accelerate's top level costs ~1 s at import
 
     tokenizer = load_tokenizer(cfg.model)
-    prompts = load_prompts(cfg.data, tokenizer)
+    agent = build_agent(cfg.agent, tokenizer) if cfg.agent.enabled else None
+    prompts = load_prompts(cfg.data, tokenizer, agent.schemas if agent else None)  # chat: with tools
     k = cfg.ppo.samples_per_prompt  # each prompt is sampled k times (a group)
     sampler = PromptSampler(prompts, batch_size // k, cfg.seed, cfg.data.shuffle,
                             acc.process_index, acc.num_processes)
@@ -86,7 +87,6 @@ def build_components(cfg: Config, acc, batch_size: int, resume: Path | None) -> 
     for source in rewards.model_sources():
         if source.scorer is not critic_scorer:  # that one is inside the prepared model
             source.scorer = prepare_frozen(acc, source.scorer, cfg.model.shard_frozen_models)
-    agent = build_agent(cfg.agent, tokenizer) if cfg.agent.enabled else None
     return Components(tokenizer, sampler, rewards, model, prepared, ref, optimizer, scheduler, agent)
 
 

@@ -121,10 +121,11 @@ def load_rows(cfg: DataConfig):
 
 
 
-def render_prompt(value: Any, tokenizer, row: int, column: str, drop_final_assistant: bool | None = None
-                  ) -> tuple[str, list[dict] | None]:
+def render_prompt(value: Any, tokenizer, row: int, column: str, drop_final_assistant: bool | None = None,
+                  tools: list[dict] | None = None) -> tuple[str, list[dict] | None]:
     """Prompt text for one dataset value: a string as is, chat messages through the template
-    with the generation prompt.
+    with the generation prompt (and ``tools``, JSON schemas of the tools a multi-turn rollout
+    offers, as ``apply_chat_template(tools=...)`` renders them; None: no tools, as single-turn).
 
     An Anthropic HH-style string (``\\n\\nHuman: ...\\n\\nAssistant:``) is parsed into messages
     when the tokenizer has a chat template (:func:`formats.hh_prompt`). Messages whose last turn
@@ -141,7 +142,8 @@ def render_prompt(value: Any, tokenizer, row: int, column: str, drop_final_assis
             raise DataError(f"{column}: row {row} holds chat messages but the tokenizer has no chat "
                             "template")
         value = formats.final_assistant_turn(list(value), row, column, drop_final_assistant)
-        text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+        with_tools = {"tools": tools} if tools else {}
+        text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True, **with_tools)
         return text, value
     raise DataError(f"{column}: row {row} is {type(value).__name__} {str(value)[:80]!r}; expected a "
                     "string or a list of chat messages ({'role': ..., 'content': ...})")
@@ -153,8 +155,9 @@ def _encode(text: str, messages: list[dict] | None, tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
-def load_prompts(cfg: DataConfig, tokenizer) -> list[Prompt]:
-    """Load, render, tokenize and length-filter the prompts.
+def load_prompts(cfg: DataConfig, tokenizer, tools: list[dict] | None = None) -> list[Prompt]:
+    """Load, render, tokenize and length-filter the prompts (chat prompts with the tool schemas
+    ``tools`` in the template, for a multi-turn rollout's chat protocol; see :func:`render_prompt`).
 
     The prompt is ``data.prompt_column`` (prompt-only data, or the prompt of prompt-completion /
     preference data; a string prompt is a user turn when the row's completion or chosen /
@@ -181,7 +184,7 @@ def load_prompts(cfg: DataConfig, tokenizer) -> list[Prompt]:
             where = "the common start of 'chosen' and 'rejected'"
         else:
             value = formats.row_prompt(row[column], row, chat)
-        text, messages = render_prompt(value, tokenizer, i, where, drop)
+        text, messages = render_prompt(value, tokenizer, i, where, drop, tools)
         ids = _encode(text, messages, tokenizer)
         if not ids:
             raise DataError(f"{where}: row {i} tokenizes to no tokens; a prompt needs at least one")

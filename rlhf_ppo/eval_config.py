@@ -3,7 +3,9 @@
 
 A key set for evaluate (in its config file or on the command line) wins; every other key takes
 the run's value, key by key (:func:`effective_config`). ``--config`` may also be a PPO run's own
-config file (:func:`load_eval_config`).
+config file (:func:`load_eval_config`). The ``agent`` section (tools / environment of a multi-turn
+run) is taken from the run in the same way; it is named in the logs and ``settings_from`` only
+when it is on, so that a single-turn evaluation reads as before.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from .config import (
+    AgentConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -34,6 +37,8 @@ logger = logging.getLogger("rlhf_ppo.evaluate")
 
 # The sections evaluate takes from the PPO run that trained the policy, unless set for evaluate.
 RUN_SECTIONS = ("data", "reward", "generation")
+# ... and the multi-turn one, reported only when on (tools or an environment are set).
+AGENT_SECTION = "agent"
 
 
 class _RecordsSetKeys:
@@ -60,6 +65,10 @@ class EvalGenerationConfig(_RecordsSetKeys, GenerationConfig):
 
 class EvalRewardConfig(_RecordsSetKeys, RewardConfig):
     """evaluate's ``reward`` section: a :class:`RewardConfig` that records the keys it was given."""
+
+
+class EvalAgentConfig(_RecordsSetKeys, AgentConfig):
+    """evaluate's ``agent`` section: an :class:`AgentConfig` that records the keys it was given."""
 
 
 @dataclass
@@ -121,6 +130,9 @@ class EvalConfig:
     reward: EvalRewardConfig = field(default_factory=EvalRewardConfig)
     """reward sources; the score is their weighted sum before any penalty, normalisation or
     clipping; default: the PPO run's, key by key"""
+    agent: EvalAgentConfig = field(default_factory=EvalAgentConfig)
+    """multi-turn sampling with tools / an environment, the same for both models (docs/agents.md);
+    default: the PPO run's, key by key"""
 
     # Docs of section fields that mean something else here than in training (config reference).
     NESTED_DOCS: ClassVar[dict[str, str]] = {
@@ -172,7 +184,7 @@ def validate_eval(cfg: EvalConfig) -> None:
            "device", "'auto', 'cpu', 'cuda' or 'cuda:N'", cfg.device)
     # The data, generation and reward sections are the PPO config's: reuse its checks (they name
     # the same keys, e.g. generation.max_new_tokens); the other PPO sections keep valid defaults.
-    Config(data=cfg.data, generation=cfg.generation, reward=cfg.reward)
+    Config(data=cfg.data, generation=cfg.generation, reward=cfg.reward, agent=cfg.agent)
 
 
 # --------------------------------------------------------------------------- the PPO run's settings
@@ -200,19 +212,22 @@ def _describe(name: str, section: Any) -> str:
 
 def effective_config(cfg: EvalConfig, run: tuple[dict, Path] | None
                      ) -> tuple[EvalConfig, dict[str, str]]:
-    """``cfg`` with its ``data``, ``reward`` and ``generation`` sections completed from the PPO
-    run that trained the policy (``run``: its config dict and path, see :func:`find_run_config`).
+    """``cfg`` with its ``data``, ``reward``, ``generation`` and ``agent`` sections completed from
+    the PPO run that trained the policy (``run``: its config dict and path, see
+    :func:`find_run_config`).
 
     Key by key: a key set for evaluate (:func:`set_keys`: named in its config file or on the
     command line) wins; every other key takes the run's value (the PPO default where the run's
     config leaves it out). Without a run, the evaluate config is used as it is. Returns the
     config and, per section, where its settings came from (logged as one INFO line per section,
-    and written to ``summary.json`` as ``settings_from``).
+    and written to ``summary.json`` as ``settings_from``; the ``agent`` section only when it is
+    on, so a single-turn evaluation logs and writes what it did before the section existed).
     """
     run_cfg = None
     if run is not None:
         try:
-            run_cfg = config_from_dict({k: run[0][k] for k in RUN_SECTIONS if k in run[0]}, Config)
+            run_cfg = config_from_dict({k: run[0][k] for k in (*RUN_SECTIONS, AGENT_SECTION)
+                                        if k in run[0]}, Config)
         except ConfigError as e:
             raise ConfigError(f"the run config {run[1]}: {e}; fix it or set the data, reward and "
                               "generation sections for evaluate") from e
@@ -220,38 +235,45 @@ def effective_config(cfg: EvalConfig, run: tuple[dict, Path] | None
                 else "the defaults (no PPO run config found with the policy)")
     sources = getattr(cfg, "key_sources", None) or {}
     merged, origins = {}, {}
-    for name in RUN_SECTIONS:
-        mine = getattr(cfg, name)
-        keys = set_keys(mine)
-        if run_cfg is None or not keys:
-            merged[name] = getattr(run_cfg, name) if run_cfg is not None else mine
-        else:
-            try:
-                merged[name] = dataclasses.replace(getattr(run_cfg, name),
-                                                   **{k: getattr(mine, k) for k in keys})
-            except ConfigError as e:
-                raise ConfigError(
-                    f"{e} (from combining the {name} keys set for evaluate, "
-                    f"{', '.join(sorted(keys))}, with the rest of the PPO run's {name} section in "
-                    f"{run[1]}: set the key it is checked against for evaluate too)") from e
-        groups: dict[str, list[str]] = {}
-        for f in dataclasses.fields(mine):
-            if f.name in keys:
-                label = sources.get(f"{name}.{f.name}", sources.get(name, "the evaluate config"))
-                groups.setdefault(label, []).append(f.name)
-        rest = len(dataclasses.fields(mine)) - sum(len(v) for v in groups.values())
-        if rest:
-            groups["the rest"] = []
-        if len(groups) == 1:
-            origins[name] = f"all from {fallback if rest else next(iter(groups))}"
-        else:
-            origins[name] = "; ".join(f"{', '.join(v)} from {label}" if v else
-                                      f"the rest from {fallback}" for label, v in groups.items())
+    for name in (*RUN_SECTIONS, AGENT_SECTION):
+        merged[name], origins[name] = _merge_section(name, getattr(cfg, name), run_cfg, run,
+                                                     sources, fallback)
+    if not merged[AGENT_SECTION].enabled:
+        del origins[AGENT_SECTION]
     out = dataclasses.replace(cfg, **merged)
-    for name in RUN_SECTIONS:
+    for name in origins:
         logger.info("evaluate %s: %s (%s)", name, _describe(name, getattr(out, name)),
                     origins[name])
     return out, origins
+
+
+def _merge_section(name: str, mine: Any, run_cfg: Config | None, run: tuple[dict, Path] | None,
+                   sources: dict[str, str], fallback: str) -> tuple[Any, str]:
+    """One section of :func:`effective_config`: evaluate's keys over the run's section, and a
+    line saying where its settings came from."""
+    keys = set_keys(mine)
+    if run_cfg is None or not keys:
+        merged = getattr(run_cfg, name) if run_cfg is not None else mine
+    else:
+        try:
+            merged = dataclasses.replace(getattr(run_cfg, name), **{k: getattr(mine, k) for k in keys})
+        except ConfigError as e:
+            raise ConfigError(
+                f"{e} (from combining the {name} keys set for evaluate, "
+                f"{', '.join(sorted(keys))}, with the rest of the PPO run's {name} section in "
+                f"{run[1]}: set the key it is checked against for evaluate too)") from e
+    groups: dict[str, list[str]] = {}
+    for f in dataclasses.fields(mine):
+        if f.name in keys:
+            label = sources.get(f"{name}.{f.name}", sources.get(name, "the evaluate config"))
+            groups.setdefault(label, []).append(f.name)
+    rest = len(dataclasses.fields(mine)) - sum(len(v) for v in groups.values())
+    if rest:
+        groups["the rest"] = []
+    if len(groups) == 1:
+        return merged, f"all from {fallback if rest else next(iter(groups))}"
+    return merged, "; ".join(f"{', '.join(v)} from {label}" if v else f"the rest from {fallback}"
+                             for label, v in groups.items())
 
 
 def is_ppo_config(data: Any, where: str = "config") -> bool:
@@ -272,12 +294,17 @@ def is_ppo_config(data: Any, where: str = "config") -> bool:
     return bool(ppo_only)
 
 
+def _agent_on(section: Any) -> bool:
+    """A PPO config file's ``agent`` section (a dict) sets tools or an environment."""
+    return isinstance(section, dict) and bool(section.get("tools") or section.get("environment"))
+
+
 def load_eval_config(path: str | Path | None = None, overrides: list[str] | None = None
                      ) -> EvalConfig:
     """``rlhf-ppo evaluate``'s config: :func:`config.load_config` with :class:`EvalConfig`, except
     that ``path`` may also be a PPO run's config (e.g. ``RUN/config.yaml``, see
-    :func:`is_ppo_config`). Of that, evaluate uses the ``data``, ``reward`` and ``generation``
-    sections (as if written in its own config file: they win over the policy's run config) and
+    :func:`is_ppo_config`). Of that, evaluate uses the ``data``, ``reward``, ``generation`` and
+    ``agent`` sections (as if written in its own config file: they win over the policy's run config) and
     ignores the other keys (``output_dir``, ``seed``, ``model``, ``ppo``, ...: the run folder is
     not evaluate's output folder), with an INFO line; the file is validated as a PPO config first.
     Overrides then apply as usual. The config remembers where each section key was set
@@ -296,19 +323,19 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | None
             config_from_dict(data, Config)
         except ConfigError as e:
             raise ConfigError(f"config file {str(path)!r} (a PPO run's config): {e}") from e
-        ignored = sorted(k for k in data if k not in RUN_SECTIONS)
+        taken = [k for k in (*RUN_SECTIONS, AGENT_SECTION) if k in data]
+        ignored = sorted(k for k in data if k not in taken)
+        shown = [k for k in taken if k != AGENT_SECTION or _agent_on(data[k])]
         logger.info("%s is a PPO run's config: evaluate uses its %s section(s) and ignores %s",
-                    path, ", ".join(k for k in RUN_SECTIONS if k in data) or "(no)",
-                    ", ".join(ignored) or "nothing else")
-        sections = apply_overrides({k: data[k] for k in RUN_SECTIONS if k in data},
-                                   list(overrides or []))
+                    path, ", ".join(shown) or "(no)", ", ".join(ignored) or "nothing else")
+        sections = apply_overrides({k: data[k] for k in taken}, list(overrides or []))
         cfg = config_from_dict(sections, EvalConfig)
         cfg.ppo_config_file = (data, Path(path).resolve())
     file_label = f"--config {path}" if path is not None else "the evaluate config"
-    sources = {name: file_label for name in RUN_SECTIONS}
+    sources = {name: file_label for name in (*RUN_SECTIONS, AGENT_SECTION)}
     for item in overrides or []:
         parts = item.split("=", 1)[0].split(".")
-        if parts[0] in RUN_SECTIONS:
+        if parts[0] in sources:
             sources[".".join(parts[:2])] = "the command line"
     cfg.key_sources = sources
     return cfg

@@ -8,8 +8,16 @@ score difference, KL(policy || reference), response length, distinct-1/2 and the
 Outputs: ``OUTPUT_DIR/samples.jsonl``, ``summary.json`` and a self-contained ``report.html``.
 
 When the policy comes from a PPO run (its config is found with the policy folder), the run's
-``data``, ``reward`` and ``generation`` sections are used, except for the keys set for evaluate (in
-its config file or on the command line), key by key: see :func:`rlhf_ppo.eval_config.effective_config`.
+``data``, ``reward``, ``generation`` and ``agent`` sections are used, except for the keys set for
+evaluate (in its config file or on the command line), key by key: see
+:func:`rlhf_ppo.eval_config.effective_config`.
+
+Multi-turn (an ``agent`` section with tools or an environment): both models are sampled through
+:func:`rlhf_ppo.agent_rollout.sample_rollout` with the same tools / environment (a fresh
+environment instance per episode) and the same seeds; the summary adds, per model, the success
+rate, turns, tool calls and tool errors per episode (:func:`agent_summary`), and each sample keeps
+its whole transcript, split into the model's (trained) spans and the observations
+(:func:`transcript_spans`).
 
 The command in four modules, each with one job: :mod:`rlhf_ppo.eval_config` (the config and how
 it combines with the PPO run's), :mod:`rlhf_ppo.eval_models` (which models, and loading them),
@@ -33,6 +41,7 @@ import numpy as np
 import torch
 
 from . import report
+from .agent_rollout import Agent, build_agent, sample_rollout
 from .config import ConfigError, GenerationConfig, ModelConfig
 from .data import Prompt, load_prompts
 from .distributed import set_threads
@@ -66,7 +75,7 @@ from .jsonl import json_safe
 from .loading import load_tokenizer
 from .models import reference_logprobs
 from .rewards import RewardError, RewardSum, load_function
-from .rollout import Rollout, generate
+from .rollout import Rollout
 
 logger = logging.getLogger(__name__)
 
@@ -91,18 +100,53 @@ class SideSamples:
     """the response emitted a stop token before max_new_tokens"""
     correct: list[bool] = field(default_factory=list)
     """the answer is right (only with `accuracy_column`; empty otherwise)"""
+    # ---- multi-turn only (empty otherwise), per episode
+    transcripts: list[list[dict]] = field(default_factory=list)
+    """the response region as spans ``{"text", "trained"}`` (:func:`transcript_spans`)"""
+    episode: dict[str, list[int]] = field(default_factory=dict)
+    """``turns``, ``tool_calls``, ``tool_errors`` and, with an environment, ``success`` (0/1)"""
 
     def extend(self, rollout: Rollout, scores: torch.Tensor, per_source: torch.Tensor) -> None:
         """Append a scored rollout: ``scores`` ``[B]``, ``per_source`` ``[S, B]``."""
         lengths = rollout.response_mask.sum(-1)
         for b in range(len(rollout.prompts)):
             n, stop = int(lengths[b]), bool(rollout.stopped[b])
-            self.tokens.append(rollout.response_ids[b, :n - int(stop)].tolist())
+            if rollout.episode_stats is None:
+                self.tokens.append(rollout.response_ids[b, :n - int(stop)].tolist())
+            else:  # multi-turn: the model's own tokens, observations left out
+                self.tokens.append(rollout.response_ids[b][rollout.response_mask[b].bool()].tolist())
             self.lengths.append(n)
             self.stopped.append(stop)
         self.texts += rollout.response_texts
         self.scores += scores.tolist()
         self.source_scores += per_source.T.tolist()
+
+    def extend_episodes(self, rollout: Rollout, tokenizer) -> None:
+        """Append a multi-turn rollout's transcripts and per-episode counts (``episode_stats``)."""
+        self.transcripts += transcript_spans(rollout, tokenizer)
+        for key, values in (rollout.episode_stats or {}).items():
+            self.episode.setdefault(key, []).extend(int(v) for v in values.tolist())
+
+
+def transcript_spans(rollout: Rollout, tokenizer) -> list[list[dict]]:
+    """Per row, its response region (up to its last token read) split where the action mask
+    changes: ``[{"text": decoded span, "trained": True for the model's tokens}, ...]``.
+    Special tokens are kept (an EOS the model sampled is a trained token too)."""
+    P = rollout.prompt_length
+    out = []
+    for ids, action, read in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist(),
+                                 rollout.attention_mask[:, P:].tolist()):
+        spans: list[tuple[bool, list[int]]] = []
+        for tok, a, r in zip(ids, action, read):
+            if not r:  # padding after the episode's end
+                break
+            if spans and spans[-1][0] == bool(a):
+                spans[-1][1].append(tok)
+            else:
+                spans.append((bool(a), [tok]))
+        out.append([{"text": tokenizer.decode(t, skip_special_tokens=False), "trained": a}
+                    for a, t in spans])
+    return out
 
 
 def select_prompts(prompts: list[Prompt], num_prompts: int | None, shuffle: bool, seed: int
@@ -164,29 +208,32 @@ def response_logprobs(side: Side, rollout: Rollout, temperature: float, device: 
 
 
 def sample(side: Side, prompts: list[Prompt], tokenizer, cfg: GenerationConfig, seed: int,
-           device: torch.device) -> Rollout:
-    """One response per prompt, with the torch generator reset to ``seed`` first (the caller's
-    random state is left as it was)."""
+           device: torch.device, agent: Agent | None = None) -> Rollout:
+    """One response (with ``agent``: one multi-turn episode) per prompt, with the torch generator
+    reset to ``seed`` first (the caller's random state is left as it was)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # the same seed for both models: pairs differ only by the model
         with side.active():
-            return generate(side.lm, prompts, tokenizer, cfg, device)
+            return sample_rollout(side.lm, prompts, tokenizer, cfg, device, agent=agent)
 
 
 def sample_and_score(cfg: EvalConfig, prompts: list[Prompt], policy: Side, reference: Side,
-                     tokenizer, rewards: RewardSum, checker: Callable | None, device: torch.device
-                     ) -> tuple[SideSamples, SideSamples, list[float]]:
+                     tokenizer, rewards: RewardSum, checker: Callable | None, device: torch.device,
+                     agent: Agent | None = None) -> tuple[SideSamples, SideSamples, list[float]]:
     """Per batch of ``cfg.batch_size`` prompts: K samples per prompt from each model, both sampled
-    with the seed ``cfg.seed + b`` of batch b, scored (and checked with ``checker``, the
-    ``accuracy_function``, when given). Returns the policy's and the reference's samples and the
-    k1 KL of each policy sample (``N * K`` values each, prompt-major)."""
+    with the seed ``cfg.seed + b`` of batch b (and, multi-turn, the same ``agent``), scored (and
+    checked with ``checker``, the ``accuracy_function``, when given). Returns the policy's and the
+    reference's samples and the k1 KL of each policy sample (``N * K`` values each,
+    prompt-major; multi-turn: over the model's tokens only)."""
     pol, ref, kl = SideSamples(), SideSamples(), []
     K, temperature = cfg.samples_per_prompt, cfg.generation.temperature
     for b, start in enumerate(range(0, len(prompts), cfg.batch_size)):
         batch = [p for p in prompts[start:start + cfg.batch_size] for _ in range(K)]  # prompt-major
         for side, out in ((policy, pol), (reference, ref)):
-            rollout = sample(side, batch, tokenizer, cfg.generation, cfg.seed + b, device)
+            rollout = sample(side, batch, tokenizer, cfg.generation, cfg.seed + b, device, agent)
             out.extend(rollout, *score_rollout(rewards, rollout))
+            if agent is not None:
+                out.extend_episodes(rollout, tokenizer)
             if checker is not None:
                 out.correct += check_answers(checker, batch, rollout.response_texts,
                                              cfg.accuracy_column)
@@ -218,7 +265,34 @@ def side_summary(s: SideSamples, names: list[str], shape: tuple[int, int], boot:
         "distinct_1": distinct_n(s.tokens, 1),
         "distinct_2": distinct_n(s.tokens, 2),
         **accuracy,
+        **({"agent": agent_summary(s, shape, boot)} if s.episode else {}),
     }
+
+
+def success_from(s: SideSamples) -> str | None:
+    """What a multi-turn sample's success is: ``"accuracy_function"`` (answers checked, as for
+    single-turn accuracy), ``"environment"`` (:func:`rlhf_ppo.agent_rollout.episode_stats`), or
+    None (tools without an environment or an answer checker: no success rate)."""
+    if s.correct:
+        return "accuracy_function"
+    return "environment" if "success" in s.episode else None
+
+
+def agent_summary(s: SideSamples, shape: tuple[int, int], boot: dict) -> dict:
+    """Per-episode means of one model's multi-turn samples with their prompt-bootstrap intervals
+    (:func:`mean_ci` over ``[N, K]``): ``success_rate`` (see :func:`success_from`; absent when
+    there is none), ``turns`` (model turns), ``tool_calls`` and ``tool_errors`` (calls answered
+    with an error observation: the tool raised or timed out, an unknown tool, bad arguments)."""
+    def per_episode(values: Sequence[float]) -> dict[str, float]:
+        return mean_ci(np.asarray(values, dtype=np.float64).reshape(shape), **boot)
+    kind = success_from(s)
+    out = {}
+    if kind is not None:
+        out["success_rate"] = per_episode(s.correct if kind == "accuracy_function"
+                                          else s.episode["success"])
+    for key in ("turns", "tool_calls", "tool_errors"):
+        out[key] = per_episode(s.episode[key])
+    return out
 
 
 def build_summary(cfg: EvalConfig, pol: SideSamples, ref: SideSamples, kl: list[float],
@@ -245,6 +319,7 @@ def build_summary(cfg: EvalConfig, pol: SideSamples, ref: SideSamples, kl: list[
                                      **boot)} if pol.correct and ref.correct else {}),
         "config": cfg.to_dict(),
         **({"settings_from": settings_from} if settings_from is not None else {}),
+        **({"success_from": success_from(pol)} if pol.episode else {}),
     }
 
 
@@ -263,6 +338,10 @@ def sample_rows(prompts: list[Prompt], k: int, pol: SideSamples, ref: SideSample
             "policy_stopped": pol.stopped[j], "reference_stopped": ref.stopped[j],
             "kl": kl[j],
         })
+        for side, s in (("policy", pol), ("reference", ref)):
+            if s.transcripts:  # multi-turn: the whole transcript and the episode's counts
+                rows[-1][f"{side}_transcript"] = s.transcripts[j]
+                rows[-1].update({f"{side}_{key}": values[j] for key, values in s.episode.items()})
     return rows
 
 
@@ -333,8 +412,10 @@ def run_evaluate(cfg: EvalConfig) -> dict:
     # step 2. prompts, models and reward sources
     tokenizer = load_tokenizer(tokenizer_config(cfg, pol_spec, model_cfg),
                                key="tokenizer" if cfg.tokenizer else pol_spec.key)
-    prompts = select_prompts(load_prompts(cfg.data, tokenizer), cfg.num_prompts, cfg.data.shuffle,
-                             cfg.seed)
+    agent = build_agent(cfg.agent, tokenizer) if cfg.agent.enabled else None
+    # as in training: in the chat protocol the tools' schemas are rendered into the prompts
+    prompts = select_prompts(load_prompts(cfg.data, tokenizer, agent.schemas if agent else None),
+                             cfg.num_prompts, cfg.data.shuffle, cfg.seed)
     policy, reference = load_sides(pol_spec, ref_spec, model_cfg)
     for side in (policy, reference):
         side.lm.to(device)
@@ -349,8 +430,12 @@ def run_evaluate(cfg: EvalConfig) -> dict:
 
     # step 3. per batch: K samples per prompt from each model (same seed), scores, KL
     K = cfg.samples_per_prompt
-    pol, ref, kl = sample_and_score(cfg, prompts, policy, reference, tokenizer, rewards, checker,
-                                    device)
+    try:
+        pol, ref, kl = sample_and_score(cfg, prompts, policy, reference, tokenizer, rewards, checker,
+                                        device, agent)
+    finally:
+        if agent is not None:
+            agent.close()
 
     # step 4. statistics and outputs
     names = [src.function or src.model or src.url for src in cfg.reward.sources]
@@ -371,4 +456,15 @@ def run_evaluate(cfg: EvalConfig) -> dict:
                     r["accuracy"]["mean"], ", ".join(
                         f"pass@{k} {p['pass@k'][k]['mean']:.3f} vs {r['pass@k'][k]['mean']:.3f}"
                         for k in p["pass@k"]))
+    if agent is not None:
+        log_agent_figures(summary)
     return summary
+
+
+def log_agent_figures(summary: dict) -> None:
+    """One INFO line with both models' per-episode agent figures."""
+    p, r = summary["policy"]["agent"], summary["reference"]["agent"]
+    parts = [f"{key.replace('_', ' ')} {p[key]['mean']:.3g} vs {r[key]['mean']:.3g}"
+             for key in ("success_rate", "turns", "tool_calls", "tool_errors") if key in p]
+    logger.info("per episode, policy vs reference: %s (success from %s)", ", ".join(parts),
+                summary["success_from"] or "nothing: no environment or accuracy_column")

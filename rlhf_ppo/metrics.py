@@ -12,7 +12,7 @@ import torch
 
 from .config import GenerationConfig
 from .distributed import global_stats
-from .rollout import generate
+from .rollout import Rollout, generate
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,21 @@ class IterationRecord:
     kl_coef: float
     """the KL coefficient the rewards used"""
     reward_metrics: dict
-    """per-source scores, dynamic sampling, truncated importance sampling (means over processes)"""
+    """per-source scores, dynamic sampling, truncated importance sampling (means over processes);
+    multi-turn episode counts (:func:`agent_metrics`, per-row ``(B,)`` tensors: means over rows)"""
     with_critic: bool = True
     """False: critic-free, no value to explain"""
+
+
+def agent_metrics(rollout: Rollout) -> dict[str, torch.Tensor]:
+    """A multi-turn rollout's per-episode counts as ``agent/...`` metrics, each ``(B,)`` float, so
+    that :func:`iteration_metrics` reports their means over every process's episodes:
+    ``agent/turns``, ``agent/tool_calls``, ``agent/tool_errors``, ``agent/tool_timeouts``,
+    ``agent/observation_tokens`` and, with an environment, ``agent/success`` (the fraction of
+    episodes it scored as a success); see :func:`rlhf_ppo.agent_rollout.episode_stats`.
+    Empty for a single-turn rollout."""
+    stats = rollout.episode_stats or {}
+    return {f"agent/{key}": values.float() for key, values in stats.items()}
 
 
 def iteration_metrics(acc, r: IterationRecord, update: dict, lr: float, nonfinite_skips: int,

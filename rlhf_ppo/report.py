@@ -6,6 +6,10 @@ escaped with :func:`html.escape`. The page's script filters and sorts the sample
 load, records on ``<body>`` how many images decoded, how many sample rows exist and how many
 JavaScript errors occurred (``data-images-loaded``, ``data-sample-rows``, ``data-js-errors``), so
 a headless browser can check the page.
+
+A multi-turn sample (``*_transcript`` in its row) is shown whole, span by span along the action
+mask: the model's own (trained) tokens as ``<span class=turn>``, the tools' or the environment's
+observations (read, never trained) as ``<span class=obs>``.
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ def summary_table(summary: dict) -> str:
     for key, label in (("response_length", "response length (tokens)"), ("stop_rate", "stop rate"),
                        ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2")):
         rows.append((label, _num(p[key]), _num(r[key])))
+    rows += _agent_rows(summary)
     both = [("win rate of the policy (ties 1/2)", summary["win_rate"]),
             ("score difference (policy - reference)", summary["score_diff"]),
             *([("accuracy difference (policy - reference)", summary["accuracy_diff"])]
@@ -134,10 +139,42 @@ def summary_table(summary: dict) -> str:
             f"<th>policy</th><th>reference</th></tr></thead><tbody>{body}</tbody></table>")
 
 
+AGENT_ROWS = {"success_rate": "success rate (per episode, CI)", "turns": "model turns per episode (CI)",
+              "tool_calls": "tool calls per episode (CI)",
+              "tool_errors": "tool errors per episode (CI)"}
+
+
+def _agent_rows(summary: dict) -> list[tuple[str, str, str]]:
+    """The multi-turn rows of the summary table (none for a single-turn evaluation)."""
+    p, r = summary["policy"].get("agent"), summary["reference"].get("agent")
+    if p is None or r is None:
+        return []
+    rows = []
+    for key, label in AGENT_ROWS.items():
+        if key in p and key in r:
+            if key == "success_rate":
+                label = f"{label[:-1]}, from the {html.escape(str(summary.get('success_from')))})"
+            rows.append((label, _ci(p[key]), _ci(r[key])))
+    return rows
+
+
+def transcript_html(spans: list[dict]) -> str:
+    """A multi-turn transcript: each span escaped, the model's as ``<span class=turn>``, the
+    observations as ``<span class=obs>``."""
+    return "".join(f'<span class={"turn" if s["trained"] else "obs"}>{html.escape(s["text"])}</span>'
+                   for s in spans)
+
+
 def _response_cell(row: dict, side: str) -> str:
     ending = "stopped" if row[f"{side}_stopped"] else "no stop token"
-    return (f'<td title="{row[f"{side}_length"]} tokens, {ending}">'
-            f'{html.escape(row[f"{side}_response"])}</td>')
+    transcript = row.get(f"{side}_transcript")
+    if transcript is None:
+        return (f'<td title="{row[f"{side}_length"]} tokens, {ending}">'
+                f'{html.escape(row[f"{side}_response"])}</td>')
+    counts = ", ".join(f"{row[f'{side}_{k}']:g} {k.replace('_', ' ')}"
+                       for k in ("turns", "tool_calls", "tool_errors"))
+    return (f'<td title="{row[f"{side}_length"]} model tokens, {ending}; {counts}">'
+            f"{transcript_html(transcript)}</td>")
 
 
 def samples_table(rows: list[dict]) -> str:
@@ -173,6 +210,8 @@ table.summary td { font-variant-numeric: tabular-nums; }
 #samples button { font: inherit; border: none; background: none; cursor: pointer; padding: 0; }
 #samples button:after { content: " \\2195"; color: #999; }
 .meta { color: #555; }
+.turn { background: #e3efff; }
+.obs { color: #6a5a00; background: #fff6d6; font-style: italic; }
 """
 
 # Filter (substring over the row text) and sort (click a header; again to reverse). On load it
@@ -263,10 +302,19 @@ bootstrap over prompts, {b['samples']} resamples.</p>
 <p><label>filter <input id=filter type=search placeholder="text in prompt or responses"></label>
 <span class=meta><span id=shown>{len(rows)}</span> of {len(rows)} shown; click a column header
 to sort</span></p>
-{samples_table(rows)}
+{_legend(rows)}{samples_table(rows)}
 <script>{SCRIPT}</script>
 </body></html>
 """
+
+
+def _legend(rows: list[dict]) -> str:
+    """The key to a multi-turn transcript's styles (empty for single-turn samples)."""
+    if not rows or "policy_transcript" not in rows[0]:
+        return ""
+    return ("<p class=meta>Transcripts: <span class=turn>the model's turns (trained tokens)</span> "
+            "and <span class=obs>observations of the tools / environment (read, not trained)"
+            "</span>.</p>\n")
 
 
 def write_report(path: str | Path, summary: dict, rows: list[dict],

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -67,6 +68,11 @@ class Rollout:
     """(B, R) float: an environment's reward for an intermediate turn, on the last model token
     of that turn (``response_mask`` 1 there), 0 elsewhere; added to the per-token rewards before
     the advantages. None: single-turn (the score on the last action token is the only reward)"""
+    episode_stats: dict[str, torch.Tensor] | None = None
+    """multi-turn only, per row ``(B,)``: ``turns``, ``tool_calls``, ``tool_errors``,
+    ``tool_timeouts``, ``observation_tokens`` (long) and, with an environment, ``success``
+    (bool); see :func:`agent_rollout.episode_stats`. Kept by :meth:`subset` and :meth:`concat`
+    (when every part has them)"""
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -107,6 +113,9 @@ class Rollout:
             recorded["turn_rewards"] = torch.cat([
                 F.pad(r.turn_rewards, (0, R - r.turn_rewards.shape[1])) if r.turn_rewards is not None
                 else given[0].new_zeros(r.response_mask.shape[0], R) for r in rollouts])
+        if all(r.episode_stats is not None for r in rollouts):
+            recorded["episode_stats"] = {k: torch.cat([r.episode_stats[k] for r in rollouts])
+                                         for k in rollouts[0].episode_stats}
         return Rollout(
             input_ids=join("input_ids", pad_id, pad_id),
             attention_mask=join("attention_mask", 0, 0), prompt_length=P,
@@ -123,6 +132,8 @@ class Rollout:
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 value = value[rows]
+            elif isinstance(value, dict):  # episode_stats: (B,) tensors
+                value = {k: v[rows] for k, v in value.items()}
             elif isinstance(value, list):
                 value = [value[i] for i in rows]
             out[f.name] = value
@@ -349,10 +360,21 @@ def native_supported(model) -> bool:
     return base is not None and _cache_kwarg(base) is not None
 
 
+def _cache_part(cache, mask: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> tuple:
+    """The batch positions ``index`` of a sampling cache: ``(their output rows, per layer (keys,
+    values) or None when a layer is not a plain DynamicLayer, their mask over the cache)``."""
+    from transformers.cache_utils import DynamicLayer
+
+    plain = all(type(layer) is DynamicLayer for layer in cache.layers)
+    layers = [(layer.keys[index], layer.values[index]) for layer in cache.layers] if plain else None
+    return rows[index], layers, mask[index, :cache.get_seq_length()]
+
+
 def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                   cfg: GenerationConfig, stop_ids: list[int], tokenizer, record: bool = True,
                   value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  sync_every: int | None = None) -> dict[str, torch.Tensor]:
+                  sync_every: int | None = None, cache=None, past_mask: torch.Tensor | None = None,
+                  keep_cache: bool = False) -> dict[str, Any]:
     """Sample responses with a KV cache, recording as it goes what PPO needs of the policy.
 
     Each step runs the backbone on the newest token, applies the LM head to the last position
@@ -368,6 +390,13 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     ``sync_every``: steps between the host's checks of which rows stopped (default 1 on CPU, 8 on
     an accelerator; rows that stopped in between run on and are cut afterwards: the same tokens
     under greedy decoding, the same distribution when sampling).
+    Multi-turn (:mod:`agent_rollout`) continues a context already read: ``cache`` (a transformers
+    ``DynamicCache`` of ``C`` entries per row) and ``past_mask`` ``(B, C)`` (1 on its real entries,
+    which may be left-padded), then ``prompt_ids`` are only the tokens appended since; their
+    positions continue from each row's count of real entries. ``keep_cache``: the result also
+    holds ``"cache_parts"``, the batched cache of every row at the step it left the batch (or at
+    the end): a list of :func:`_cache_part` ``(rows (b,), per layer (keys, values) (b, heads, C', d)
+    or None, mask (b, C'))``; the entries after a row's stop are of tokens it did not keep.
     Returns ``{"response_ids": (B, R) with padding after each stop, "logprobs", "entropy",
     "values": (B, R) float32 or absent}``, ``R <= max_new_tokens``.
     """
@@ -376,7 +405,7 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     cache_kw = _cache_kwarg(base)
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=config)
+    cache = DynamicCache(config=config) if cache is None else cache
     B, dev, R = prompt_ids.shape[0], prompt_ids.device, cfg.max_new_tokens
     pad = tokenizer.pad_token_id
     tokens = torch.full((B, R), pad, dtype=torch.long, device=dev)
@@ -391,13 +420,13 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
     rows = torch.arange(B, device=dev)  # batch position -> row of the output
     done = torch.zeros(B, dtype=torch.bool, device=dev)  # per batch position
     end = torch.full((B,), R, dtype=torch.long, device=dev)  # response length per output row
-    x, mask = prompt_ids, prompt_mask
-    pos = position_ids_from_mask(prompt_mask)
+    x, mask = prompt_ids, (prompt_mask if past_mask is None else torch.cat([past_mask, prompt_mask], 1))
+    pos = position_ids_from_mask(mask)[:, -prompt_ids.shape[1]:]  # real tokens before come first
     # How often the host looks at which rows stopped (a device sync): every step on CPU, where
     # it is free; every 8th on an accelerator, so that the host queues steps ahead of the device.
     if sync_every is None:
         sync_every = 1 if dev.type == "cpu" else 8
-    steps = 0
+    steps, parts = 0, []
     for t in range(R):
         hidden = base(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True,
                       **{cache_kw: cache}).last_hidden_state[:, -1]  # (b, H)
@@ -444,14 +473,19 @@ def sample_native(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
             break
         if n_done >= max(1, len(done) // 8):  # drop stopped rows from the batch and the cache
             keep = (~done).nonzero().squeeze(1)
+            if keep_cache:
+                parts.append(_cache_part(cache, mask, rows, done.nonzero().squeeze(1)))
             cache.batch_select_indices(keep)
             x, mask, pos, rows, done = x[keep], mask[keep], pos[keep], rows[keep], done[keep]
             if seen is not None:
                 seen = seen[keep]
     steps = min(steps, int(end.max()))  # rows may all have stopped between two syncs
     after = torch.arange(steps, device=dev)[None, :] >= end[:, None]  # past each row's stop
+    if keep_cache:
+        parts.append(_cache_part(cache, mask, rows, torch.arange(len(rows), device=dev)))
+    kept = {"cache_parts": parts} if keep_cache else {}
     return {"response_ids": tokens[:, :steps].masked_fill(after, pad),
-            **{k: v[:, :steps].masked_fill(after, 0.0) for k, v in out.items()}}
+            **{k: v[:, :steps].masked_fill(after, 0.0) for k, v in out.items()}, **kept}
 
 
 @torch.no_grad()

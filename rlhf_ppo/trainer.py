@@ -31,7 +31,7 @@ from .distributed import (
 )
 from .errors import NonFiniteError, TrainingInterrupted
 from .experience import Experience, make_targets, records_logprobs, rollout_outputs
-from .metrics import IterationRecord, greedy_samples, iteration_metrics, skipped_metrics
+from .metrics import IterationRecord, agent_metrics, greedy_samples, iteration_metrics, skipped_metrics
 from .models import (
     save_merged,
 )
@@ -286,7 +286,7 @@ class PPOTrainer:
         record = IterationRecord(
             self.iteration, all_raw, all_stopped, scores, rollout.response_mask.float(), out.entropy,
             out.values, targets.batch.returns, targets.returns_moments, mean_kl, kl_coef,
-            {**reward_metrics, **targets.metrics}, self.unwrapped.has_critic)
+            {**reward_metrics, **targets.metrics, **agent_metrics(rollout)}, self.unwrapped.has_critic)
         return iteration_metrics(acc, record, update_metrics, self.scheduler.get_last_lr()[0],
                                  self.nonfinite_skips, [t0, t1, t2, t3])
 

@@ -15,7 +15,7 @@ from test_trainer import tiny_config
 
 from rlhf_ppo import PPOTrainer
 from rlhf_ppo.agent_rollout import build_agent, generate_multiturn
-from rlhf_ppo.config import AgentConfig, config_from_dict
+from rlhf_ppo.config import AgentConfig, GenerationConfig, config_from_dict
 from rlhf_ppo.errors import AgentError, ConfigError
 
 ENV_SOURCE = '''
@@ -200,12 +200,54 @@ def test_ppo_trains_on_environment_rollouts_with_holes(tmp_path, env_spec, monke
         assert (batch.advantages[holes] == 0).all() and (batch.returns[holes] == 0).all()
         assert all(torch.isfinite(torch.tensor(v)) for v in history[-1].values()
                    if isinstance(v, float))
+    for metrics in history:  # EchoGame: 3 turns, 2 observations of 4 words, a positive last reward
+        assert {k: v for k, v in metrics.items() if k.startswith("agent/")} == {
+            "agent/turns": 3.0, "agent/tool_calls": 0.0, "agent/tool_errors": 0.0,
+            "agent/tool_timeouts": 0.0, "agent/observation_tokens": 8.0, "agent/success": 1.0}
 
 
 def test_single_turn_config_has_no_agent(tmp_path):
     cfg = tiny_config(tmp_path)
     assert not cfg.agent.enabled and cfg.agent == AgentConfig()
-    assert PPOTrainer(cfg).agent is None
+    trainer = PPOTrainer(cfg)
+    assert trainer.agent is None
+    assert not [k for k in trainer.step() if k.startswith("agent/")]  # no agent metrics
+
+
+SLOW_TOOL_SOURCE = '''
+import time
+
+def movie() -> str:
+    """Gives a review of the movie, slowly."""
+    time.sleep(1.0)
+    return "great fun"
+'''
+
+
+def test_episode_counts_of_tool_calls_errors_and_timeouts(tmp_path, monkeypatch):
+    from rlhf_ppo.metrics import agent_metrics
+
+    (tmp_path / "slow.py").write_text(SLOW_TOOL_SOURCE)
+    review, movie, about = 80, 20, 79
+    # turn 1 calls movie (hangs past the 0.1 s timeout), turn 2 calls "good" (no such tool), turn 3 ends
+    script(monkeypatch, [review, movie, about, review, GOOD, about, EOS])
+    r, _ = rollout_of(tmp_path, f"agent.tools=[{tmp_path}/slow.py:movie]", "agent.call_open=review",
+                      "agent.call_close=about", "agent.result_template= user {content} assistant ",
+                      "agent.tool_timeout=0.1", "generation.max_new_tokens=200")
+    read = r.attention_mask[:, r.prompt_length:] - r.response_mask  # observations: read, not sampled
+    assert r.episode_stats["turns"].tolist() == [3] * 4
+    assert r.episode_stats["tool_calls"].tolist() == [2] * 4
+    assert r.episode_stats["tool_errors"].tolist() == [2] * 4
+    assert r.episode_stats["tool_timeouts"].tolist() == [1] * 4
+    assert r.episode_stats["observation_tokens"].tolist() == read.sum(1).tolist()
+    assert (read.sum(1) > 0).all() and "success" not in r.episode_stats  # tools, no environment
+    metrics = agent_metrics(r.subset([0, 2]))
+    assert sorted(metrics) == ["agent/observation_tokens", "agent/tool_calls", "agent/tool_errors",
+                               "agent/tool_timeouts", "agent/turns"]
+    assert metrics["agent/tool_timeouts"].tolist() == [1.0, 1.0]
+    from rlhf_ppo.rollout import Rollout
+    both = Rollout.concat([r.subset([0]), r.subset([1, 2])], pad_id=0)  # dynamic sampling's join
+    assert both.episode_stats["tool_calls"].tolist() == [2] * 3
 
 
 def test_config_and_agent_errors(tmp_path, env_spec, tool_spec):
@@ -215,3 +257,175 @@ def test_config_and_agent_errors(tmp_path, env_spec, tool_spec):
         config_from_dict({"agent": {"tools": [tool_spec]}, "generation": {"backend": "transformers"}})
     with pytest.raises(AgentError, match="reset/step environment"):
         build_agent(AgentConfig(tools=[tool_spec], environment=env_spec), None)
+
+
+# --- the chat protocol: a Qwen2.5 (Hermes) chat template over a byte-level vocabulary ------------
+
+def chat_tokenizer():
+    """Bytes as tokens (no merges: every text tokenizes the same alone as inside a longer text)
+    plus Qwen's special tokens, carrying Qwen2.5's chat template; nothing is downloaded."""
+    from test_agents import QWEN2_5_TEMPLATE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bytes_only = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    bytes_only.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bytes_only.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bytes_only, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = QWEN2_5_TEMPLATE
+    return tok
+
+
+QUESTION = [{"role": "user", "content": "How is the movie?"}]
+CALL = '<tool_call>\n{"name": "movie", "arguments": {}}\n</tool_call>'
+
+
+def chat_setup(agent_cfg: AgentConfig, rows: int = 2):
+    """A tiny random Llama over the byte vocabulary, the agent, and ``rows`` copies of QUESTION
+    rendered as data.load_prompts renders them (with the agent's tool schemas)."""
+    from transformers import LlamaForCausalLM
+
+    from rlhf_ppo.data import Prompt, render_prompt
+    from rlhf_ppo.tasks.tiny import tiny_llama_config
+
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tok)))
+    agent = build_agent(agent_cfg, tok)
+    text, messages = render_prompt(QUESTION, tok, 0, "prompt", tools=agent.schemas)
+    prompts = [Prompt(text, tok(text, add_special_tokens=False)["input_ids"], messages, {"label": i})
+               for i in range(rows)]
+    return model, tok, agent, prompts
+
+
+def chat_ids(tok, messages: list[dict], tools) -> list[int]:
+    """The template's rendering of the whole conversation, without the "\\n" Qwen's template
+    writes after the last <|im_end|> (the model stops at <|im_end|>)."""
+    text = tok.apply_chat_template(messages, tools=tools, tokenize=False).removesuffix("\n")
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_protocol_renders_tools_and_results_with_the_template(tool_spec, monkeypatch):
+    model, tok, agent, prompts = chat_setup(AgentConfig(tools=[tool_spec], protocol="auto"))
+    assert agent.protocol == "hermes" and [s["function"]["name"] for s in agent.schemas] == ["movie"]
+    assert '"name": "movie"' in prompts[0].text and "Gives a review of the movie." in prompts[0].text
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tok.eos_token_id
+    script(monkeypatch, enc(CALL) + [eos] + enc("Great.") + [eos])
+    r = generate_multiturn(model, prompts, tok, GenerationConfig(max_new_tokens=200), agent, record=True)
+    conversation = QUESTION + [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "movie", "arguments": {}}}]},
+        {"role": "tool", "name": "movie", "content": "great fun"},
+        {"role": "assistant", "content": "Great."}]
+    whole = chat_ids(tok, conversation, agent.schemas)
+    for b in range(2):
+        assert r.input_ids[b].tolist() == whole  # no padding: both rows are the same length
+    suffix = enc("\n<|im_start|>user\n<tool_response>\ngreat fun\n</tool_response><|im_end|>\n"
+                 "<|im_start|>assistant\n")
+    turn1, turn2 = len(enc(CALL)) + 1, len(enc("Great.")) + 1
+    assert r.response_mask[0].tolist() == [1] * turn1 + [0] * len(suffix) + [1] * turn2
+    assert r.response_ids[0, turn1:turn1 + len(suffix)].tolist() == suffix
+    assert (r.logprobs[r.response_mask == 0] == 0).all() and (r.logprobs[r.response_mask == 1] < 0).all()
+    assert r.stopped.all() and r.turn_rewards is None
+
+
+def test_chat_protocol_environment_observations_are_user_messages(env_spec, monkeypatch):
+    model, tok, agent, prompts = chat_setup(AgentConfig(environment=env_spec, protocol="chat"))
+    assert agent.schemas is None  # a reset/step environment offers no tools
+    eos = tok.eos_token_id
+    ok = tok("ok", add_special_tokens=False)["input_ids"]
+    script(monkeypatch, [*ok, eos] * 3)  # every turn: "ok<|im_end|>"
+    r = generate_multiturn(model, prompts, tok, GenerationConfig(max_new_tokens=200), agent)
+    said = {"role": "assistant", "content": "ok"}
+    heard = {"role": "user", "content": "user : the movie"}
+    assert r.input_ids[0].tolist() == chat_ids(tok, QUESTION + [said, heard, said, heard, said], None)
+    obs = len(tok("\n<|im_start|>user\nuser : the movie<|im_end|>\n<|im_start|>assistant\n",
+                  add_special_tokens=False)["input_ids"])
+    assert r.response_mask[0].tolist() == ([1] * 3 + [0] * obs) * 2 + [1] * 3
+    assert r.turn_rewards[0].nonzero().squeeze(1).tolist() == [2, 5 + obs, 8 + 2 * obs]
+
+
+def test_chat_protocol_trl_environment_reset_text_joins_the_last_message(tmp_path, monkeypatch):
+    (tmp_path / "trl_env.py").write_text(TRL_ENV_SOURCE)
+    model, tok, agent, prompts = chat_setup(AgentConfig(environment=f"{tmp_path}/trl_env.py:ReviewEnv"))
+    assert [s["function"]["name"] for s in agent.schemas] == ["movie"]  # the environment's method
+    eos = tok.eos_token_id
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    script(monkeypatch, enc(CALL) + [eos] + enc("Fun.") + [eos])
+    r = generate_multiturn(model, prompts, tok, GenerationConfig(max_new_tokens=200), agent)
+    asked = [{"role": "user", "content": "How is the movie?user :"}]  # reset's text, as TRL
+    prompt = tok.apply_chat_template(asked, tools=agent.schemas, tokenize=False, add_generation_prompt=True)
+    assert r.prompts[0].text == prompt and r.prompts[0].messages == asked
+    assert r.input_ids[0, :r.prompt_length].tolist() == enc(prompt)
+    assert tok.decode(r.response_ids[0]).endswith(
+        "</tool_response><|im_end|>\n<|im_start|>assistant\nFun.<|im_end|>")
+    assert r.turn_rewards[0].tolist()[-1] == 0.5  # get_reward(): one call
+
+
+# --- the KV cache carried from turn to turn ------------------------------------------------------
+
+def count_forward_tokens(model) -> list[int]:
+    """A list that receives the number of input tokens (padding included) of every backbone pass."""
+    from rlhf_ppo.lm import transformer
+
+    counts: list[int] = []
+    transformer(model).base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: counts.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    return counts
+
+
+def both_ways(trainer, rows, cfg):
+    """The rollout with the carried cache and with a fresh prefill per turn, from one seed."""
+    out = []
+    for carry in (True, False):
+        torch.manual_seed(1)
+        out.append(generate_multiturn(trainer.unwrapped.policy, rows, trainer.tokenizer, cfg, trainer.agent,
+                                      record=True, carry_cache=carry))
+    return out
+
+
+@pytest.mark.parametrize("batch_size, sync_every", [(None, None), (3, None), (None, 4)])
+def test_carried_cache_samples_what_a_fresh_prefill_samples(tmp_path, env_spec, batch_size, sync_every,
+                                                            monkeypatch):
+    """Real sampling: turns end at a stop token (a third of the vocabulary) or after 4 tokens, rows
+    run out of their 18-token budget at different turns (the active rows and the chunks change),
+    observations sit between padding. ``sync_every=4`` (as on an accelerator): rows that stopped
+    run on for up to 3 steps, their cache entries of tokens after the stop must be cut."""
+    if sync_every is not None:
+        import functools
+
+        from rlhf_ppo.rollout import sample_native
+        monkeypatch.setattr("rlhf_ppo.agent_rollout.sample_native",
+                            functools.partial(sample_native, sync_every=sync_every))
+    _, trainer = rollout_of(tmp_path, f"agent.environment={env_spec}", "agent.max_tokens_per_turn=4",
+                            "agent.max_total_tokens=18", "agent.max_turns=4")
+    import dataclasses
+    cfg = dataclasses.replace(trainer.cfg.generation, batch_size=batch_size,
+                              stop_token_ids=list(range(4, len(trainer.tokenizer), 3)))
+    carried, fresh = both_ways(trainer, trainer.sampler.prompts[:4], cfg)
+    assert torch.equal(carried.input_ids, fresh.input_ids)
+    assert torch.equal(carried.response_mask, fresh.response_mask)
+    assert torch.allclose(carried.logprobs, fresh.logprobs, atol=1e-5, rtol=0)
+    assert torch.allclose(carried.entropy, fresh.entropy, atol=1e-5, rtol=0)
+    lengths = carried.response_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1  # the rows did differ
+
+
+def test_carried_cache_prefills_only_the_appended_tokens(tmp_path, env_spec, monkeypatch):
+    script(monkeypatch, [GOOD])  # 3 turns of 3 tokens (2 fed back each) and 2 observations of 4
+    _, trainer = rollout_of(tmp_path, f"agent.environment={env_spec}", "agent.max_tokens_per_turn=3",
+                            "agent.max_total_tokens=40")
+    counts = count_forward_tokens(trainer.unwrapped.policy)
+    carried, fresh = both_ways(trainer, trainer.sampler.prompts[:4], trainer.cfg.generation)
+    B, P = 4, carried.prompt_length
+    assert torch.allclose(carried.logprobs, fresh.logprobs, atol=1e-5, rtol=0)
+    per_turn = len(counts) // 2
+    carried_tokens, fresh_tokens = sum(counts[:per_turn]), sum(counts[per_turn:])
+    # carried: the prompt, then per turn the last token of the previous turn and the observation
+    # (1 + 4), each turn followed by 2 single-token decoding steps
+    assert carried_tokens == B * (P + 2 + (5 + 2) + (5 + 2))
+    # fresh: turn k prefills the whole history (P, P + 7, P + 14 wide), then 2 decoding steps
+    assert fresh_tokens == B * ((P + 2) + (P + 7 + 2) + (P + 14 + 2))
