@@ -36,11 +36,8 @@ import logging
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..config import Config, ConfigError, parse_override
 from ..evaluate import EvalConfig, run_evaluate
@@ -48,7 +45,7 @@ from ..sft import SFTConfig, run_sft
 from ..trainer import PPOTrainer
 from . import reasoning as R
 from .quickstart import ppo_summary
-from .stages import Stage, command_stage, run_stages
+from .stages import Stage, command_stage, run_pipeline
 from .tiny import build_tiny_model
 
 # --------------------------------------------------------------------------- the tool
@@ -191,16 +188,9 @@ def run_calculator(output_dir: str | Path = "runs/calculator", fresh: bool = Fal
     """Data, base model, SFT, PPO and the evaluation under ``output_dir``, with the calculator
     (``tool``) or without it; returns every stage's summary. Stages are reused as in
     :func:`reasoning.run_reasoning` (a changed PPO seed reruns only ppo and eval)."""
-    torch.set_num_threads(1)  # tiny models: one thread is fastest
     out = Path(output_dir)
-    stages = calculator_stages(out, tool, stage_overrides)
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    summaries = run_stages(out, stages, fresh=fresh, label="calculator")
-    print(summary_text(out, summaries, time.perf_counter() - start), flush=True)
-    return summaries
+    return run_pipeline(out, calculator_stages(out, tool, stage_overrides), fresh, "calculator",
+                        summary_text)
 
 
 def summary_text(out: Path, s: dict[str, dict], seconds: float) -> str:

@@ -14,18 +14,15 @@ import json
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..config import Config
 from ..evaluate import EvalConfig, run_evaluate
 from ..reward_training import RewardTrainConfig, run_reward_training
 from ..sft import SFTConfig, run_sft
 from ..trainer import PPOTrainer
-from .stages import Stage, command_stage, run_stages
+from .stages import Stage, command_stage, run_pipeline
 from .tiny import SPECIAL_TOKENS, build_tiny_model, build_word_tokenizer
 
 # --------------------------------------------------------------------------- the corpus
@@ -250,17 +247,8 @@ def run_quickstart(output_dir: str | Path = "runs/quickstart",
     """Corpus, base model, SFT, reward model, PPO and evaluation under ``output_dir``; a stage
     finished by an earlier run with the same config is reused, unless ``fresh`` (which first
     deletes ``output_dir``). Prints the figures and returns every stage's summary by name."""
-    # The models are tiny: one thread is fastest (and far faster on a busy machine, where
-    # several threads per process spin against each other).
-    torch.set_num_threads(1)
     out = Path(output_dir)
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    summaries = run_stages(out, quickstart_stages(out), fresh=fresh, label="quickstart")
-    _print_summary(out, summaries, time.perf_counter() - start)
-    return summaries
+    return run_pipeline(out, quickstart_stages(out), fresh, "quickstart", summary_text)
 
 
 def ppo_summary(history: list[dict]) -> dict:
@@ -271,7 +259,8 @@ def ppo_summary(history: list[dict]) -> dict:
             "score_last5": mean(tail, "score_mean"), "kl_last5": mean(tail, "kl")}
 
 
-def _print_summary(out: Path, s: dict[str, dict], seconds: float) -> None:
+def summary_text(out: Path, s: dict[str, dict], seconds: float) -> str:
+    """The lines :func:`run_quickstart` prints at the end."""
     ev = s["eval"]
     pol, ref, diff = ev["policy"]["score"], ev["reference"]["score"], ev["score_diff"]
     truth = lambda side: ev[side]["sources"][1]["mean"]
@@ -291,4 +280,4 @@ def _print_summary(out: Path, s: dict[str, dict], seconds: float) -> None:
         f"{f(truth('policy'))}, kl {f(ev['kl']['mean'])}",
         f"  report:   {out / 'eval' / 'report.html'}",
     ]
-    print("\n".join(lines), flush=True)
+    return "\n".join(lines)

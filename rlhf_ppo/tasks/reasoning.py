@@ -32,11 +32,8 @@ import json
 import logging
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..config import Config, ConfigError, parse_override, set_overrides
 from ..evaluate import EvalConfig, run_evaluate
@@ -46,7 +43,7 @@ from ..trainer import PPOTrainer
 from ..verifiable import answers_match, math_answer
 from ..verifiable import extract_answer as extract
 from .quickstart import ppo_summary
-from .stages import Stage, command_stage, run_stages
+from .stages import Stage, command_stage, run_pipeline
 from .tiny import SPECIAL_TOKENS, build_tiny_model, build_word_tokenizer
 
 # --------------------------------------------------------------------------- the task
@@ -319,16 +316,9 @@ def run_reasoning(output_dir: str | Path = "runs/reasoning", fresh: bool = False
     (``STAGE/.complete``) is reused, unless ``fresh`` (which first deletes ``output_dir``); one
     that changed runs again, and so do the stages after it (all of them when :data:`TASK` or
     :data:`MODEL` changed)."""
-    torch.set_num_threads(1)  # tiny models: one thread is fastest
     out = Path(output_dir)
-    stages = reasoning_stages(out, estimator_overrides, stage_overrides)
-    if fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    summaries = run_stages(out, stages, fresh=fresh, label="reasoning")
-    print(summary_text(out, summaries, time.perf_counter() - start), flush=True)
-    return summaries
+    return run_pipeline(out, reasoning_stages(out, estimator_overrides, stage_overrides), fresh,
+                        "reasoning", summary_text)
 
 
 def summary_text(out: Path, s: dict[str, dict], seconds: float) -> str:

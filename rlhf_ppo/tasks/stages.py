@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..config import config_from_dict
@@ -112,6 +114,24 @@ def run_stages(out: str | Path, stages: Sequence[Stage], fresh: bool = False,
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         write_marker(folder, config, summary)
         summaries[stage.name] = as_json(summary)
+    return summaries
+
+
+def run_pipeline(out: str | Path, stages: Sequence[Stage], fresh: bool, label: str,
+                 summary_text: Callable[[Path, dict[str, dict[str, Any]], float], str]
+                 ) -> dict[str, dict[str, Any]]:
+    """A demo's whole run: one torch thread (the models are tiny: one thread is fastest, and far
+    faster on a busy machine, where several threads per process spin against each other),
+    ``fresh`` deletes ``out`` first, :func:`run_stages`, then prints ``summary_text(out,
+    summaries, seconds)``. Returns every stage's summary by name."""
+    torch.set_num_threads(1)
+    out = Path(out)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    summaries = run_stages(out, stages, fresh=fresh, label=label)
+    print(summary_text(out, summaries, time.perf_counter() - start), flush=True)
     return summaries
 
 
