@@ -42,7 +42,13 @@ import torch
 
 from . import turn_cache
 from .agents import AgentRunner, Episode, TextProtocol, ToolSet, environment_toolset, load_tool
-from .agents.parsing import chat_tool_suffix, detect_format, parse_tool_calls, tool_template_problem
+from .agents.parsing import (
+    appended_suffix,
+    chat_tool_suffix,
+    detect_format,
+    parse_tool_calls,
+    tool_template_problem,
+)
 from .config import AgentConfig, GenerationConfig
 from .data import Prompt, left_pad, render_prompt
 from .errors import AgentError
@@ -218,18 +224,12 @@ def chat_user_suffix(tokenizer, text: str, tools: list[dict] | None = None) -> s
     two renderings, the shorter cut after its last end-of-turn token)."""
     kwargs = {"tools": tools} if tools else {}
     dummy = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "dummy"}]
-    prefix = tokenizer.apply_chat_template(dummy, tokenize=False, **kwargs)
-    full = tokenizer.apply_chat_template(dummy + [{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True, **kwargs)
-    eos = getattr(tokenizer, "eos_token", None)
-    if eos and eos in prefix:
-        prefix = prefix[: prefix.rindex(eos) + len(eos)]
-    if not full.startswith(prefix):
-        raise AgentError("agent.protocol: the chat template is not prefix-preserving (appending a user "
-                         "message changes how the earlier messages render), so an environment's "
-                         "observation cannot be appended to a turn; expected a template that renders "
-                         "earlier messages the same, or agent.protocol: text")
-    return full[len(prefix):]
+    return appended_suffix(
+        tokenizer, dummy, [{"role": "user", "content": text}],
+        "agent.protocol: the chat template is not prefix-preserving (appending a user message "
+        "changes how the earlier messages render), so an environment's observation cannot be "
+        "appended to a turn; expected a template that renders earlier messages the same, or "
+        "agent.protocol: text", **kwargs)
 
 
 def _observation_ids(agent: Agent, tokenizer, observation: str) -> list[int]:

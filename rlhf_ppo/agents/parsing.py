@@ -413,14 +413,26 @@ def chat_tool_suffix(tokenizer, results: Sequence[ToolResult], **template_kwargs
     name = results[0].name if results else _TOOL  # gpt-oss derives the tool header from the name
     dummy = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": name, "arguments": {}}}]}]
+    return appended_suffix(
+        tokenizer, dummy, tool_messages(results),
+        "the chat template is not prefix-preserving: appending tool messages changes how the earlier "
+        "messages render, so the tool results cannot be appended to a turn; use a training chat "
+        "template (TRL's get_training_chat_template) or the text protocol", **template_kwargs)
+
+
+def appended_suffix(tokenizer, dummy: list[dict], appended: list[dict], not_prefix_error: str,
+                    **template_kwargs: Any) -> str:
+    """The text the chat template renders for ``appended`` messages after the conversation
+    ``dummy`` (ending with a finished assistant turn), plus the next assistant header: the
+    difference of the two renderings, the shorter cut after its last end-of-turn (eos) token,
+    because templates such as Qwen's put ``"\\n"`` after ``<|im_end|>``, which belongs to the
+    suffix. AgentError(``not_prefix_error``) when the template renders ``dummy`` differently once
+    messages follow it."""
     prefix = _render(tokenizer, dummy, **template_kwargs)
-    full = _render(tokenizer, dummy + tool_messages(results), add_generation_prompt=True, **template_kwargs)
+    full = _render(tokenizer, dummy + appended, add_generation_prompt=True, **template_kwargs)
     eos = getattr(tokenizer, "eos_token", None)
     if eos and eos in prefix:
         prefix = prefix[: prefix.rindex(eos) + len(eos)]
     if not full.startswith(prefix):
-        raise AgentError("the chat template is not prefix-preserving: appending tool messages changes how "
-                         "the earlier messages render, so the tool results cannot be appended to a turn; "
-                         "use a training chat template (TRL's get_training_chat_template) or the text "
-                         "protocol")
+        raise AgentError(not_prefix_error)
     return full[len(prefix):]
