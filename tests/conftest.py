@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from rlhf_ppo import builtin
+from rlhf_ppo.config import ModelConfig
+from rlhf_ppo.loading import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,6 +125,18 @@ def fresh_accelerate_state():
 def tiny_policy_dir(tmp_path_factory):
     """A tiny random-init Llama causal LM + word tokenizer, saved with save_pretrained."""
     return str(builtin.build_tiny_model(tmp_path_factory.mktemp("policy"), seed=0))
+
+
+@pytest.fixture(scope="module")
+def model_cfg(tiny_policy_dir):
+    """The model section naming the tiny policy."""
+    return ModelConfig(name_or_path=tiny_policy_dir)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_policy_dir):
+    """The tiny policy's word tokenizer, loaded through the real loading code."""
+    return load_tokenizer(ModelConfig(name_or_path=tiny_policy_dir))
 
 
 @pytest.fixture(scope="session")

@@ -11,19 +11,13 @@ import pytest
 import torch
 
 from rlhf_ppo import builtin
-from rlhf_ppo.config import DataConfig, ModelConfig
+from rlhf_ppo.config import DataConfig
 from rlhf_ppo.data import DataError, Prompt, PromptSampler, left_pad, load_prompts
-from rlhf_ppo.models import load_tokenizer
 
 
 def vocab_ids(text: str) -> list[int]:
     """Hand tokenization: word-level ids are positions in builtin.VOCAB_WORDS."""
     return [builtin.VOCAB_WORDS.index(w) for w in text.split()]
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_policy_dir):
-    return load_tokenizer(ModelConfig(name_or_path=tiny_policy_dir))
 
 
 def write_jsonl(path, rows):

@@ -20,7 +20,6 @@ from rlhf_ppo import builtin, formats
 from rlhf_ppo import finetune as ft
 from rlhf_ppo.config import DataConfig, ModelConfig, RewardSource
 from rlhf_ppo.data import DataError, Prompt, Rows, load_prompts, render_prompt
-from rlhf_ppo.models import load_tokenizer
 from rlhf_ppo.reward_training import PairFormatter, RewardDataConfig, encode_pairs
 from rlhf_ppo.rewards import ModelReward
 from rlhf_ppo.sft import IGNORE_INDEX, SFTDataConfig, encode_rows
@@ -40,11 +39,6 @@ def rows(name: str) -> list[dict]:
 
 def table(name: str):
     return ft.load_table(str(DATA / name), "train", "data.path")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_policy_dir):
-    return load_tokenizer(ModelConfig(name_or_path=tiny_policy_dir))
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from rollouts import rollout_of  # tests/rollouts.py
 
 from rlhf_ppo import remote, serve
-from rlhf_ppo.config import ConfigError, ModelConfig, RewardConfig, RewardSource, load_config
+from rlhf_ppo.config import ConfigError, RewardConfig, RewardSource, load_config
 from rlhf_ppo.data import Prompt
 from rlhf_ppo.errors import RewardError, UnreadKeyWarning
-from rlhf_ppo.models import load_tokenizer
 from rlhf_ppo.rewards import RewardSum
 
 FAST = dict(max_retries=2, backoff=0.01, timeout=5.0)  # retries without waiting in tests
@@ -47,16 +46,6 @@ FUNCTIONS = textwrap.dedent('''
 
 
 # --------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def tok(tiny_policy_dir):
-    return load_tokenizer(ModelConfig(name_or_path=tiny_policy_dir))
-
-
-@pytest.fixture(scope="module")
-def model_cfg(tiny_policy_dir):
-    return ModelConfig(name_or_path=tiny_policy_dir)
-
 
 @pytest.fixture(scope="module")
 def fns(tmp_path_factory):

@@ -77,11 +77,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_policy_dir):
-    return load_tokenizer(ModelConfig(name_or_path=tiny_policy_dir))
-
-
 def rm_cfg(start: str, path: str, out: Path, **kw) -> RewardTrainConfig:
     train = dict(epochs=1, batch_size=16, micro_batch_size=16, lr=3e-3)
     train.update(kw.pop("train", {}))

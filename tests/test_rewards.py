@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from rlhf_ppo import builtin
-from rlhf_ppo.config import ModelConfig, RewardConfig, RewardSource
+from rlhf_ppo.config import RewardConfig, RewardSource
 from rlhf_ppo.data import Prompt, left_pad
-from rlhf_ppo.models import ModelLoadError, load_tokenizer
+from rlhf_ppo.models import ModelLoadError
 from rlhf_ppo.rewards import (
     FunctionReward,
     ModelReward,
@@ -28,16 +28,6 @@ from rlhf_ppo.rollout import Rollout
 
 EOS = builtin.VOCAB_WORDS.index("<eos>")  # 3
 PAD = builtin.VOCAB_WORDS.index("<pad>")  # 0
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_policy_dir):
-    return load_tokenizer(ModelConfig(name_or_path=tiny_policy_dir))
-
-
-@pytest.fixture(scope="module")
-def model_cfg(tiny_policy_dir):
-    return ModelConfig(name_or_path=tiny_policy_dir)
 
 
 def make_rollout(tok, prompt_texts, response_words, stopped, response_texts=None, extras=None,

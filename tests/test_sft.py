@@ -66,11 +66,6 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_policy_dir):
-    return load_tokenizer(ModelConfig(name_or_path=tiny_policy_dir))
-
-
-@pytest.fixture(scope="module")
 def reviews(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("sft_data") / "reviews.jsonl", review_rows(240))
 

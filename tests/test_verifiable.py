@@ -226,11 +226,6 @@ def test_format_reward_pattern():
 
 # --------------------------------------------------------------------------- through FunctionReward
 
-@pytest.fixture(scope="module")
-def tok(tiny_policy_dir):
-    return load_tokenizer(ModelConfig(name_or_path=tiny_policy_dir))
-
-
 def text_rollout(tok, prompt_texts, responses, extras):
     """A Rollout-like batch whose response texts are free text (the reward functions read only
     texts): one placeholder response token per row."""
