@@ -90,11 +90,14 @@ def atomic_folder(folder: str | Path, is_main: bool = True,
     if is_main:
         if marker is not None:
             (tmp / marker).write_text("ok\n")
-        won = barrier is None and marker is not None and (folder / marker).exists()
-        if won:  # a concurrent writer finished first (readers may be using it): keep that one
+        def taken() -> bool:  # a concurrent writer's complete copy, which readers may be using
+            return barrier is None and marker is not None and (folder / marker).exists()
+        if taken():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            if folder.exists():  # an older save of the same name (e.g. an extended run)
+            # an older save of the same name (e.g. an extended run); asked again, because a
+            # concurrent writer may have renamed its complete copy in since: never delete that
+            if folder.exists() and not taken():
                 shutil.rmtree(folder, ignore_errors=True)
             try:
                 os.replace(tmp, folder)

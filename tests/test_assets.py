@@ -55,3 +55,29 @@ def test_the_tiny_dataset_is_built_once_into_the_cache(tmp_path, monkeypatch):
     stamp = (tmp_path / "tiny-prompts-v1" / "prompts.jsonl").stat().st_mtime_ns
     assert assets.resolve_dataset("builtin:tiny") == path
     assert (tmp_path / "tiny-prompts-v1" / "prompts.jsonl").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("name", ["builtin:tiny", "builtin:tiny-reward"])
+def test_a_model_built_by_a_process_other_than_rank_0_has_its_weights(tmp_path, monkeypatch, name):
+    """Under torchrun every process may be the first to build an asset, and transformers'
+    save_pretrained writes weights on global rank 0 only: rank 1's copy must still be complete."""
+    import torch
+    from transformers import AutoConfig
+
+    monkeypatch.setenv("RLHF_PPO_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    folder = assets.resolve_model(name)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in tmp_path.joinpath(
+        folder).iterdir()}
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(folder)
+    cls = AutoModelForSequenceClassification if name.endswith("reward") else AutoModelForCausalLM
+    model = cls.from_pretrained(folder)
+    assert config.architectures == [type(model).__name__]
+    seed = 1 if name.endswith("reward") else 0  # the builders' seeds: the weights are the random init
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(model)(config)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())

@@ -104,9 +104,25 @@ def build_tiny_model(folder: str | Path, seed: int = 0, task: str = "causal-lm",
             model = LlamaForCausalLM(config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    save_everywhere(model, folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_everywhere(model, folder: Path) -> None:
+    """``model``'s config, generation config and weights (``model.safetensors``) in ``folder``,
+    written by whichever process calls it. ``save_pretrained`` writes the weights on global rank 0
+    only once ``torch.distributed`` is initialised, so a built-in asset built first by another
+    rank (under torchrun / accelerate launch, or on a second machine) would be a folder without
+    weights."""
+    from safetensors.torch import save_model
+
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records them
+    model.config.dtype = next(model.parameters()).dtype
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def tiny_prompts(n: int = 256, seed: int = 0) -> list[dict]:
