@@ -81,3 +81,8 @@ def test_a_model_built_by_a_process_other_than_rank_0_has_its_weights(tmp_path, 
         torch.manual_seed(seed)
         fresh = type(model)(config)
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    # the tied embeddings under the name save_pretrained uses: a critic (a score-head model) loaded
+    # from the policy's folder must find them, it has no lm_head
+    from safetensors.torch import load_file
+
+    assert "model.embed_tokens.weight" in load_file(f"{folder}/model.safetensors")

@@ -115,14 +115,21 @@ def save_everywhere(model, folder: Path) -> None:
     only once ``torch.distributed`` is initialised, so a built-in asset built first by another
     rank (under torchrun / accelerate launch, or on a second machine) would be a folder without
     weights."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     model.config.architectures = [type(model).__name__]  # as save_pretrained records them
     model.config.dtype = next(model.parameters()).dtype
     model.config.save_pretrained(folder)
     if model.can_generate():
         model.generation_config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # a tied tensor once, under its first name (the input embeddings, not lm_head), as
+    # save_pretrained stores it: a score-head model loaded from this folder needs the embeddings
+    weights, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            weights[name] = tensor.contiguous()
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def tiny_prompts(n: int = 256, seed: int = 0) -> list[dict]:
