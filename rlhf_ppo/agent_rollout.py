@@ -44,11 +44,14 @@ from . import turn_cache
 from .agents import AgentRunner, Episode, TextProtocol, ToolSet, environment_toolset, load_tool
 from .agents.parsing import (
     appended_suffix,
+    assistant_message,
     chat_tool_suffix,
     detect_format,
     parse_tool_calls,
+    tool_messages,
     tool_template_problem,
 )
+from .agents.remote_env import load_environment
 from .config import AgentConfig, GenerationConfig
 from .data import Prompt, left_pad, render_prompt
 from .errors import AgentError
@@ -68,8 +71,9 @@ class Agent:
 
     ``environment``: the environment class (one instance per rollout) or None; ``multiturn``: it
     follows the reset(row)/step(text) protocol (it has a ``step`` method), else TRL's
-    environment_factory convention (its public methods are tools); ``protocol``: ``"text"`` or the
-    chat template's tool-call format (:data:`~rlhf_ppo.agents.FORMATS`)."""
+    environment_factory convention (its public methods are tools); ``protocol``: ``"text"``,
+    ``"chat"`` (a reset/step environment with a chat template) or the chat template's tool-call
+    format (:data:`~rlhf_ppo.agents.FORMATS`)."""
 
     cfg: AgentConfig
     tools: list[Callable]
@@ -96,20 +100,18 @@ def build_agent(cfg: AgentConfig, tokenizer) -> Agent:
     """Load ``cfg``'s tools and environment class and choose the tool-call protocol.
 
     ``protocol: auto`` takes the chat template's tool format when the template can express tools
-    (:func:`~rlhf_ppo.agents.parsing.tool_template_problem`), else the text protocol. In the chat
+    (:func:`~rlhf_ppo.agents.parsing.tool_template_problem`), else the text protocol; a reset/step
+    environment needs no tools in the template, only a chat template (:func:`_choose_protocol`). In the chat
     protocol the agent's ``schemas`` go into the prompts (``data.load_prompts(tools=...)``): those
     of ``agent.tools`` and of a TRL environment's public methods (read from one instance, as TRL)."""
     tools = [load_tool(spec, "agent.tools[]") for spec in cfg.tools]
-    env = load_tool(cfg.environment, "agent.environment") if cfg.environment else None
+    env = load_environment(cfg) if cfg.environment else None  # a class, or a URL: a server
     multiturn = env is not None and callable(getattr(env, "step", None))
     if multiturn and tools:
         raise AgentError(f"agent.tools: {cfg.environment} is a reset/step environment, which answers "
                          "every turn itself; expected no agent.tools with it (use a TRL-style "
                          "environment class, whose public methods are tools, to combine both)")
-    if cfg.protocol == "text" or (cfg.protocol == "auto" and tool_template_problem(tokenizer)):
-        protocol = "text"
-    else:
-        protocol = detect_format(tokenizer)  # protocol: chat without tool support raises here
+    protocol = _choose_protocol(cfg, tokenizer, multiturn)
     schemas = None
     if protocol != "text" and not multiturn:  # one instance shows a TRL environment's tools
         found = environment_toolset(env(), tools) if env is not None else ToolSet(tools)
@@ -117,6 +119,25 @@ def build_agent(cfg: AgentConfig, tokenizer) -> Agent:
     return Agent(cfg, tools, env, multiturn, protocol,
                  TextProtocol(cfg.call_open, cfg.call_close, cfg.result_template),
                  AgentRunner(cfg.tool_timeout, cfg.max_turns if multiturn else None), schemas)
+
+
+def _choose_protocol(cfg: AgentConfig, tokenizer, multiturn: bool) -> str:
+    """``"text"``, ``"chat"`` (a reset/step environment's observations as ``role: user``
+    messages: any chat template can express them) or the chat template's tool-call format.
+    ``auto``: chat when the template can express what the agent needs, else text."""
+    if cfg.protocol == "text":
+        return "text"
+    if multiturn:
+        if getattr(tokenizer, "chat_template", None) is not None:
+            return "chat"
+        if cfg.protocol == "chat":
+            raise AgentError("agent.protocol: chat needs a tokenizer with a chat template (to append the "
+                             "environment's observations as user messages), but it has none; expected "
+                             "agent.protocol: text or auto")
+        return "text"
+    if cfg.protocol == "auto" and tool_template_problem(tokenizer):
+        return "text"
+    return detect_format(tokenizer)  # protocol: chat without tool support raises here
 
 
 @dataclass
@@ -146,6 +167,11 @@ class _Row:
     """the calls among ``tool_errors`` that hung past ``agent.tool_timeout``"""
     success: bool = False
     """the environment ended the episode with a positive reward (see :func:`episode_stats`)"""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    """chat protocol: the conversation after the prompt as chat messages (the model's turns as
+    ``assistant`` messages with their ``tool_calls``, tool results as ``tool`` messages, an
+    environment's observations as ``user`` messages), as TRL passes a tool-calling rollout's
+    completion to reward functions"""
     cache: RowCache | None = None
     """the KV cache of the first ``cache.length`` tokens of ``prompt_ids + ids``, carried to the
     next turn (:mod:`rlhf_ppo.turn_cache`); None: none yet, or the fresh-prefill path"""
@@ -317,6 +343,8 @@ def _answer(agent: Agent, rows: list[_Row], texts: list[str], calls: list[list],
             row.done = res.done
             if not res.done:
                 row.add(_observation_ids(agent, tokenizer, res.observation), trained=False)
+                if agent.chat:
+                    row.messages.append({"role": "user", "content": res.observation})
         return
     busy = [i for i, c in enumerate(calls) if c]
     for i, row in enumerate(rows):
@@ -333,6 +361,8 @@ def _answer(agent: Agent, rows: list[_Row], texts: list[str], calls: list[list],
         text = (agent.text.render_results(res) if agent.protocol == "text"
                 else chat_tool_suffix(tokenizer, res, **({"tools": agent.schemas} if agent.schemas else {})))
         rows[i].add(_encode(tokenizer, text), trained=False)
+        if agent.chat:
+            rows[i].messages += tool_messages(res)
 
 
 @torch.no_grad()
@@ -369,7 +399,9 @@ def generate_multiturn(model, prompts: list[Prompt], tokenizer, cfg: GenerationC
                     row.turn_rewards[max(i for i, a in enumerate(row.action) if a)] += reward
     finally:
         model.train(was_training)
-    return _assemble(rows, tokenizer, keys, with_rewards=agent.environment is not None)
+        if agent.multiturn:  # however each episode ended: free what it holds (a server session)
+            agent.runner.close_episodes([r.env for r in rows])
+    return _assemble(rows, tokenizer, keys, agent)
 
 
 def _turn(model, active: list[_Row], cfg: GenerationConfig, agent: Agent, stop_ids: list[int],
@@ -393,6 +425,8 @@ def _turn(model, active: list[_Row], cfg: GenerationConfig, agent: Agent, stop_i
         row.stopped = ended
         text = tokenizer.decode(ids, skip_special_tokens=agent.protocol == "text")
         limit = row.turns >= agent.cfg.max_turns or row.budget <= 0
+        if agent.chat:
+            row.messages.append(_assistant_turn(agent, tokenizer, ids))
         if agent.multiturn:
             texts.append(tokenizer.decode(ids, skip_special_tokens=True))
             paused.append(row)
@@ -412,9 +446,25 @@ def _turn(model, active: list[_Row], cfg: GenerationConfig, agent: Agent, stop_i
             row.cache = None  # free its memory
 
 
-def _assemble(rows: list[_Row], tokenizer, keys: tuple[str, ...], with_rewards: bool) -> Rollout:
+def _assistant_turn(agent: Agent, tokenizer, ids: list[int]) -> dict[str, Any]:
+    """A model turn as a chat message: its text without special tokens and, with tools, the calls
+    parsed from it in the template's format (:func:`~rlhf_ppo.agents.parsing.assistant_message`)."""
+    if agent.multiturn:
+        return {"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)}
+    message = assistant_message(parse_tool_calls(tokenizer.decode(ids, skip_special_tokens=False),
+                                                 agent.protocol))
+    content = message["content"]
+    for token in tokenizer.all_special_tokens:
+        content = content.replace(token, "")
+    message["content"] = content.strip()
+    return message
+
+
+def _assemble(rows: list[_Row], tokenizer, keys: tuple[str, ...], agent: Agent) -> Rollout:
     """The ``Rollout`` of the finished rows: prompts left-padded to P, response regions
-    right-padded to R (pad token, both masks 0, recorded values 0)."""
+    right-padded to R (pad token, both masks 0, recorded values 0); with an environment, each
+    row's instance (``environments``), in the chat protocol the conversations as messages."""
+    with_rewards = agent.environment is not None
     pad = tokenizer.pad_token_id
     prompt_ids, prompt_mask = left_pad([r.prompt_ids for r in rows], pad)
     B, R = len(rows), max(len(r.ids) for r in rows)
@@ -433,7 +483,9 @@ def _assemble(rows: list[_Row], tokenizer, keys: tuple[str, ...], with_rewards: 
         stopped=torch.tensor([r.stopped for r in rows], dtype=torch.bool),
         prompts=[r.prompt for r in rows],
         response_texts=tokenizer.batch_decode([r.ids for r in rows], skip_special_tokens=True),
-        episode_stats=episode_stats(rows, with_success=with_rewards), **recorded)
+        episode_stats=episode_stats(rows, with_success=with_rewards),
+        environments=[r.env.env if agent.multiturn else r.env for r in rows] if with_rewards else None,
+        completion_messages=[r.messages for r in rows] if agent.chat else None, **recorded)
 
 
 def episode_stats(rows: list[_Row], with_success: bool) -> dict[str, torch.Tensor]:

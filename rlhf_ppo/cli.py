@@ -1,6 +1,6 @@
 """The ``rlhf-ppo`` command line.
 
-``rlhf-ppo train|sft|reward|evaluate|serve-reward --config FILE key.sub=value ...`` and
+``rlhf-ppo train|sft|reward|evaluate|serve-reward|serve-env --config FILE key.sub=value ...`` and
 ``rlhf-ppo quickstart``.
 Exit codes: 0 done, 2 config error, 1 data/model/reward/checkpoint error, 128+signal when
 interrupted (a checkpoint is saved first).
@@ -30,6 +30,8 @@ COMMANDS = {
                  "sample from policy and reference, score, and write report.html"),
     "serve-reward": ("rlhf_ppo.serve", "ServeConfig", "run_serve",
                      "serve a reward model or function over HTTP, for `url` reward sources"),
+    "serve-env": ("rlhf_ppo.serve", "ServeEnvConfig", "run_serve_env",
+                  "serve a reset/step environment over HTTP, for `agent.environment: http://...`"),
 }
 
 

@@ -469,6 +469,16 @@ class Config(RunConfig):
     def __post_init__(self) -> None:
         validate(self)
 
+    @property
+    def response_budget(self) -> int:
+        """Tokens of a rollout's response region at most: ``agent.max_total_tokens`` (the model's
+        turns and the observations between them) with an agent section that sets it, else
+        ``generation.max_new_tokens``. The length limit that the overlong penalty, the
+        ``seq-mean-token-sum-norm`` constant and the context check use."""
+        if self.agent.enabled and self.agent.max_total_tokens is not None:
+            return self.agent.max_total_tokens
+        return self.generation.max_new_tokens
+
     @staticmethod
     def upgrade(data: dict[str, Any], moved: dict[str, str] | None = None) -> dict[str, Any]:
         """A config dict of an older layout (renamed keys, each with a FutureWarning) in the
@@ -495,9 +505,11 @@ def validate(cfg: Config) -> None:
     check(p.forward.old_logprobs != "generation" or g.backend == "native", "ppo.forward.old_logprobs",
           "'auto' or 'recompute' with generation.backend='transformers' (only the native backend "
           "records log-probs while sampling)", p.forward.old_logprobs)
-    check(p.loss.overlong_buffer is None or p.loss.overlong_buffer <= g.max_new_tokens,
-          "ppo.loss.overlong_buffer", f"at most generation.max_new_tokens={g.max_new_tokens}",
-          p.loss.overlong_buffer)
+    budget = cfg.response_budget
+    check(p.loss.overlong_buffer is None or p.loss.overlong_buffer <= budget, "ppo.loss.overlong_buffer",
+          f"at most the response length limit {budget} (agent.max_total_tokens with an agent section, "
+          "else generation.max_new_tokens)" if budget != g.max_new_tokens
+          else f"at most generation.max_new_tokens={budget}", p.loss.overlong_buffer)
     check(p.loss.tis_cap is None or g.backend == "native", "ppo.loss.tis_cap",
           "null with generation.backend='transformers' (only the native backend records the "
           "sampling log-probs)", p.loss.tis_cap)

@@ -1,8 +1,9 @@
 """Print, write (--write) or check (--check) the config reference tables of docs/config.md.
 
-One table per command (`train`, `sft`, `reward`, `evaluate`, `serve-reward`), generated from the config
-dataclasses' field docstrings, so the docs cover every field; and the table of the advantage
-estimators in docs/estimators.md, generated from their registry (`rlhf_ppo.estimators`):
+One table per command (`train`, `sft`, `reward`, `evaluate`, `serve-reward`, `serve-env`),
+generated from the config dataclasses' field docstrings, so the docs cover every field; and the
+table of the advantage estimators in docs/estimators.md, generated from their registry
+(`rlhf_ppo.estimators`):
 
     python -m rlhf_ppo.config_reference            # print the tables
     python -m rlhf_ppo.config_reference --write    # rewrite the generated blocks of docs/config.md
@@ -23,7 +24,8 @@ from rlhf_ppo.config import iter_fields
 COMMANDS = {"train": ("rlhf_ppo.config", "Config"), "sft": ("rlhf_ppo.sft", "SFTConfig"),
             "reward": ("rlhf_ppo.reward_training", "RewardTrainConfig"),
             "evaluate": ("rlhf_ppo.eval_config", "EvalConfig"),
-            "serve-reward": ("rlhf_ppo.serve", "ServeConfig")}
+            "serve-reward": ("rlhf_ppo.serve", "ServeConfig"),
+            "serve-env": ("rlhf_ppo.serve", "ServeEnvConfig")}
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"  # train
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 WRITE_COMMAND = "python -m rlhf_ppo.config_reference --write"

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .agent_rollout import sample_rollout
 from .config import GenerationConfig
 from .distributed import global_stats
-from .rollout import Rollout, generate
+from .rollout import Rollout
 
 
 @dataclass(frozen=True)
@@ -123,16 +124,27 @@ def skipped_metrics(iteration: int, stage: str, all_scores: torch.Tensor, kl_coe
 
 
 def greedy_samples(policy, prompts: list, tokenizer, generation: GenerationConfig,
-                   device: torch.device, rewards, iteration: int) -> list[dict]:
+                   device: torch.device, rewards, iteration: int, agent=None) -> list[dict]:
     """Greedy responses of ``policy`` to ``prompts`` (a fixed set, so a user sees the generations
-    move) scored by ``rewards`` (a ``RewardSum``): ``samples.jsonl`` rows. The random state is
-    left untouched: a run with and without samples is the same."""
+    move) scored by ``rewards`` (a ``RewardSum``): ``samples.jsonl`` rows. With ``agent`` (an
+    :class:`~rlhf_ppo.agent_rollout.Agent`) the episodes are multi-turn, through the same tools or
+    environment as training: ``response`` is the whole transcript after the prompt (the model's
+    turns and the observations), and each row adds the episode's counts (``turns``,
+    ``tool_calls``, ``tool_errors``, ...) and, with an environment, ``environment_reward`` (the sum
+    of its rewards, which training adds to ``score``). The random state is left untouched: a run
+    with and without samples is the same."""
     greedy = dataclasses.replace(generation, temperature=1.0, top_k=1, top_p=1.0)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        r = generate(policy, prompts, tokenizer, greedy, device)
+        r = sample_rollout(policy, prompts, tokenizer, greedy, device, agent)
         scores, _ = rewards(r)
-    return [{"iteration": iteration, "prompt": p.text, "response": text, "score": float(score),
+    rows = [{"iteration": iteration, "prompt": p.text, "response": text, "score": float(score),
              "stopped": bool(stop)}
             for p, text, score, stop in zip(r.prompts, r.response_texts, scores.tolist(),
                                             r.stopped.tolist())]
+    for b, row in enumerate(rows):
+        for key, values in (r.episode_stats or {}).items():
+            row[key] = values[b].item()
+        if r.turn_rewards is not None:
+            row["environment_reward"] = float(r.turn_rewards[b].sum())
+    return rows

@@ -467,12 +467,13 @@ def check_lengths(cfg, model_config, longest_prompt: int, vocab_size: int) -> No
     """Fail early (instead of deep inside torch) when prompt + response exceed the model's
     context, or a stop token id is outside the vocabulary. ``cfg``: the PPO config."""
     context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
-    need = longest_prompt + cfg.generation.max_new_tokens
+    limit = ("generation.max_new_tokens" if cfg.response_budget == cfg.generation.max_new_tokens
+             else "agent.max_total_tokens")
+    need = longest_prompt + cfg.response_budget
     if context is not None and need > context:
         raise ConfigError(
-            f"data.max_prompt_length / generation.max_new_tokens: the longest prompt "
-            f"({longest_prompt} tokens) plus generation.max_new_tokens="
-            f"{cfg.generation.max_new_tokens} is {need} tokens, more than the model's context of "
+            f"data.max_prompt_length / {limit}: the longest prompt ({longest_prompt} tokens) plus "
+            f"{limit}={cfg.response_budget} is {need} tokens, more than the model's context of "
             f"{context} (max_position_embeddings); lower one of them")
     bad = [i for i in cfg.generation.stop_token_ids if not 0 <= i < vocab_size]
     if bad:

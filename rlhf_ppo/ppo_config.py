@@ -141,7 +141,8 @@ class LossConfig:
     """`token-mean`: over all tokens; `seq-mean` (= `seq-mean-token-mean`): each sequence's token
     mean, averaged over sequences; `seq-mean-token-sum`: each sequence's token sum, averaged;
     `seq-mean-token-sum-norm`: the token sum over a constant (sequences x
-    `generation.max_new_tokens`, Dr. GRPO). Applies to every loss term"""
+    `generation.max_new_tokens`, or `agent.max_total_tokens` with an agent section; Dr. GRPO).
+    Applies to every loss term"""
     entropy_coef: float = 0.0
     """entropy bonus coefficient"""
     tis_cap: float | None = None
@@ -151,7 +152,8 @@ class LossConfig:
     """leave responses that hit `max_new_tokens` without a stop token out of the loss"""
     overlong_buffer: int | None = None
     """soft overlong penalty (DAPO), added to the score: the last N tokens before
-    `max_new_tokens` cost up to `overlong_penalty` linearly; null: off"""
+    `max_new_tokens` (multi-turn: `agent.max_total_tokens`, the whole transcript counted) cost up
+    to `overlong_penalty` linearly; null: off"""
     overlong_penalty: float = 1.0
     """the largest overlong penalty (at `max_new_tokens`)"""
 

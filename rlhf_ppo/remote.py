@@ -22,6 +22,8 @@ function's None. Requests go out together (``concurrency`` at once; asyncio and 
 fails by a connection error, a timeout, HTTP 429 or 5xx is sent again after ``backoff * 2**k``
 seconds, at most ``max_retries`` times. Another HTTP status, a body that is not JSON or not one
 number per response is a RewardError at once: sending it again would get the same answer.
+The sending with retries (:func:`post_retrying`) is shared with environments behind HTTP
+(:mod:`.agents.remote_env`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import logging
 import math
 import numbers
+import time
 from types import ModuleType
 
 import torch
@@ -126,32 +129,77 @@ def parse_scores(content: bytes, n: int, where: str) -> list[float]:
     return [math.nan if v is None else float(v) for v in values]
 
 
+def retried_status(status: int, idempotent: bool) -> bool:
+    """Whether a reply with HTTP ``status`` is worth sending again: 429 or 5xx; for a request
+    the server must not run twice only 429 and 503, which say it was not run."""
+    if not idempotent:
+        return status in (429, 503)
+    return status >= 500 or status in RETRIED_STATUS
+
+
+class Unreachable(Exception):
+    """No usable reply after ``attempts`` attempts; the message says why the last one failed."""
+
+    def __init__(self, failure: str, attempts: int):
+        self.attempts = attempts
+        super().__init__(failure)
+
+
+async def post_retrying(client, httpx: ModuleType, url: str, content: bytes, timeout: float,
+                        max_retries: int, backoff: float, deadline: float | None = None,
+                        idempotent: bool = True):
+    """The reply to a POST of ``content`` to ``url``, sent again after ``backoff * 2**k`` seconds
+    when it may succeed the next time, at most ``max_retries`` times: after a connection error, a
+    timeout, HTTP 429 or 5xx. ``idempotent=False`` (a request the server must not run twice, as an
+    environment's step): only when the server cannot have run it (no connection, HTTP 429/503).
+    ``deadline`` (``time.monotonic()`` seconds, or None): no attempt or wait goes past it.
+
+    Returns the reply (2xx, or another status that sending again would not change); raises
+    :class:`Unreachable` after the last attempt."""
+    failure, attempt = "", 0
+    for attempt in range(1, max_retries + 2):
+        if attempt > 1:
+            wait = backoff * 2 ** (attempt - 2)
+            if deadline is not None and time.monotonic() + wait >= deadline:
+                attempt -= 1
+                break
+            await asyncio.sleep(wait)
+        budget = timeout if deadline is None else min(timeout, deadline - time.monotonic())
+        if budget <= 0:
+            attempt -= 1
+            break
+        try:
+            # wait_for bounds the whole request; httpx's timeout bounds each read and connect
+            reply = await asyncio.wait_for(client.post(url, content=content, headers=HEADERS), budget)
+        except (asyncio.TimeoutError, httpx.TimeoutException) as e:
+            failure = f"no reply within timeout {budget:.3g} s"
+            if idempotent or isinstance(e, httpx.ConnectTimeout):
+                continue
+            break
+        except httpx.TransportError as e:  # refused, reset, unknown host
+            failure = f"cannot connect ({type(e).__name__}: {e})"
+            if idempotent or isinstance(e, httpx.ConnectError):
+                continue
+            break
+        if not retried_status(reply.status_code, idempotent):
+            return reply
+        failure = f"HTTP {reply.status_code} ({reply.text[:200]!r})"
+    raise Unreachable(failure, attempt)
+
+
 async def post_batch(client, httpx: ModuleType, content: bytes, n: int, source: RewardSource,
                      where: str) -> list[float]:
     """One request's scores, sent again after a connection error, a timeout, HTTP 429 or 5xx."""
-    failure = ""
-    for attempt in range(source.max_retries + 1):
-        if attempt:
-            await asyncio.sleep(source.backoff * 2 ** (attempt - 1))
-        try:
-            # wait_for bounds the whole request; httpx's timeout bounds each read and connect
-            reply = await asyncio.wait_for(client.post(source.url, content=content, headers=HEADERS),
-                                           source.timeout)
-        except (asyncio.TimeoutError, httpx.TimeoutException):
-            failure = f"no reply within timeout {source.timeout:g} s"
-            continue
-        except httpx.TransportError as e:  # refused, reset, unknown host
-            failure = f"cannot connect ({type(e).__name__}: {e})"
-            continue
-        if reply.status_code >= 500 or reply.status_code in RETRIED_STATUS:
-            failure = f"HTTP {reply.status_code} ({reply.text[:200]!r})"
-            continue
-        if not 200 <= reply.status_code < 300:
-            raise RewardError(f"{where}: HTTP {reply.status_code} ({reply.text[:200]!r}); "
-                              f"expected {expected(n)}")
-        return parse_scores(reply.content, n, where)
-    raise RewardError(f"{where}: {failure} after {source.max_retries + 1} attempt(s) (is the reward "
-                      f"server running?); expected {expected(n)}")
+    try:
+        reply = await post_retrying(client, httpx, source.url, content, source.timeout,
+                                    source.max_retries, source.backoff)
+    except Unreachable as e:
+        raise RewardError(f"{where}: {e} after {e.attempts} attempt(s) (is the reward server "
+                          f"running?); expected {expected(n)}") from None
+    if not 200 <= reply.status_code < 300:
+        raise RewardError(f"{where}: HTTP {reply.status_code} ({reply.text[:200]!r}); "
+                          f"expected {expected(n)}")
+    return parse_scores(reply.content, n, where)
 
 
 async def post_batches(bodies: list[tuple[bytes, int]], source: RewardSource,

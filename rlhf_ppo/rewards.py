@@ -229,6 +229,8 @@ class FunctionReward:
                 if k not in ours:  # the prompts and responses arguments win
                     columns.setdefault(k, []).append(v)
         kwargs = {**columns, "stopped": rollout.stopped.tolist(), **self.kwargs}
+        if rollout.environments is not None:  # as TRL: each completion's environment instance
+            kwargs["environments"] = rollout.environments
         texts = list(rollout.response_texts)
         if self.style == OWN_STYLE:
             args = ([p.text for p in rollout.prompts], texts)
@@ -240,11 +242,14 @@ class FunctionReward:
             # included (a multi-turn action mask has holes; single-turn: the same as its sum)
             read = rollout.attention_mask[:, rollout.prompt_length:]
             lengths = torch.where(read.any(-1), ops.last_token_index(read) + 1, 0).tolist()
+            if chat and rollout.completion_messages is not None:  # a tool-calling conversation
+                completions = copy.deepcopy(rollout.completion_messages)
+            else:
+                completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
             kwargs.update(
                 prompts=[copy.deepcopy(p.messages) if p.messages is not None else p.text
                          for p in rollout.prompts],
-                completions=([[{"role": "assistant", "content": t}] for t in texts] if chat
-                             else texts),
+                completions=completions,
                 completion_ids=[rollout.response_ids[b, :int(n)].tolist()
                                 for b, n in enumerate(lengths)])
             args = ()

@@ -73,6 +73,13 @@ class Rollout:
     ``tool_timeouts``, ``observation_tokens`` (long) and, with an environment, ``success``
     (bool); see :func:`agent_rollout.episode_stats`. Kept by :meth:`subset` and :meth:`concat`
     (when every part has them)"""
+    environments: list[Any] | None = None
+    """multi-turn with an environment: each row's environment instance, after its episode (TRL
+    passes them to reward functions as ``environments``); None otherwise"""
+    completion_messages: list[list[dict[str, Any]]] | None = None
+    """multi-turn, chat protocol: each row's conversation after the prompt as chat messages
+    (assistant turns with ``tool_calls``, ``tool`` results, an environment's ``user`` messages):
+    TRL-style reward functions get them as ``completions``; None otherwise"""
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -116,6 +123,9 @@ class Rollout:
         if all(r.episode_stats is not None for r in rollouts):
             recorded["episode_stats"] = {k: torch.cat([r.episode_stats[k] for r in rollouts])
                                          for k in rollouts[0].episode_stats}
+        for key in ("environments", "completion_messages"):  # per row; kept when every part has them
+            if all(getattr(r, key) is not None for r in rollouts):
+                recorded[key] = [x for r in rollouts for x in getattr(r, key)]
         return Rollout(
             input_ids=join("input_ids", pad_id, pad_id),
             attention_mask=join("attention_mask", 0, 0), prompt_length=P,

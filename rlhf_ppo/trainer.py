@@ -124,7 +124,7 @@ class PPOTrainer:
         self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
         self.update_settings = UpdateSettings(
             p, cfg.optim, cfg.generation.temperature, with_critic=model.has_critic,
-            max_response_length=cfg.generation.max_new_tokens,
+            max_response_length=cfg.response_budget,
             packed=attention_weight(model.policy.config) if model.pack_sequences else None)
         self._record_logprobs = p.loss.tis_cap is not None or records_logprobs(  # log pi_old
             p.forward.old_logprobs, cfg.generation.backend, next(model.policy.parameters()).dtype,
@@ -262,8 +262,9 @@ class PPOTrainer:
         self.rewards.update_moments(all_raw, all_stopped)
         scores = self.rewards.process(raw_scores, rollout.stopped, update_moments=False)
         if p.loss.overlong_buffer is not None:  # DAPO's soft overlong punishment
-            scores = scores + ops.overlong_penalty(rollout.response_mask.sum(-1),
-                                                   cfg.generation.max_new_tokens,
+            # the response region's length (model turns and observations) against its limit
+            region = rollout.attention_mask[:, rollout.prompt_length:].sum(-1)
+            scores = scores + ops.overlong_penalty(region, cfg.response_budget,
                                                    p.loss.overlong_buffer, p.loss.overlong_penalty)
         t2 = time.perf_counter()
 
@@ -354,7 +355,7 @@ class PPOTrainer:
         with generation_model(self.accelerator, self.model, self.unwrapped) as policy:  # engines gather
             rows = greedy_samples(policy, self.sampler.prompts[: self.cfg.sample_prompts],
                                   self.tokenizer, self.cfg.generation, self.accelerator.device,
-                                  self.rewards, self.iteration)
+                                  self.rewards, self.iteration, self.agent)
         self.run_log.samples(rows)
         return rows
 

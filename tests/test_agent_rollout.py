@@ -169,6 +169,27 @@ def test_trl_environment_factory_class(tmp_path, monkeypatch):
     assert r.response_mask[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 1]
     # get_reward() (one call: 0.5) on the last model token of the rollout
     assert r.turn_rewards[0].tolist() == [0] * 7 + [0.5]
+    # TRL passes reward functions each completion's environment instance, after its episode
+    assert [type(e).__name__ for e in r.environments] == ["ReviewEnv"] * 4
+    assert [e.calls for e in r.environments] == [1] * 4 and r.completion_messages is None
+
+
+def test_trl_reward_functions_read_the_environments(tmp_path, monkeypatch):
+    """A reward function written for TRL's GRPOTrainer that scores from the environments' state
+    (``environments=``) runs unchanged and scores each rollout from its own instance."""
+    (tmp_path / "trl_env.py").write_text(TRL_ENV_SOURCE + """
+
+def calls_reward(completions, environments, **kwargs):
+    return [float(env.calls) for env in environments]
+""")
+    review, movie, about = 80, 20, 79
+    script(monkeypatch, [review, movie, about, review, movie, about, EOS])  # two calls a rollout
+    r, t = rollout_of(tmp_path, f"agent.environment={tmp_path}/trl_env.py:ReviewEnv",
+                      "agent.call_open=review", "agent.call_close=about",
+                      "agent.result_template= user {content} assistant ",
+                      f"reward.sources=[{{function: '{tmp_path}/trl_env.py:calls_reward'}}]")
+    scores, _ = t.rewards(r)
+    assert scores.tolist() == [2.0] * 4
 
 
 def test_protocol_choice(tool_spec):
@@ -178,6 +199,18 @@ def test_protocol_choice(tool_spec):
     assert build_agent(AgentConfig(tools=[tool_spec]), tok).protocol == "text"
     with pytest.raises(AgentError, match="chat template"):
         build_agent(AgentConfig(tools=[tool_spec], protocol="chat"), tok)
+
+
+def test_protocol_choice_for_a_reset_step_environment(env_spec):
+    from rlhf_ppo.tasks.tiny import build_word_tokenizer
+
+    tok = build_word_tokenizer()  # a chat template without tools: enough for user messages
+    assert build_agent(AgentConfig(environment=env_spec), tok).protocol == "chat"
+    assert build_agent(AgentConfig(environment=env_spec, protocol="text"), tok).protocol == "text"
+    tok.chat_template = None
+    assert build_agent(AgentConfig(environment=env_spec), tok).protocol == "text"
+    with pytest.raises(AgentError, match="agent.protocol: chat needs a tokenizer with a chat template"):
+        build_agent(AgentConfig(environment=env_spec, protocol="chat"), tok)
 
 
 def test_a_turn_without_a_call_ends_the_row(tmp_path, tool_spec, monkeypatch):
@@ -204,6 +237,148 @@ def test_ppo_trains_on_environment_rollouts_with_holes(tmp_path, env_spec, monke
         assert {k: v for k, v in metrics.items() if k.startswith("agent/")} == {
             "agent/turns": 3.0, "agent/tool_calls": 0.0, "agent/tool_errors": 0.0,
             "agent/tool_timeouts": 0.0, "agent/observation_tokens": 8.0, "agent/success": 1.0}
+
+
+def test_length_limits_are_the_whole_response_region(tmp_path, env_spec, monkeypatch):
+    """With agent.max_total_tokens the overlong penalty, the seq-mean-token-sum-norm constant and
+    the overlong_buffer check measure the whole transcript against it, not max_new_tokens."""
+    import rlhf_ppo.ops as ops
+
+    overrides = ("iterations=1", "ppo.batch_size=4", "agent.protocol=text", f"agent.environment={env_spec}",
+                 "agent.max_tokens_per_turn=3", "agent.max_total_tokens=20", "generation.max_new_tokens=8")
+    with pytest.raises(ConfigError, match=r"ppo.loss.overlong_buffer.*at most the response length limit 20"):
+        tiny_config(tmp_path, *overrides, "ppo.loss.overlong_buffer=21")
+    trainer = PPOTrainer(tiny_config(tmp_path, *overrides, "ppo.loss.overlong_buffer=10",
+                                     "ppo.loss.aggregation=seq-mean-token-sum-norm"))
+    assert trainer.update_settings.max_response_length == 20
+    seen = []
+    original = ops.overlong_penalty
+
+    def spy(lengths, max_length, buffer, penalty):
+        seen.append((lengths.tolist(), max_length))
+        return original(lengths, max_length, buffer, penalty)
+    monkeypatch.setattr(ops, "overlong_penalty", spy)
+    script(monkeypatch, [GOOD])  # three turns of 3 model tokens, two observations of 4: 17 tokens
+    trainer.step()
+    assert seen == [([17] * 4, 20)]
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_critic_free_estimators_train_on_environment_rollouts(tmp_path, env_spec, monkeypatch, name):
+    """Each critic-free estimator trains on multi-turn rollouts: no advantage on the environment's
+    tokens, finite and non-zero ones on the model's (the returns-to-go over holes are checked by
+    hand in tests/test_multiturn.py)."""
+    from rlhf_ppo import estimators
+
+    assert set(estimators.ESTIMATORS) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                          "reinforce_pp_baseline"}  # a new one joins this test
+    trainer = PPOTrainer(tiny_config(tmp_path, "iterations=1", "ppo.batch_size=4",
+                                     "ppo.samples_per_prompt=2", f"ppo.advantage_estimator={name}",
+                                     "agent.protocol=text", f"agent.environment={env_spec}",
+                                     "agent.max_tokens_per_turn=3", "agent.max_total_tokens=20"))
+    calls = record_updates(trainer)
+    metrics = trainer.train()[-1]
+    (batch, _), = calls
+    P = batch.prompt_length
+    holes = batch.attention_mask[:, P:].bool() & ~batch.response_mask.bool()
+    assert holes.sum(1).tolist() == [8] * 4
+    assert (batch.advantages[holes] == 0).all()
+    trained = batch.advantages[batch.response_mask.bool()]
+    assert torch.isfinite(trained).all() and trained.abs().sum() > 0
+    assert metrics["agent/turns"] == 3.0
+
+
+def test_greedy_samples_are_multi_turn_episodes(tmp_path, env_spec):
+    import json
+
+    trainer = PPOTrainer(tiny_config(tmp_path, "iterations=1", "ppo.batch_size=4", "sample_every=1",
+                                     "sample_prompts=2", "agent.protocol=text",
+                                     f"agent.environment={env_spec}", "agent.max_tokens_per_turn=3",
+                                     "agent.max_total_tokens=20"))
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 0, 1, 1]  # at the start and after iteration 1
+    for row in rows:  # EchoGame: 3 turns of at most 3 tokens, its answer between them, rewards 1+2+3
+        assert row["turns"] == 3 and row["observation_tokens"] == 8 and row["success"] == 1
+        assert row["environment_reward"] == 6.0
+        assert row["response"].count("user : the movie") == 2
+
+
+VARIABLE_ENV = '''
+class Game:
+    """1 to 3 turns, by what the model wrote; reward = words of the turn / 3."""
+
+    def reset(self, row):
+        self.turns = 0
+
+    def step(self, text):
+        self.turns += 1
+        return "user : the movie", len(text.split()) / 3, self.turns >= 1 + len(text.split()) % 3
+'''
+
+
+CLOSING_ENV = '''
+CLOSED = []
+
+
+class Game:
+    """Never ends by itself; records each close with the turns it took."""
+
+    def reset(self, row):
+        self.turns = 0
+
+    def step(self, text):
+        self.turns += 1
+        return "user : the movie", None, False
+
+    async def close(self):
+        CLOSED.append(self.turns)
+'''
+
+
+@pytest.mark.parametrize("limit, turns", [("agent.max_turns=2", 2), ("agent.max_total_tokens=9", 2)])
+def test_every_episode_is_closed_once_however_it_ended(tmp_path, monkeypatch, limit, turns):
+    import sys
+
+    (tmp_path / "closing.py").write_text(CLOSING_ENV)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("closing", None)
+    script(monkeypatch, [GOOD])  # 3 tokens a turn; 9 tokens: turn, observation (4), 2 of a turn
+    r, _ = rollout_of(tmp_path, "agent.environment=closing:Game", "agent.max_tokens_per_turn=3",
+                      "agent.max_total_tokens=40", limit)
+    import closing
+
+    assert closing.CLOSED == [turns] * 4 and not r.stopped.any()
+
+
+def test_resume_mid_run_of_an_agentic_run_is_exact(tmp_path):
+    """As for single-turn runs (tests/test_checkpoint.py): 2 iterations, a checkpoint, 2 more on
+    resume give the metrics, greedy samples and weights of 4 uninterrupted iterations, bit for bit."""
+    import json
+
+    from safetensors.torch import load_file
+
+    (tmp_path / "game.py").write_text(VARIABLE_ENV)
+    agent = ["ppo.batch_size=8", "ppo.forward.micro_batch_size=4", "agent.protocol=text",
+             f"agent.environment={tmp_path / 'game.py'}:Game", "agent.max_tokens_per_turn=3",
+             "agent.max_total_tokens=24", "generation.stop_token_ids=[4,5,6,7,8]",
+             "ppo.kl.adaptive=true", "reward.normalize=true", "sample_every=2", "sample_prompts=2"]
+
+    def lines(out, name):
+        rows = [json.loads(x) for x in (out / name).read_text().splitlines()]
+        return [{k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per_second"))}
+                for m in rows]
+    PPOTrainer(tiny_config(tmp_path / "full", "iterations=4", "save_every=2", *agent)).train()
+    PPOTrainer(tiny_config(tmp_path / "part", "iterations=2", *agent)).train()
+    resumed = PPOTrainer(tiny_config(tmp_path / "part", "iterations=4", "resume_from=latest", *agent))
+    assert resumed.iteration == 2
+    resumed.train()
+    full, part = lines(tmp_path / "full", "metrics.jsonl"), lines(tmp_path / "part", "metrics.jsonl")
+    assert [m["iteration"] for m in part] == [1, 2, 3, 4] and full == part
+    assert {m["agent/turns"] for m in full} != {3.0}  # episodes of several lengths
+    assert lines(tmp_path / "full", "samples.jsonl") == lines(tmp_path / "part", "samples.jsonl")
+    wa, wb = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("full", "part"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_single_turn_config_has_no_agent(tmp_path):
@@ -330,6 +505,16 @@ def test_chat_protocol_renders_tools_and_results_with_the_template(tool_spec, mo
     assert r.response_ids[0, turn1:turn1 + len(suffix)].tolist() == suffix
     assert (r.logprobs[r.response_mask == 0] == 0).all() and (r.logprobs[r.response_mask == 1] < 0).all()
     assert r.stopped.all() and r.turn_rewards is None
+    # a TRL-style reward function gets the conversation as messages, as TRL's tool loop builds it
+    assert r.completion_messages == [conversation[len(QUESTION):]] * 2 and r.environments is None
+    from rlhf_ppo.config import RewardSource
+    from rlhf_ppo.rewards import FunctionReward
+
+    fn = FunctionReward(RewardSource(function="rlhf_ppo.verifiable:exact_match"), "reward.sources[0]")
+    fn.style, fn.accepts = "trl", None  # only the arguments are read here
+    _, kwargs = fn.arguments(r)
+    assert kwargs["completions"] == r.completion_messages
+    assert kwargs["completions"] is not r.completion_messages  # a copy: a function may change it
 
 
 def test_chat_protocol_environment_observations_are_user_messages(env_spec, monkeypatch):

@@ -125,6 +125,52 @@ def test_two_process_run_trains_saves_once_and_logs_once(tmp_path):
     shutil.rmtree(out)
 
 
+AGENT_ENV = '''
+import os
+
+
+class Game:
+    """Answers each turn with "user : the movie"; the episode's length depends on what the model
+    wrote (1 to 3 turns), so rows, and processes, finish at different turns."""
+
+    def reset(self, row):
+        self.turns = 0
+        with open(LOG, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+
+    def step(self, text):
+        self.turns += 1
+        with open(LOG, "a") as f:
+            f.write("step\\n")
+        return "user : the movie", 1.0, self.turns >= 1 + len(text.split()) % 3
+'''
+
+
+def test_two_processes_sample_multiturn_episodes_each_with_its_own_environments(tmp_path):
+    """Under DDP every process samples its share of the batch through its own environment
+    instances (no collective while sampling, so rows that end at different turns on different
+    processes cannot deadlock), and the agent/* metrics are means over both processes' episodes."""
+    log = tmp_path / "resets.log"
+    (tmp_path / "game.py").write_text(f"LOG = {str(log)!r}\n" + AGENT_ENV)
+    out = tmp_path / "run"
+    torchrun(2, "train", "", f"output_dir={out}", "iterations=2", "ppo.batch_size=8",
+             "ppo.micro_batch_size=4", f"agent.environment={tmp_path / 'game.py'}:Game",
+             "agent.protocol=text", "agent.max_tokens_per_turn=3", "agent.max_total_tokens=24")
+    lines = log.read_text().split()
+    pids = [x for x in lines if x != "step"]
+    assert len(pids) == 16 and len(set(pids)) == 2  # 2 iterations x 8 episodes, over 2 processes
+    assert sorted(pids.count(p) for p in set(pids)) == [8, 8]  # 4 per process per iteration
+    turns = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        turns.append(m["agent/turns"])
+        assert 1.0 <= m["agent/turns"] <= 3.0 and m["agent/success"] >= 0.0
+        # each observation is 4 words, one fewer than the turns (the last step ends the episode)
+        assert m["agent/observation_tokens"] == pytest.approx(4 * (m["agent/turns"] - 1))
+    # the logged means are over both processes' episodes: 8 per iteration, every step logged
+    assert lines.count("step") == pytest.approx(8 * sum(turns))
+
+
 FROZEN_SHARDED = ["model.shard_frozen_models=true", "reward.sources=[{model: 'builtin:tiny-reward'}]"]
 
 

@@ -42,6 +42,10 @@ FUNCTIONS = textwrap.dedent('''
 
     def needs_answer(prompts, responses, answer):
         return [1.0 for _ in responses]
+
+    def words_times_labels(prompts, responses, labels, **kwargs):
+        """OpenRLHF's column name: labels * words of the response"""
+        return [n * len(r.split()) for r, n in zip(responses, labels)]
 ''')
 
 
@@ -246,6 +250,39 @@ def test_request_that_is_not_a_batch_gets_400(fns):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(request, timeout=5)
     assert e.value.code == 400 and b"two lists of strings of equal length" in e.value.read()
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    """The status and JSON reply of a POST, as OpenRLHF's client sends it (``json=data``)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_openrlhf_requests_are_scored_and_answered_with_rewards(fns):
+    # OpenRLHF's agent executor posts {"query": [prompt + response], "prompts", "labels"} and reads
+    # "rewards" (and "scores"); the response is the query minus its prompt:
+    # " good great fun" (3 words) * 2 = 6, " nice<eos>" (1 word) * 0.5 = 0.5
+    app = served_function(f"{fns}:words_times_labels")
+    with running(app) as url:
+        status, reply = post_json(url, {"query": ["the movie was good great fun", "today nice<eos>"],
+                                        "prompts": ["the movie was", "today"], "labels": [2, 0.5]})
+        assert status == 200 and reply == {"rewards": [6.0, 0.5], "scores": [6.0, 0.5]}
+        status, reply = post_json(url, {"query": ["the movie was good"], "prompts": ["a movie"],
+                                        "labels": [1]})
+        assert status == 422 and "query 0 ('the movie was good') does not start with its prompt " \
+            "('a movie')" in reply["detail"]
+        status, reply = post_json(url, {"query": ["the movie was good"], "labels": [1]})
+        assert status == 422 and '"query" without "responses" and no "prompts"' in reply["detail"]
+        assert 'OpenRLHF\'s {"query": [prompt + response], "prompts": [prompt]}' in reply["detail"]
+        # today's protocol is answered as before: "scores" only
+        status, reply = post_json(url, {"prompts": ["a"], "responses": ["x y"], "labels": [3]})
+        assert status == 200 and reply == {"scores": [6.0]}
+    assert (app.state.requests, app.state.responses) == (2, 3)
 
 
 # --------------------------------------------------------------------------- config and packages

@@ -76,3 +76,54 @@ def test_smollm2_lora_config_learns_and_its_reference_is_the_base(tmp_path):
         policy = trainer.unwrapped(r.input_ids, r.attention_mask, r.prompt_length)[0]
     torch.testing.assert_close(got[mask], expected[mask], atol=1e-4, rtol=1e-4)
     assert (policy[mask] - expected[mask]).abs().max() > 1e-2  # the adapter has moved
+
+
+def test_smollm2_agent_config_plays_the_guessing_game_through_its_chat_template(tmp_path):
+    """Two iterations of configs/smollm2_agent.yaml: SmolLM2's own ChatML template carries the
+    game (a reset/step environment, so protocol auto picks `chat`). Replaying each row's game
+    on its decoded model turns, every hole in the action mask is the game's answer to the turn
+    before it, as a user message with the ChatML glue written here by hand (the last one may be
+    cut by the token limit); episodes take several turns, and the losses are finite."""
+    import math
+
+    from rlhf_ppo.tasks.guess import GuessNumber
+
+    smollm2_dir()  # skips without the package
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2_agent.yaml",
+                      [f"output_dir={tmp_path / 'run'}", "iterations=2", "save_every=0"])
+    trainer = PPOTrainer(cfg)
+    assert trainer.agent.protocol == "chat" and trainer.agent.multiturn
+    tok, eos = trainer.tokenizer, trainer.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rollout = trainer.sample(trainer.sampler.next_batch())
+    P, holes, natural_ends = rollout.prompt_length, 0, 0
+    for b, prompt in enumerate(rollout.prompts):
+        assert prompt.text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+        ids = rollout.input_ids[b, P:].tolist()
+        action = rollout.response_mask[b].tolist()
+        attention = rollout.attention_mask[b, P:].tolist()
+        spans, start = [], 0  # runs of equal (action, attention): model turns, holes, padding
+        for t in range(1, len(ids) + 1):
+            if t == len(ids) or (action[t], attention[t]) != (action[start], attention[start]):
+                spans.append((action[start], attention[start], ids[start:t]))
+                start = t
+        real = [s for s in spans if s[1] == 1]
+        assert spans[:len(real)] == real  # padding only at the end
+        assert [s[0] for s in real] == [1, 0] * (len(real) // 2) + [1] * (len(real) % 2)  # alternating
+        game, done = GuessNumber(), False
+        game.reset(prompt.extra)
+        for i, (trained, _, span) in enumerate(real):
+            if trained:
+                assert not done  # the model never writes after the game ended
+                observation, _, done = game.step(tok.decode(span, skip_special_tokens=True))
+                natural_ends += span[-1] == eos  # a turn that ended by itself ends at <|im_end|>
+                continue
+            holes += 1
+            text = tok.decode(span, skip_special_tokens=False)
+            expected = f"\n<|im_start|>user\n{observation}<|im_end|>\n<|im_start|>assistant\n"
+            assert text == expected or (i == len(real) - 1 and expected.startswith(text)), (b, text)
+    assert holes > 0 and natural_ends > 0
+    history = [trainer.step(rollout), trainer.step()]
+    for m in history:
+        assert m["agent/turns"] > 1 and m["agent/observation_tokens"] > 0, m
+        for key in ("policy_loss", "value_loss", "approx_kl", "kl"):
+            assert math.isfinite(m[key]), (key, m)

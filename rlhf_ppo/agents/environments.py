@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import numbers
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from ..errors import AgentError
 from .calls import CallTimeout, call_with_timeout
 from .tools import ToolCall, ToolResult, ToolSet
+
+logger = logging.getLogger(__name__)
 
 RESERVED_METHODS = ("reset", "get_reward")
 """Methods of a tool environment that are not tools (TRL's reserved names)."""
@@ -50,6 +53,9 @@ class MultiTurnEnvironment(Protocol):
     - ``step(text)``: the model's turn (its text, special tokens removed); returns
       ``(observation, reward, done)``: the text appended before the model's next turn, the reward
       the turn earned (a number, or None for none) and whether the episode ended.
+    - ``close()`` (optional): called once when the rollout is done with the episode, however it
+      ended (``done``, a turn or token limit), to free what the episode holds (a server session,
+      a subprocess); an error there is logged, not raised.
     """
 
     def reset(self, row: dict[str, Any]) -> str | None | Awaitable[str | None]: ...
@@ -239,6 +245,19 @@ class AgentRunner:
             return check_step(await self._call(ep.env, "step", ep.row_id, text), ep.env, ep.row_id)
         results = self._gather([one(ep, t) for ep, t in zip(episodes, texts, strict=True)])
         return [self._advance(ep, r) for ep, r in zip(episodes, results, strict=True)]
+
+    def close_episodes(self, episodes: Sequence[Episode]) -> None:
+        """``env.close()`` of every episode whose environment has one, at once; an error or a
+        timeout is logged as a warning, not raised (the rollout is complete by then)."""
+        async def one(ep):
+            if not callable(getattr(ep.env, "close", None)):
+                return
+            try:
+                await self._call(ep.env, "close", ep.row_id)
+            except Exception as e:  # AgentError (timeout), or what the environment raised
+                logger.warning("%s.close (row %d) failed: %s: %s", type(ep.env).__name__, ep.row_id,
+                               type(e).__name__, e)
+        self._gather([one(ep) for ep in episodes])
 
     def _advance(self, episode: Episode, result: StepResult) -> StepResult:
         episode.turns += 1

@@ -9,7 +9,7 @@ plus a text protocol for tokenizers whose chat template has no tools:
 format      one call, as the model writes it                                     models
 ==========  ===================================================================  ===================
 hermes      ``<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>``      Qwen2.5, Qwen3,
-            (a JSON list of calls inside one block is accepted too)              SmolLM2, Hermes
+            (a JSON list of calls inside one block is accepted too)              Hermes
 qwen3_xml   ``<tool_call><function=f><parameter=a>1</parameter></function>``     Qwen3.5/3.6,
             ``</tool_call>``                                                     Nemotron 3
 glm4        ``<tool_call>f<arg_key>a</arg_key><arg_value>1</arg_value>``         GLM-4.5/4.6/4.7
@@ -114,7 +114,7 @@ HERMES_EXAMPLE = '<tool_call>{"name": "tool_name", "arguments": {"arg": "value"}
 
 
 def parse_hermes(text: str) -> ParsedTurn:
-    """Hermes / Qwen2.5 / Qwen3 / SmolLM2: a JSON object (or a list of them) per block."""
+    """Hermes / Qwen2.5 / Qwen3: a JSON object (or a list of them) per block."""
     content, blocks = _split_blocks(text, "<tool_call>", "</tool_call>")
     calls = []
     for body, closed in blocks:
@@ -370,7 +370,7 @@ def check_tool_template(tokenizer) -> None:
             f"tools need a chat template that can express them, but {problem}. Use the text protocol "
             f"(tool-call format 'text': the model writes {TEXT_PROTOCOL.example} and the results "
             "are appended as text), or a tokenizer whose chat template supports tools "
-            "(e.g. Qwen2.5-Instruct, SmolLM2-Instruct)")
+            "(e.g. Qwen2.5-Instruct, Qwen3; SmolLM2-Instruct's plain ChatML template has no tools)")
 
 
 def detect_format(tokenizer) -> str:
