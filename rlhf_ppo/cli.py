@@ -1,24 +1,26 @@
 """The ``rlhf-ppo`` command line.
 
 ``rlhf-ppo train|sft|reward|evaluate|serve-reward|serve-env --config FILE key.sub=value ...`` and
-``rlhf-ppo quickstart``.
+``rlhf-ppo quickstart`` and ``rlhf-ppo report RUN_DIR``.
 Exit codes: 0 done, 2 config error, 1 data/model/reward/checkpoint error, 128+signal when
-interrupted (a checkpoint is saved first).
+interrupted (a checkpoint is saved first). An error prints one line (a reward function's or
+tool's names its file and line); ``--traceback`` prints the full traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import re
 import sys
+import traceback
 import warnings
 
 from .config import iter_fields, load_config, section_docs
 from .errors import ConfigError, UnreadKeyWarning, exit_code
 from .eval_config import load_eval_config
+from .progress import plural, setup_cli_logging
 
 # command -> (module, config class, run function, help)
 COMMANDS = {
@@ -74,11 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
             if name == "evaluate" else ""))
         p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                        help="dotted overrides, values parsed as YAML")
+        _add_traceback_flag(p)
     q = sub.add_parser("quickstart", help="the whole pipeline offline on a built-in review task: "
                        "SFT, reward model, PPO, evaluation report")
     q.add_argument("--output-dir", default="runs/quickstart", help="folder for every stage's output")
     q.add_argument("--fresh", action="store_true", help="rerun every stage even if its output exists")
+    _add_traceback_flag(q)
+    r = sub.add_parser("report", help="write a PPO run's training report (RUN_DIR/report.html)")
+    r.add_argument("run_dir", help="the run's output_dir (metrics.jsonl, samples.jsonl, alarms.jsonl, "
+                   "config.yaml)")
+    r.add_argument("--output", help="where to write the page (default: RUN_DIR/report.html)")
     return parser
+
+
+def _add_traceback_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, print the full traceback (the user code's included) "
+                        "after the one-line message")
 
 
 def _train(cfg, args) -> int:
@@ -95,7 +109,7 @@ def _train(cfg, args) -> int:
         return 128 + e.signum
     if history and int(os.environ.get("RANK", "0")) == 0:
         first, last = history[0], history[-1]
-        print(f"done: {len(history)} iterations, score_mean {first['score_mean']:.3f} -> "
+        print(f"done: {plural(len(history), 'iteration')}, score_mean {first['score_mean']:.3f} -> "
               f"{last['score_mean']:.3f}, kl {last['kl']:.3f}; policy saved to "
               f"{cfg.output_dir}/final")
     return 0
@@ -106,6 +120,11 @@ def _run(args) -> int:
         from .tasks.quickstart import run_quickstart
 
         run_quickstart(args.output_dir, fresh=args.fresh)
+        return 0
+    if args.command == "report":
+        from .train_report import write_train_report
+
+        print(f"report: {write_train_report(args.run_dir, args.output)}")
         return 0
     if args.command == "evaluate":  # --config may also be a PPO run's config.yaml
         cfg = load_eval_config(args.config, args.overrides)
@@ -150,7 +169,7 @@ def _show_config_warning(message, category, filename, lineno, file=None, line=No
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     # transformers' per-file "Loading weights" / "Writing model shards" bars at every load and
     # save are noise here: the commands show their own progress
     from transformers.utils import logging as hf_logging
@@ -164,5 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:
             raise
         label = "config error" if isinstance(e, ConfigError) else type(e).__name__
-        print(f"rlhf-ppo: {label}: {e}", file=sys.stderr)
+        full = getattr(args, "traceback", False)
+        if full:
+            traceback.print_exception(e, file=sys.stderr)
+        hint = " (--traceback shows the full traceback)" if e.__cause__ and not full else ""
+        print(f"rlhf-ppo: {label}: {e}{hint}", file=sys.stderr)
         return code

@@ -30,6 +30,7 @@ from .ppo_config import (  # noqa: F401  (re-exported: the ppo section's names)
     LossConfig,
     PPOConfig,
 )
+from .trackers import TrackerName, check_report_to
 from .typed import (  # noqa: F401  (re-exported: commands and tests read them from here)
     _build,
     apply_overrides,
@@ -353,8 +354,8 @@ class RunConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     """autocast the trained model's forward (float32 master weights); null: the launch config's"""
     threads: int | None = None
-    """CPU threads torch uses in each process; null: `OMP_NUM_THREADS` when set, else this
-    machine's usable cores divided among its processes. On a shared, busy machine 1 is steadier"""
+    """CPU threads torch uses in each process; null: `OMP_NUM_THREADS` when set, else half this
+    machine's usable cores divided among its processes, at least 1 (1 on a 2-core machine)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     """the model to train"""
     peft: PeftConfig = field(default_factory=PeftConfig)
@@ -372,6 +373,58 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of the config (YAML/JSON-serialisable)."""
         return dataclasses.asdict(self)
+
+
+@dataclass
+class AlarmsConfig:
+    """Alarms while training (docs/monitoring.md): warnings, `alarms.jsonl` and `alarm/...` metrics
+    when a run shows reward hacking, an unhealthy critic or off-policy drift. They only observe."""
+
+    enabled: bool = True
+    """check the metrics every iteration and report alarms"""
+    warmup: int = 3
+    """first iterations whose mean is the baseline (the policy is still the reference's); no alarm before"""
+    window: int = 3
+    """iterations averaged into the current level compared with the baseline"""
+    quiet: int = 5
+    """an alarm that keeps holding is reported again only after this many iterations without it"""
+    length_ratio: float = 1.5
+    """mean response length this many times its baseline, or this many times shorter"""
+    repetition_rise: float = 0.1
+    """share of repeated 3-grams in the responses this much above its baseline"""
+    entropy_ratio: float = 0.25
+    """entropy at or below this fraction of its baseline"""
+    kl_ratio: float = 3.0
+    """KL rising `window` iterations in a row, this many times faster than its pace since the warm-up"""
+    kl_min: float = 10.0
+    """the KL alarm needs at least this KL (nats per sequence)"""
+    divergence_sigmas: float = 4.0
+    """score this many warm-up standard deviations above its baseline while another source falls as far"""
+    explained_variance_min: float = -1.0
+    """explained variance below this for `explained_variance_iterations` in a row (critic runs)"""
+    explained_variance_iterations: int = 3
+    """iterations in a row of explained variance below `explained_variance_min`"""
+    value_error_ratio: float = 10.0
+    """value error (RMS of returns - values) this many times its baseline"""
+    jump_factor: float = 10.0
+    """value loss or gradient norm this many times its median over the last 10 iterations"""
+    logprob_gap_ratio: float = 3.0
+    """`tis/logprob_gap` this many times its baseline (and `logprob_gap_min`)"""
+    logprob_gap_min: float = 0.05
+    """the log-prob gap alarm needs at least this mean gap (nats per token)"""
+
+    def __post_init__(self) -> None:
+        for key in ("warmup", "window", "quiet", "explained_variance_iterations"):
+            check(getattr(self, key) >= 1, f"alarms.{key}", "an integer >= 1", getattr(self, key))
+        for key in ("length_ratio", "value_error_ratio", "jump_factor", "logprob_gap_ratio",
+                    "kl_ratio"):
+            check(getattr(self, key) > 1, f"alarms.{key}", "a number > 1", getattr(self, key))
+        check(self.explained_variance_min < 1, "alarms.explained_variance_min", "a number < 1",
+              self.explained_variance_min)
+        check(0 < self.entropy_ratio < 1, "alarms.entropy_ratio", "a number in (0, 1)",
+              self.entropy_ratio)
+        for key in ("repetition_rise", "divergence_sigmas", "kl_min", "logprob_gap_min"):
+            check(getattr(self, key) > 0, f"alarms.{key}", "a number > 0", getattr(self, key))
 
 
 @dataclass
@@ -441,8 +494,8 @@ class Config(RunConfig):
     """every N iterations (and at the start), log greedy responses to fixed prompts (samples.jsonl); 0: off"""
     sample_prompts: int = 4
     """number of fixed prompts sampled every `sample_every` iterations"""
-    report_to: list[Literal["tensorboard"]] = field(default_factory=list)
-    """extra trackers through accelerate (`tensorboard`)"""
+    report_to: list[TrackerName] = field(default_factory=list)
+    """trackers to send metrics to (accelerate's; `all`: every installed one); docs/monitoring.md"""
     model: ModelConfig = field(default_factory=ModelConfig)
     """policy, reference and critic"""
     optim: PPOOptimConfig = field(default_factory=PPOOptimConfig)
@@ -457,6 +510,8 @@ class Config(RunConfig):
     """PPO algorithm"""
     agent: AgentConfig = field(default_factory=AgentConfig)
     """multi-turn rollouts with tools or an environment (off by default: single-turn)"""
+    alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
+    """warnings while training: reward hacking, critic health, off-policy drift"""
 
     RENAMED: ClassVar[dict[str, str]] = {
         # "eval" meant four things (the command, these samples, held-out loss, a scoring pass)
@@ -494,6 +549,7 @@ def validate(cfg: Config) -> None:
     """The top-level keys and the checks across sections (each section checks its own keys when
     it is built); raise ConfigError naming the key."""
     RunConfig.__post_init__(cfg)
+    check_report_to(cfg.report_to)
     p, g, r = cfg.ppo, cfg.generation, cfg.reward
     check(cfg.iterations >= 1, "iterations", "an integer >= 1", cfg.iterations)
     check(cfg.save_every >= 0, "save_every", "an integer >= 0", cfg.save_every)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,10 @@ from .errors import DataError
 logger = logging.getLogger(__name__)
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+UNKNOWN_SHARE_WARNING = 0.05
+"""a dataset whose tokens are more than this share the tokenizer's unknown token (``<unk>``) gets
+a warning (:func:`warn_unknown_tokens`): the model cannot tell those words apart"""
 
 
 
@@ -149,6 +153,72 @@ def render_prompt(value: Any, tokenizer, row: int, column: str, drop_final_assis
                     "string or a list of chat messages ({'role': ..., 'content': ...})")
 
 
+def unknown_token_id(tokenizer) -> int | None:
+    """The tokenizer's unknown-token id, or None when it has none or the id doubles as EOS, BOS
+    or pad (GPT-2's ``<|endoftext|>`` is all four): then counting it would count those too."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    others = {getattr(tokenizer, f"{name}_token_id", None) for name in ("eos", "bos", "pad")}
+    return None if unk is None or unk in others else unk
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside a dataset value: a string, chat messages' contents, nested lists."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def unknown_words(values: Any, tokenizer, limit: int = 3, scan: int = 200) -> list[str]:
+    """Up to ``limit`` distinct pieces of text (words, for a word-level tokenizer) that
+    ``tokenizer`` maps to its unknown token, from the first ``scan`` strings in ``values`` (rows,
+    texts). Empty for a tokenizer without character offsets (a slow tokenizer)."""
+    unk = unknown_token_id(tokenizer)
+    found: list[str] = []
+    for n, text in enumerate(_strings(values)):
+        if n >= scan or len(found) >= limit:
+            break
+        try:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # slow tokenizers have no offsets
+            return found
+        for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if token == unk and text[start:end] not in found and len(found) < limit:
+                found.append(text[start:end])
+    return found
+
+
+def warn_unknown_tokens(id_lists: Iterable[list[int]], values: Any, tokenizer, where: str
+                        ) -> float | None:
+    """Warn once when more than :data:`UNKNOWN_SHARE_WARNING` of the tokens in ``id_lists`` (one
+    dataset, tokenized) are the unknown token, naming ``where`` (the file and column), the share,
+    a few words it replaced (found in ``values``: the rows or texts) and what to do. Why: a
+    tokenizer that does not cover the data trains on ``<unk>`` runs, and the loss still falls.
+    Returns the share (None: the tokenizer has no separate unknown token)."""
+    unk = unknown_token_id(tokenizer)
+    if unk is None:
+        return None
+    total = unknown = 0
+    for ids in id_lists:
+        total += len(ids)
+        unknown += sum(1 for t in ids if t == unk)
+    share = unknown / total if total else 0.0
+    if share > UNKNOWN_SHARE_WARNING:
+        words = ", ".join(repr(w) for w in unknown_words(values, tokenizer))
+        logger.warning(
+            "%s: %.0f%% of the tokens (%d of %d) are the tokenizer's unknown token %r%s, more "
+            "than %.0f%%: the model cannot tell those words apart. Use a model whose tokenizer "
+            "covers the data (model.name_or_path: a pretrained model); builtin:tiny knows %s",
+            where, 100 * share, unknown, total, tokenizer.unk_token,
+            f" (it replaced e.g. {words})" if words else "", 100 * UNKNOWN_SHARE_WARNING,
+            "72 lowercase words of short reviews (docs/data.md, 'The built-in tiny vocabulary')")
+    return share
+
+
 def _encode(text: str, messages: list[dict] | None, tokenizer) -> list[int]:
     # A rendered chat template already contains the special tokens it needs (e.g. BOS).
     add_special = messages is None
@@ -203,6 +273,8 @@ def load_prompts(cfg: DataConfig, tokenizer, tools: list[dict] | None = None) ->
     if not prompts:
         raise DataError(f"data.max_prompt_length={cfg.max_prompt_length}: every prompt in "
                         f"{cfg.path!r} is longer; raise it or set data.truncate_long_prompts=true")
+    warn_unknown_tokens([p.input_ids for p in prompts], [p.text for p in prompts], tokenizer,
+                        f"data.path {cfg.path!r} ({where}, prompts)")
     return prompts
 
 

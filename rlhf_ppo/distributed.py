@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .config import Config
 from .errors import CheckpointError, ConfigError
+from .trackers import resolve as resolve_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,16 @@ def multi_process_cpu() -> bool:
 
 def set_threads(threads: int | None) -> int:
     """Set torch's CPU threads for this process and return the number: ``threads``, else
-    ``OMP_NUM_THREADS`` when set, else the cores this process may use divided among the
-    processes of this machine (``LOCAL_WORLD_SIZE`` of torchrun / accelerate launch)."""
+    ``OMP_NUM_THREADS`` when set, else half the cores this process may use, divided among the
+    processes of this machine (``LOCAL_WORLD_SIZE`` of torchrun / accelerate launch), at least 1.
+    Half: threads that wait for a core another process holds spin and stall every matrix
+    product (50x slower on a busy 2-core machine, docs/performance.md#cpu-threads)."""
     if threads is None:
         if os.environ.get("OMP_NUM_THREADS"):
             threads = int(os.environ["OMP_NUM_THREADS"])
         else:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            threads = max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            threads = max(1, (cores or 1) // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
@@ -104,7 +107,7 @@ def make_ppo_accelerator(cfg: Config):
     """:func:`make_accelerator` with PPO's accumulation settings (and DeepSpeed's batch sizes)."""
     acc = make_accelerator(
         cfg.mixed_precision, gradient_accumulation_steps(cfg, launch_world_size()),
-        list(cfg.report_to), cfg.output_dir,
+        resolve_trackers(cfg.report_to), cfg.output_dir,
         # Critic warmup with a shared backbone leaves the policy's parameters without gradients.
         find_unused_parameters=cfg.ppo.critic.warmup > 0)
     if is_deepspeed(acc):

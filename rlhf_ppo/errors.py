@@ -6,7 +6,11 @@ these. Each message names the config key or file and what was expected.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 import signal
+import traceback
 from pathlib import Path
 
 
@@ -64,3 +68,57 @@ def exit_code(error: BaseException) -> int | None:
                           NonFiniteError)):
         return 1
     return None
+
+
+# ----------------------------------------------------------------------------- user code
+
+def source_file(fn: object) -> str | None:
+    """The file that defines ``fn`` (a function, a ``functools.partial`` or ``wraps`` wrapper,
+    or an object with ``__call__``); None when it has no Python code (a builtin)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    fn = inspect.unwrap(fn) if callable(fn) else fn
+    code = getattr(fn, "__code__", None)
+    if code is None and callable(fn):  # an instance of a class with __call__
+        code = getattr(type(fn).__call__, "__code__", None)
+    return code.co_filename if code is not None else None
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (short), else as is."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive (Windows)
+        return path
+    return path if relative.startswith("..") else relative
+
+
+def user_location(error: BaseException, file: str | None = None) -> str | None:
+    """Where ``error`` was raised, as ``path:line in function``: the innermost frame of its
+    traceback in ``file`` (the user function's own file, so a library it called is passed
+    over), else the innermost frame outside this package; None without such a frame."""
+    frames = traceback.extract_tb(error.__traceback__)
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    target = os.path.abspath(file) if file else None
+    chosen = [f for f in frames if target and os.path.abspath(f.filename) == target] or \
+             [f for f in frames if not (f.filename.startswith("<")  # importlib's frozen frames
+                                        or os.path.abspath(f.filename).startswith(package))]
+    if not chosen:
+        return None
+    frame = chosen[-1]
+    return f"{_shown_path(frame.filename)}:{frame.lineno} in {frame.name}"
+
+
+def located(error: BaseException, file: str | None = None) -> str:
+    """``" at path:line in function"`` (:func:`user_location`), or ``""`` when unknown."""
+    location = user_location(error, file)
+    return f" at {location}" if location else ""
+
+
+def raised(where: str, error: BaseException, fn: object = None) -> str:
+    """The message for user code that raised: ``"{where} raised ZeroDivisionError: division by
+    zero at my_rewards.py:12 in ratio"``; ``fn``, the user's function, picks the frame (see
+    :func:`user_location`). Raise the wrapping error ``from`` the user's: ``rlhf-ppo COMMAND
+    --traceback`` then prints both tracebacks."""
+    file = source_file(fn) if fn is not None else None
+    return f"{where} raised {type(error).__name__}: {error}" + located(error, file)

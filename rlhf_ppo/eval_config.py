@@ -94,7 +94,7 @@ class EvalConfig:
     device: str = "auto"
     """`auto` (cuda when available, else cpu), `cpu`, `cuda`, `cuda:1`, ..."""
     threads: int | None = None
-    """CPU threads torch uses; null: `OMP_NUM_THREADS` when set, else this machine's usable cores"""
+    """CPU threads torch uses; null: `OMP_NUM_THREADS` when set, else half this machine's usable cores"""
     seed: int = 0
     """seed of the prompt subset, the sampling (batch b uses seed + b for both models) and the bootstrap"""
     num_prompts: int | None = 64
@@ -319,8 +319,8 @@ def load_eval_config(path: str | Path | None = None, overrides: list[str] | None
     if not ppo_file:
         cfg = load_config(path, overrides, cls=EvalConfig)
     else:
-        try:
-            config_from_dict(data, Config)
+        try:  # report_to is ignored: its trackers need not be installed where evaluate runs
+            config_from_dict({**data, "report_to": []}, Config)
         except ConfigError as e:
             raise ConfigError(f"config file {str(path)!r} (a PPO run's config): {e}") from e
         taken = [k for k in (*RUN_SECTIONS, AGENT_SECTION) if k in data]

@@ -45,6 +45,7 @@ from .agent_rollout import Agent, build_agent, sample_rollout
 from .config import ConfigError, GenerationConfig, ModelConfig
 from .data import Prompt, load_prompts
 from .distributed import set_threads
+from .errors import raised
 from .eval_config import (
     EvalConfig,
     effective_config,
@@ -74,6 +75,7 @@ from .eval_stats import (
 from .jsonl import json_safe
 from .loading import load_tokenizer
 from .models import reference_logprobs
+from .progress import ensure_logging, plural
 from .rewards import RewardError, RewardSum, load_function
 from .rollout import Rollout
 
@@ -190,7 +192,7 @@ def check_answers(fn, prompts: Sequence[Prompt], texts: Sequence[str], column: s
     try:
         scores = list(fn([p.text for p in prompts], list(texts), answer=answers))
     except Exception as e:
-        raise RewardError(f"accuracy_function raised {type(e).__name__}: {e}") from e
+        raise RewardError(raised("accuracy_function", e, fn)) from e
     if len(scores) != len(texts):
         raise RewardError(f"accuracy_function returned {len(scores)} scores for {len(texts)} "
                           "responses")
@@ -382,6 +384,7 @@ def write_outputs(out_dir: Path, summary: dict, rows: list[dict], kl: list[float
 def run_evaluate(cfg: EvalConfig) -> dict:
     """Sample, score and compare the policy and the reference; write samples.jsonl, summary.json
     and report.html to ``cfg.output_dir``. Returns the summary dict."""
+    ensure_logging()  # a script's run_evaluate logs like `rlhf-ppo evaluate`
     logger.info("evaluate: torch threads %d", set_threads(cfg.threads))
 
     # step 1. resolve the models and the data / reward / generation settings (defaults from the
@@ -425,8 +428,8 @@ def run_evaluate(cfg: EvalConfig) -> dict:
         checker = load_function(cfg.accuracy_function, "accuracy_function")
     for source in rewards.model_sources():
         source.scorer.to(device)
-    logger.info("evaluating %s against %s on %d prompts x %d samples", pol_spec.name,
-                ref_spec.name, len(prompts), cfg.samples_per_prompt)
+    logger.info("evaluating %s against %s on %s x %s", pol_spec.name, ref_spec.name,
+                plural(len(prompts), "prompt"), plural(cfg.samples_per_prompt, "sample"))
 
     # step 3. per batch: K samples per prompt from each model (same seed), scores, KL
     K = cfg.samples_per_prompt

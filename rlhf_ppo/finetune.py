@@ -24,6 +24,7 @@ from .data import load_rows
 from .distributed import make_accelerator, set_threads
 from .errors import ConfigError, DataError, NonFiniteError
 from .optim import make_optimizer as make_opt
+from .progress import ensure_logging, plural, progress_bar
 from .runs import FINETUNE_RUN_FILES, RunLog, init_run_folder, prepare_output_dir
 
 logger = logging.getLogger(__name__)
@@ -170,12 +171,14 @@ def start_run(cfg, cls: type):
     ``config.yaml`` and seed. Returns ``(cfg, accelerator, RunLog)``."""
     from accelerate.utils import set_seed
 
+    ensure_logging()  # a script's run_sft / run_reward_training logs like the command line
     cfg = config_from_dict(cfg.to_dict(), cls)
     out = Path(cfg.output_dir)
     prepare_output_dir(out, cfg.overwrite, FINETUNE_RUN_FILES)
     acc = make_accelerator(cfg.mixed_precision)
     threads = set_threads(cfg.threads)
-    logger.info("%d process(es), device %s, torch threads %d", acc.num_processes, acc.device, threads)
+    logger.info("%s, device %s, torch threads %d", plural(acc.num_processes, "process", "processes"),
+                acc.device, threads)
     init_run_folder(out, cfg, FINETUNE_RUN_FILES, cfg.overwrite, acc.is_main_process,
                     acc.wait_for_everyone)
     set_seed(cfg.seed)
@@ -188,14 +191,16 @@ def log_start(stage: str, cfg, model: nn.Module, n_items: int, unit: str, steps:
     batch arithmetic and where the outputs go."""
     count = lambda params: sum(q.numel() for q in params)
     t = cfg.train
+    units = lambda n: plural(n, unit[:-1], unit)  # unit: a plural noun ("pairs", "examples")
     logger.info(
-        "%s run:\n  model: %s (%.2fM parameters, %.2fM trained%s)\n  batch: %d %s per step over "
-        "%d process(es), micro-batches of %d per process; %d steps (%d epoch(s) of %d %s%s)\n"
+        "%s run:\n  model: %s (%.2fM parameters, %.2fM trained%s)\n  batch: %s per step over "
+        "%s, micro-batches of %d per process; %s (%s of %s%s)\n"
         "  output: %s/ (metrics.jsonl, config.yaml, final/)", stage, cfg.model.name_or_path,
         count(model.parameters()) / 1e6, count(q for q in model.parameters() if q.requires_grad) / 1e6,
-        ", LoRA" if cfg.peft.enabled else "", t.batch_size, unit, num_processes,
-        t.micro_batch_size, steps, t.epochs, n_items, unit,
-        f", at most {t.max_steps} steps" if t.max_steps else "", cfg.output_dir)
+        ", LoRA" if cfg.peft.enabled else "", units(t.batch_size),
+        plural(num_processes, "process", "processes"), t.micro_batch_size, plural(steps, "step"),
+        plural(t.epochs, "epoch"), units(n_items),
+        f", at most {plural(t.max_steps, 'step')}" if t.max_steps else "", cfg.output_dir)
 
 
 def save_final(acc, folder: Path, write: Callable[[Path], None]) -> None:
@@ -299,10 +304,8 @@ def fit(acc, module: nn.Module, optimizer, scheduler, plan: list[tuple[int, list
     step's micro-batches and their unit counts. Each step's record (``step``, ``epoch``,
     ``loss``, extra stats, ``lr``, ``grad_norm``, and the unit count under the name ``unit``)
     is appended to ``metrics.jsonl`` by the main process. Returns the records."""
-    from tqdm.auto import tqdm
-
     history = []
-    bar = tqdm(total=len(plan), desc=desc, disable=not acc.is_main_process, dynamic_ncols=True)
+    bar = progress_bar(len(plan), desc, acc.is_main_process)  # log lines when not on a terminal
     for step, (epoch, rows) in enumerate(plan, start=1):
         mbs, counts = make_batches(rows)
         m = train_step(acc, module, optimizer, scheduler, mbs, counts, loss_fn, max_grad_norm)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,11 +33,49 @@ def resolve(name: str, key: str) -> str:
         raise ModelLoadError(f"{key}: {e}") from e
 
 
+WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+"""file suffixes that mark a model name as a local file (no hub repository is named like one)"""
+
+
+def local_reason(name: str) -> str | None:
+    """Why ``name`` can only mean a local path, or None when it may be a hub id.
+
+    Local: it starts with ``/``, ``./``, ``../`` or ``~`` (or the platform's separator), ends in
+    a weight-file suffix (:data:`WEIGHT_SUFFIXES`), has more than one ``/`` (a hub id is
+    ``name`` or ``org/name``, never deeper), or is ``org/name`` where ``org`` is a folder in the
+    working directory (``runs/ppo``). The last rule is the one transformers applies too: an
+    existing local folder wins over the hub, so ``org/name`` is read from the hub only when no
+    folder ``org`` is here. Why: a mistyped local path otherwise waits ~1 minute on hub retries
+    and is reported as a network error."""
+    parts = name.replace(os.sep, "/").split("/")
+    if name.startswith(("/", "./", "../", "~", os.sep)):
+        return "it starts like a path"
+    if name.lower().endswith(WEIGHT_SUFFIXES):
+        return "it ends in a weight-file suffix"
+    if len(parts) > 2:
+        return "a hub id has at most one '/'"
+    if len(parts) == 2 and parts[0] and Path(parts[0]).is_dir():
+        return f"{parts[0]!r} is a folder in the working directory {os.getcwd()!r}"
+    return None
+
+
+def check_local_exists(name: str, key: str) -> None:
+    """ModelLoadError naming ``key`` and the path when ``name`` can only be a local path
+    (:func:`local_reason`) and nothing is there: fails at once instead of after the hub's
+    retries."""
+    reason = local_reason(name)
+    if reason is not None and not Path(name).expanduser().exists():
+        kind = "file" if name.lower().endswith(WEIGHT_SUFFIXES) else "folder"
+        raise ModelLoadError(f"{key}: {kind} {name!r} not found (read as a local path: {reason}); "
+                             "expected a folder with config.json and weights, a hub id "
+                             "('org/name'), or builtin:tiny")
+
+
 def load_pretrained(loader, name: str, key: str, **kwargs):
     """``loader(name, **kwargs)`` (a ``from_pretrained``), any failure reported as a
-    :class:`ModelLoadError` naming the config ``key`` and the path."""
-    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
-        raise ModelLoadError(f"{key}: folder {name!r} not found")
+    :class:`ModelLoadError` naming the config ``key`` and the path; a missing local path
+    (:func:`check_local_exists`) before the loader runs."""
+    check_local_exists(name, key)
     try:
         return loader(name, **kwargs)
     except Exception as e:  # missing, unreadable or corrupt: all reported with the path and key
@@ -63,6 +103,11 @@ class _NoLoadReport(logging.Filter):
 def load_model(loader, name: str, key: str, **kwargs):
     """:func:`load_pretrained` for a model, with one INFO line naming the weights that were
     newly initialised or left unused (instead of transformers' colour-coded table)."""
+    return load_model_and_unused(loader, name, key, **kwargs)[0]
+
+
+def load_model_and_unused(loader, name: str, key: str, **kwargs) -> tuple[nn.Module, list[str]]:
+    """:func:`load_model`, and the checkpoint's weights the model did not use (sorted names)."""
     report_logger = logging.getLogger("transformers.modeling_utils")
     quiet = _NoLoadReport()
     report_logger.addFilter(quiet)
@@ -78,7 +123,7 @@ def load_model(loader, name: str, key: str, **kwargs):
         logger.info("%s: loaded %s%s%s", key, name,
                     f"; newly initialised: {short(new)}" if new else "",
                     f"; not used from the checkpoint: {short(unused)}" if unused else "")
-    return model
+    return model, unused
 
 
 def load_tokenizer(cfg: ModelConfig, key: str | None = None):
@@ -127,15 +172,63 @@ def zero3_partitioned_loading(enabled: bool):
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
+CLASSIFIER_HEADS = ("score.weight",)
+"""the head a ``*ForSequenceClassification`` checkpoint has in place of ``lm_head`` (Llama, Qwen,
+Mistral, GPT-2 ... all name it ``score``)"""
+
+
+def classifier_reason(architectures: list[str] | None, unused: Iterable[str] = ()) -> str | None:
+    """Why a checkpoint is a sequence classifier (a reward model or critic) rather than a causal
+    LM: its config's ``architectures`` name only ``*ForSequenceClassification`` classes, or a
+    ``score`` head was left unused when it was loaded as a causal LM. None otherwise."""
+    archs = list(architectures or [])
+    if archs and all(a.endswith("ForSequenceClassification") for a in archs):
+        return f"its config.json architectures are {archs}"
+    heads = [k for k in unused if k in CLASSIFIER_HEADS]
+    if heads:
+        return f"it has a classifier head ({', '.join(heads)}) that a causal LM does not use"
+    return None
+
+
+def refuse_classifier(name: str, key: str, reason: str | None) -> None:
+    """ModelLoadError naming ``key`` and the folder when ``reason`` says the checkpoint is a
+    sequence classifier: as a policy, reference or SFT base it would train with a newly
+    initialised (or tied) LM head instead of failing, so a reward-model folder given by mistake
+    is refused here."""
+    if reason is not None:
+        raise ModelLoadError(
+            f"{key}: {name!r} is a sequence classifier (a reward model or critic: {reason}); "
+            "expected a causal language model (*ForCausalLM), such as the model the reward model "
+            "was trained from. A reward model belongs in reward.sources: [{model: ...}]")
+
+
+def local_architectures(path: str) -> list[str] | None:
+    """The ``architectures`` of ``path/config.json`` when ``path`` is a local folder that has one
+    (read before any weights load); None otherwise."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable config is reported by from_pretrained with its own message
+
+
 def load_causal_lm(name: str, cfg: ModelConfig, key: str, gguf_file: str | None = None):
-    """An ``AutoModelForCausalLM`` from a hub id, local folder, GGUF file or ``builtin:``."""
+    """An ``AutoModelForCausalLM`` from a hub id, local folder, GGUF file or ``builtin:``.
+    A sequence classifier's checkpoint (a reward model) is refused (:func:`refuse_classifier`):
+    a local one before its weights load, any other once loaded."""
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=DTYPES[cfg.dtype], revision=cfg.revision,
                   trust_remote_code=cfg.trust_remote_code)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    model = load_model(AutoModelForCausalLM.from_pretrained, resolve(name, key), key, **kwargs)
+    path = resolve(name, key)
+    refuse_classifier(name, key, classifier_reason(local_architectures(path)))
+    model, unused = load_model_and_unused(AutoModelForCausalLM.from_pretrained, path, key, **kwargs)
+    refuse_classifier(name, key, classifier_reason(getattr(model.config, "architectures", None),
+                                                   unused))
     if gguf_file:
         plain_after_gguf(model, key)
     if cfg.disable_dropout:

@@ -31,16 +31,26 @@ CURVE_KEYS = {"score_mean": "score (mean)", "kl": "KL to reference (per sequence
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of a PPO ``metrics.jsonl``; DataError naming the file and line when one is not a
     JSON object."""
+    return read_rows(path, "metrics_path")
+
+
+def read_rows(path: str | Path, label: str, running: bool = False) -> list[dict]:
+    """The JSON-object rows of a JSON-lines file; DataError naming ``label`` (the field or file
+    the user knows it by), the file and the line when one is not a JSON object. ``running``: the
+    file may still be written, so a last line without its newline is left out (half written)."""
+    text = Path(path).read_text()
+    if running and not text.endswith("\n"):
+        text = text.rpartition("\n")[0]
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise DataError(f"metrics_path: {str(path)!r} line {i} is not JSON ({e})") from e
+            raise DataError(f"{label}: {str(path)!r} line {i} is not JSON ({e})") from e
         if not isinstance(row, dict):
-            raise DataError(f"metrics_path: {str(path)!r} line {i}: expected a JSON object")
+            raise DataError(f"{label}: {str(path)!r} line {i}: expected a JSON object")
         rows.append(row)
     return rows
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from . import finetune as ft
 from . import formats
 from .config import ModelConfig, PeftConfig, check
-from .data import DataError, render_prompt
+from .data import DataError, render_prompt, warn_unknown_tokens
 from .lm import transformer
 from .loading import enable_activation_checkpointing, load_sequence_classifier, load_tokenizer
 from .lora import is_peft
@@ -210,7 +210,8 @@ def encode_pairs(ds, formatter: PairFormatter, data: RewardDataConfig, where: st
     if len(ds) == 0:
         raise DataError(f"{where}: no rows")
     chat = formatter.policy.chat_template is not None
-    has_prompt = "prompt" in formats.detect_pairs(ds, data, where, chat).columns
+    fmt = formats.detect_pairs(ds, data, where, chat)
+    has_prompt = "prompt" in fmt.columns
     has_margin = data.margin_column in ds.column_names
     pairs, too_long, cut, identical = [], 0, 0, 0
     for i, row in enumerate(ds):
@@ -248,6 +249,8 @@ def encode_pairs(ds, formatter: PairFormatter, data: RewardDataConfig, where: st
         reason = "identical chosen and rejected" if identical == len(ds) else \
             f"longer than data.max_length={data.max_length} or identical"
         raise DataError(f"{where}: no usable pair (every pair is {reason})")
+    warn_unknown_tokens([ids for p in pairs for ids in (p.chosen, p.rejected)], ds,
+                        formatter.tokenizer, f"{where} ({fmt.describe()})")
     return pairs
 
 

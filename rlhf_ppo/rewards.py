@@ -33,6 +33,7 @@ import re
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from . import ops
 from .assets import POSITIVE_WORDS
 from .config import ModelConfig, RewardConfig, RewardSource
 from .data import Prompt
-from .errors import RewardError
+from .errors import RewardError, located, raised
 from .lm import backbone_hidden
 from .loading import load_pretrained, load_sequence_classifier, resolve, zero3_partitioned_loading
 from .lora import active_adapter
@@ -107,7 +108,8 @@ def load_function(spec: str, key: str = "reward.sources[].function") -> Callable
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:
-            raise RewardError(f"{key}: importing {target!r} failed: {type(e).__name__}: {e}") from e
+            raise RewardError(f"{key}: importing {target!r} failed: {type(e).__name__}: {e}"
+                              + located(e, str(path))) from e
     else:
         # Console scripts do not put the working directory on sys.path; `python -m` does. A
         # user's own `myrewards:fn` next to the config should import either way.
@@ -117,7 +119,7 @@ def load_function(spec: str, key: str = "reward.sources[].function") -> Callable
             module = importlib.import_module(target)
         except Exception as e:  # ImportError, or whatever the module raises while importing
             raise RewardError(f"{key}: cannot import module {target!r}: "
-                              f"{type(e).__name__}: {e}") from e
+                              f"{type(e).__name__}: {e}" + located(e)) from e
     fn = getattr(module, name, None)
     if not callable(fn):
         raise RewardError(f"{key}: {target!r} has no function {name!r}")
@@ -190,11 +192,49 @@ def function_style(fn: Callable, where: str = "reward function") -> tuple[str, s
                       f"style; expected {ACCEPTED_SIGNATURES}")
 
 
+@dataclass
+class TrainerState:
+    """What a TRL-style reward function gets as ``trainer_state`` (the fields of TRL's
+    ``TrainerState`` that reward schedules read): ``global_step``, updates done before this
+    scoring (the iteration number - 1); ``max_steps``, the run's iterations."""
+
+    global_step: int = 0
+    max_steps: int = 0
+
+
+class TRLCallbacks:
+    """The extra keyword arguments TRL 1.12's GRPOTrainer gives reward functions, so a function
+    written for it runs unchanged: ``trainer_state`` (:class:`TrainerState`), ``log_metric(name,
+    value)`` (the values of one scoring call become the metric ``reward/NAME``, their mean) and
+    ``log_extra(column, values)`` (TRL adds columns to its completions table; rlhf_ppo has no such
+    table and drops them)."""
+
+    def __init__(self):
+        self.state = TrainerState()
+        self.logged: dict[str, list[float]] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.logged.setdefault(str(name), []).append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        """Accepted and dropped (see the class docstring)."""
+
+    def kwargs(self) -> dict:
+        return {"trainer_state": self.state, "log_metric": self.log_metric, "log_extra": self.log_extra}
+
+    def pop_metrics(self) -> dict[str, float]:
+        """``reward/NAME``: the mean of the values logged since the last call."""
+        out = {f"reward/{k}": sum(v) / len(v) for k, v in self.logged.items() if v}
+        self.logged = {}
+        return out
+
+
 class FunctionReward:
     """A Python reward function (rlhf_ppo or TRL style, see :func:`function_style`) with its config
-    ``kwargs``."""
+    ``kwargs``; ``callbacks``: the TRL extras a TRL-style function gets (shared by a run's sources)."""
 
-    def __init__(self, source: RewardSource, key: str):
+    def __init__(self, source: RewardSource, key: str, callbacks: TRLCallbacks | None = None):
+        self.callbacks = callbacks or TRLCallbacks()
         self.fn, self.kwargs, self.key = load_function(source.function, f"{key}.function"), \
             dict(source.kwargs), key
         self.name = source.function
@@ -247,6 +287,7 @@ class FunctionReward:
             else:
                 completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
             kwargs.update(
+                self.callbacks.kwargs(),
                 prompts=[copy.deepcopy(p.messages) if p.messages is not None else p.text
                          for p in rollout.prompts],
                 completions=completions,
@@ -273,7 +314,7 @@ class FunctionReward:
             if inspect.isawaitable(out):  # an async reward function, as TRL accepts
                 out = asyncio.run(out)
         except Exception as e:
-            raise RewardError(f"{where} raised {type(e).__name__}: {e}") from e
+            raise RewardError(raised(where, e, self.fn)) from e
         trl = self.style == TRL_STYLE
         scores = _check_scores(out, len(rollout.prompts), where, allow_none=trl)
         scored = ~torch.isnan(scores) if trl else torch.ones(len(scores), dtype=torch.bool)
@@ -403,10 +444,12 @@ class RewardSum:
     def __init__(self, cfg: RewardConfig, model_cfg: ModelConfig, policy_tokenizer):
         self.cfg = cfg
         self.sources = []
+        self.trl = TRLCallbacks()
+        """``trainer_state`` / ``log_metric`` / ``log_extra`` of the TRL-style functions"""
         for i, src in enumerate(cfg.sources):
             key = f"reward.sources[{i}]"
             if src.function is not None:
-                self.sources.append((src.weight, FunctionReward(src, key)))
+                self.sources.append((src.weight, FunctionReward(src, key, self.trl)))
             elif src.url is not None:
                 self.sources.append((src.weight, RemoteReward(src, key, policy_tokenizer)))
             else:

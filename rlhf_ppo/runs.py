@@ -21,6 +21,7 @@ from typing import Any
 from . import checkpoint as ckpt
 from .errors import ConfigError
 from .jsonl import append_jsonl, read_jsonl, write_jsonl
+from .paths import absolute_paths, run_config_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,10 @@ FINETUNE_RUN_FILES = ("metrics.jsonl", "final", "config.yaml")
 
 RESUMABLE_KEYS = {"iterations", "resume_from", "overwrite", "save_every", "keep_last",
                   "report_to", "output_dir", "on_nonfinite", "sample_every", "sample_prompts",
-                  "peft.save_merged", "threads"}
+                  "peft.save_merged", "threads", "alarms"}
 """keys that may differ between a run and its resumption: what and where it writes, how long
-it runs, how often it saves and logs samples, the threads; none changes the trajectory"""
+it runs, how often it saves and logs samples, the threads, the alarms; none changes the
+trajectory"""
 
 
 def config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
@@ -76,7 +78,9 @@ def prepare_output_dir(output_dir: str | Path, overwrite: bool, run_files: tuple
         saved_cfg = folder / ckpt.STATE_DIR / "config.yaml"
         if saved_cfg.is_file() and config is not None and not overwrite:
             saved = yaml.safe_load(saved_cfg.read_text())
-            diff = config_diff(upgrade(saved) if upgrade else saved, config)
+            # compared with local paths absolute: the saved config holds them so (paths.py)
+            diff = config_diff(absolute_paths(upgrade(saved) if upgrade else saved),
+                               absolute_paths(config))
             if diff:
                 raise ConfigError(
                     f"resume_from: {folder} was trained with other settings: {'; '.join(diff)}. "
@@ -110,13 +114,11 @@ def init_run_folder(out: Path, cfg, run_files: tuple[str, ...], clear: bool, is_
     """On the main process: create ``out``, delete a previous run's files when ``clear``
     (``overwrite: true``, checked by :func:`prepare_output_dir`) and write ``config.yaml``;
     every process then waits at ``barrier``."""
-    from .config import save_config
-
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if clear:
             clear_run(out, run_files)
-        save_config(cfg, out / "config.yaml")
+        (out / "config.yaml").write_text(run_config_yaml(cfg))
     barrier()
 
 

@@ -39,7 +39,7 @@ import torch
 from .config import ModelConfig, RewardSource, check
 from .data import Prompt
 from .distributed import set_threads
-from .errors import ConfigError, RewardError
+from .errors import ConfigError, RewardError, raised
 from .eval_models import pick_device
 from .remote import REQUEST_FIELDS
 from .rewards import FunctionReward, ModelReward
@@ -74,7 +74,7 @@ class ServeConfig:
     trust_remote_code: bool = False
     """allow model code from the hub to run; off unless you trust the source"""
     threads: int | None = None
-    """CPU threads torch uses; null: `OMP_NUM_THREADS` when set, else this machine's usable cores"""
+    """CPU threads torch uses; null: `OMP_NUM_THREADS` when set, else half this machine's usable cores"""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """uvicorn's log level (`info` logs every request)"""
 
@@ -349,8 +349,8 @@ def build_env_app(factory: Callable[[], Any], name: str, session_ttl: float = 36
         try:
             return await call_with_timeout(getattr(env, method), args)
         except Exception as e:
-            raise fastapi.HTTPException(422, f"{where(env, method, session_id)} raised "
-                                             f"{type(e).__name__}: {e}") from None
+            raise fastapi.HTTPException(422, raised(where(env, method, session_id), e,
+                                                    getattr(env, method))) from None
 
     def session_of(body: Any, method: str) -> tuple[str, Any]:
         session_id = body.get("session_id") if isinstance(body, dict) else None

@@ -27,7 +27,7 @@ import torch.nn as nn
 from . import finetune as ft
 from . import formats
 from .config import ModelConfig, PeftConfig
-from .data import DataError, render_prompt
+from .data import DataError, render_prompt, warn_unknown_tokens
 from .errors import ConfigError
 from .lm import token_logprobs, transformer
 from .loading import load_causal_lm, load_tokenizer, record_portable_base
@@ -257,6 +257,7 @@ def encode_rows(ds, tokenizer, data: SFTDataConfig, where: str) -> list[SFTExamp
     if not out:
         raise DataError(f"data.max_length={data.max_length}: every example of {where} is longer "
                         "(or keeps no response token when cut); raise it")
+    warn_unknown_tokens([ex.input_ids for ex in out], ds, tokenizer, f"{where} ({fmt.describe()})")
     return out
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import ops
+from . import ops, trackers
 from .agent_rollout import sample_rollout
+from .alarms import AlarmLog, response_metrics
 from .components import build_components, policy_folder
-from .config import Config, config_from_dict, config_to_yaml, save_config, upgrade_quietly
+from .config import Config, config_from_dict, upgrade_quietly
 from .distributed import (
     all_finite,
     check_engine_support,
@@ -36,6 +37,8 @@ from .models import (
     save_merged,
 )
 from .packing import attention_weight
+from .paths import run_config_yaml
+from .progress import ensure_logging, plural, progress_bar
 from .rollout import Rollout, dynamic_sampling, warn_off_policy
 from .runs import (
     PPO_RUN_FILES,
@@ -44,8 +47,8 @@ from .runs import (
     flat_config,
     init_run_folder,
     prepare_output_dir,
-    warn_on_jumps,
 )
+from .train_report import write_at_end_of_training
 from .update import Learner, UpdateSettings, ppo_update
 
 logger = logging.getLogger(__name__)
@@ -67,18 +70,19 @@ def start_lines(t: PPOTrainer) -> list[str]:
         f"reward: {sources}",
         f"policy: {cfg.model.name_or_path} ({count(ac.policy.parameters()) / 1e6:.2f}M parameters"
         + (", LoRA" if cfg.peft.enabled else "") + "); critic: "
-        + (f"none ({p.advantage_estimator}, {p.samples_per_prompt} samples per prompt)"
+        + (f"none ({p.advantage_estimator}, {plural(p.samples_per_prompt, 'sample')} per prompt)"
            if not ac.has_critic else cfg.model.critic
            + (f" from the {cfg.model.critic_init}" if cfg.model.critic == "separate"
               else " value head"))
         + f"; reference: {cfg.model.ref_name_or_path or 'the initial policy'}",
         f"trained parameters: {trainable / 1e6:.2f}M of {count(ac.parameters()) / 1e6:.2f}M",
-        f"batch: {p.batch_size} rollouts per iteration = {acc.num_processes} process(es) x "
-        f"{t.batch_size}; {p.num_minibatches} minibatches of {mini} per process in micro-batches of "
-        + (f"{micro} sequences" if p.forward.micro_batch_tokens is None
-           else f"at most {p.forward.micro_batch_tokens} tokens")
-        + f"; {p.ppo_epochs} epochs: {steps} optimizer steps per iteration, "
-        f"{steps * cfg.iterations} in {cfg.iterations} iterations",
+        f"batch: {p.batch_size} rollouts per iteration = "
+        f"{plural(acc.num_processes, 'process', 'processes')} x {t.batch_size}; "
+        f"{plural(p.num_minibatches, 'minibatch', 'minibatches')} of {mini} per process in "
+        "micro-batches of " + (plural(micro, "sequence") if p.forward.micro_batch_tokens is None
+                               else f"at most {plural(p.forward.micro_batch_tokens, 'token')}")
+        + f"; {plural(p.ppo_epochs, 'epoch')}: {plural(steps, 'optimizer step')} per iteration, "
+        f"{steps * cfg.iterations} in {plural(cfg.iterations, 'iteration')}",
         "forward passes: " + ("packed, without padding" if ac.pack_sequences else "padded"
                               + (" (the model's packing check failed)" if p.forward.packing else "")),
         f"device: {acc.device} ({acc.distributed_type.name}), torch threads "
@@ -91,6 +95,7 @@ class PPOTrainer:
     """Aligns ``cfg.model`` to ``cfg.reward`` with PPO. ``PPOTrainer(cfg).train()`` runs it all."""
 
     def __init__(self, cfg: Config, accelerator=None):
+        ensure_logging()  # a script's PPOTrainer logs like `rlhf-ppo train`
         config_from_dict(cfg.to_dict())  # re-check types and values changed after construction
         resume = prepare_output_dir(cfg.output_dir, cfg.overwrite, PPO_RUN_FILES, cfg.resume_from,
                                     cfg.to_dict(), upgrade_quietly)  # before any model loads
@@ -111,6 +116,7 @@ class PPOTrainer:
         self.iteration, self.nonfinite_skips = 0, 0
         self.history: list[dict] = []  # every iteration's metrics
         self._start(resume)
+        self.alarms = AlarmLog(cfg.alarms, self.output_dir, acc.is_main_process, self.iteration)
         if acc.is_main_process:
             logger.info("%s", "\n  ".join(["run:", *start_lines(self)]))
 
@@ -135,10 +141,9 @@ class PPOTrainer:
         from accelerate.utils import set_seed
 
         cfg, acc = self.cfg, self.accelerator
-        init_run_folder(self.output_dir, cfg, PPO_RUN_FILES, resume is None and cfg.overwrite,
-                        acc.is_main_process, acc.wait_for_everyone)
-        if cfg.report_to:
-            acc.init_trackers("rlhf_ppo", config=flat_config(cfg.to_dict()))
+        init_run_folder(self.output_dir, cfg, PPO_RUN_FILES + trackers.TRACKER_FILES,
+                        resume is None and cfg.overwrite, acc.is_main_process, acc.wait_for_everyone)
+        trackers.start(acc, cfg.report_to, flat_config(cfg.to_dict()), self.output_dir, resume)
         # Seeded last, so loading (which may draw random numbers) does not shift the rollouts;
         # device_specific: each process samples different responses.
         set_seed(cfg.seed, device_specific=True)
@@ -185,12 +190,11 @@ class PPOTrainer:
         :class:`TrainingInterrupted` (a second SIGINT interrupts at once). SIGUSR1 writes a
         checkpoint after the current iteration and goes on (a checkpoint on demand).
         """
-        from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         acc, cfg = self.accelerator, self.cfg
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo",
-                   disable=not acc.is_main_process, dynamic_ncols=True)
+        # a bar on a terminal; redirected, one log line per iteration instead of `\r` lines
+        bar = progress_bar(cfg.iterations, "ppo", acc.is_main_process, self.iteration, every=1)
         # log lines go through tqdm.write, so they do not glue onto the progress bar
         in_step = False  # from a step's start until its stop/save requests are read
         with SignalRequests(lambda: self.iteration + (not in_step)) as requests, \
@@ -201,7 +205,7 @@ class PPOTrainer:
                 while self.iteration < cfg.iterations:
                     in_step = True
                     metrics = self.step()
-                    warn_on_jumps(self.history, metrics, acc.is_main_process)
+                    metrics.update(self.alarms.check(self.history, metrics))  # alarms.jsonl too
                     self.history.append(metrics)
                     self.run_log.metrics(metrics, step=self.iteration)
                     bar.update(1)
@@ -224,6 +228,8 @@ class PPOTrainer:
         self.save(self.output_dir / "final")
         if cfg.report_to:
             acc.end_training()
+        if acc.is_main_process:  # a failure is logged, never raised: the run is saved
+            write_at_end_of_training(self.output_dir)
         return self.history
 
     def step(self, rollout: Rollout | None = None) -> dict[str, float]:
@@ -287,14 +293,20 @@ class PPOTrainer:
         record = IterationRecord(
             self.iteration, all_raw, all_stopped, scores, rollout.response_mask.float(), out.entropy,
             out.values, targets.batch.returns, targets.returns_moments, mean_kl, kl_coef,
-            {**reward_metrics, **targets.metrics, **agent_metrics(rollout)}, self.unwrapped.has_critic)
-        return iteration_metrics(acc, record, update_metrics, self.scheduler.get_last_lr()[0],
-                                 self.nonfinite_skips, [t0, t1, t2, t3])
+            {**reward_metrics, **targets.metrics, **agent_metrics(rollout),
+             **response_metrics(rollout)}, self.unwrapped.has_critic)
+        metrics = iteration_metrics(acc, record, update_metrics, self.scheduler.get_last_lr()[0],
+                                    self.nonfinite_skips, [t0, t1, t2, t3])
+        # TRL-style functions' log_metric values: this process's, after the reduction over
+        # processes (a function may log on one process and not another)
+        return {**metrics, **self.rewards.trl.pop_metrics()}
 
     def score(self, rollout: Rollout) -> tuple[Rollout, torch.Tensor, dict]:
         """Step 2: ``(rollout, raw scores (B,), reward metrics)``; ``ppo.dynamic_sampling`` replaces
         groups of equal scores by new ones (:func:`dynamic_sampling`, rounds agreed by processes)."""
         acc, p = self.accelerator, self.cfg.ppo
+        trl = self.rewards.trl  # what TRL-style reward functions get besides the rollout
+        trl.state.global_step, trl.state.max_steps, trl.logged = self.iteration - 1, self.cfg.iterations, {}
         raw_scores, reward_metrics = self.rewards(rollout)
         if p.dynamic_sampling:
             rollout, raw_scores, dyn = dynamic_sampling(
@@ -372,7 +384,7 @@ class PPOTrainer:
                 rng={**ckpt.rng_state(), "shuffle": self.shuffle_gen.get_state()},
                 trainer=self.state_dict(),
                 optimizer=None if sharded else self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(), config_yaml=config_to_yaml(self.cfg),
+                scheduler=self.scheduler.state_dict(), config_yaml=run_config_yaml(self.cfg),
                 history=self.history)
         if acc.is_main_process:
             ckpt.prune(folder.parent, self.cfg.keep_last)
@@ -386,6 +398,6 @@ class PPOTrainer:
             if self.accelerator.is_main_process:
                 if self.cfg.peft.enabled and self.cfg.peft.save_merged:
                     save_merged(self.unwrapped, self.tokenizer, tmp / "merged")
-                save_config(self.cfg, tmp / "rlhf_ppo_config.yaml")
+                (tmp / "rlhf_ppo_config.yaml").write_text(run_config_yaml(self.cfg))
         if self.accelerator.is_main_process:
             logger.info("saved the policy to %s", folder)

@@ -8,6 +8,9 @@
 # Inputs (the defaults: the tiny configs and example data in configs/, offline, a few minutes
 # on a laptop CPU):
 #   BASE_MODEL      model to fine-tune: hub id or folder (default: the SFT config's, builtin:tiny)
+#                   builtin:tiny knows only 72 lowercase words (docs/data.md, "The built-in tiny
+#                   vocabulary"): other words become <unk> (a warning says how many); for your
+#                   own data set BASE_MODEL to a pretrained model
 #   SFT_DATA        .jsonl with prompt, response          (configs/data/sft_tiny.jsonl)
 #   PAIRS_DATA      .jsonl with prompt, chosen, rejected  (configs/data/pairs_tiny.jsonl)
 #   PROMPTS         PPO and evaluation prompts: .jsonl with prompt, or builtin:tiny (builtin:tiny)

@@ -237,6 +237,7 @@ def test_a_tool_that_raises_is_an_observation_or_an_error_naming_tool_and_row():
     assert run(ToolSet([divide]), call) == ToolResult(
         "divide", "Error: tool 'divide' raised ZeroDivisionError: division by zero", error=True)
     with pytest.raises(AgentError, match=r"tool 'divide' raised ZeroDivisionError: division by zero "
+                                         r"at \S*test_agents.py:\d+ in divide "
                                          r"\(row 3\)\. on_tool_error='raise' stops the run"):
         run(ToolSet([divide], on_error="raise"), call, row=3)
     with pytest.raises(AgentError, match="on_error: expected one of"):

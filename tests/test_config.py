@@ -207,7 +207,7 @@ def test_wrong_type(override, key, expected):
     ("ppo.kl_estimator=k4", "ppo.kl_estimator"),
     ("model.dtype=float64", "model.dtype"),
     ("ppo.loss_aggregation=sum", "ppo.loss_aggregation"),
-    ("report_to=[wandb]", "report_to[0]"),
+    ("report_to=[weights_and_biases]", "report_to[0]"),
 ])
 def test_literal_invalid_choice(override, key):
     msg = _raises([override], key)

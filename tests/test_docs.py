@@ -155,3 +155,16 @@ def test_estimator_table_is_current_and_reads_the_registry(monkeypatch):
     monkeypatch.setitem(estimators.ESTIMATORS, "toy", extra)
     assert not ref.estimators_current(text)
     assert "| `toy` | a toy | no | yes | never | no |" in ref.render_estimators(text)
+
+
+def test_layout_names_every_module():
+    """docs/layout.md names every module of rlhf_ppo/ (a new module gets a row)."""
+    import pkgutil
+
+    import rlhf_ppo
+
+    text = (ROOT / "docs" / "layout.md").read_text()
+    names = {m.name: f"`{m.name}/`" if m.ispkg else f"`{m.name}.py`"
+             for m in pkgutil.iter_modules(rlhf_ppo.__path__)}
+    missing = [m for m, name in names.items() if name not in text]
+    assert not missing, f"docs/layout.md does not name {missing}"

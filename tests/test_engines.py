@@ -95,7 +95,7 @@ def test_ppo_batch_size_counts_over_all_processes():
         ppo_batch_per_process(cfg, 16)
 
 
-def test_threads_default_reads_omp_then_splits_the_cores(monkeypatch):
+def test_threads_default_reads_omp_then_splits_half_the_cores(monkeypatch):
     import os
 
     import torch
@@ -112,7 +112,14 @@ def test_threads_default_reads_omp_then_splits_the_cores(monkeypatch):
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))
         assert set_threads(None) == 1  # one core per process
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-        assert set_threads(None) == cores
+        assert set_threads(None) == max(1, cores // 2)  # half: room for the machine's other work
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+        assert set_threads(None) == 8
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        assert set_threads(None) == 2  # 8 of 16 cores among 4 processes
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert set_threads(None) == 1  # a 2-core machine: one thread (docs/performance.md)
     finally:
         torch.set_num_threads(before)
     with pytest.raises(Exception, match="threads: expected an integer >= 1 or null"):

@@ -375,7 +375,7 @@ def test_cli_accepts_a_ppo_runs_config_file(tmp_path, custom_run, cli):
     assert res.returncode == 0, res.stderr[-3000:]
     # the PPO-only keys are ignored (output_dir among them: the run folder is left alone)
     assert (f"{run / 'config.yaml'} is a PPO run's config: evaluate uses its data, reward, "
-            "generation section(s) and ignores iterations, keep_last, ") in res.stderr
+            "generation section(s) and ignores alarms, iterations, keep_last, ") in res.stderr
     assert not (run / "summary.json").exists()
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -800,3 +800,38 @@ def test_repeated_words_hand_values():
     texts = ["a b c", "very very very very", "The sea, the SEA!", ""]
     # 0 repeats of 3; 3 repeats of 4; "the sea the sea": 2 repeats of 4; empty
     assert repeated_words([], texts) == [0.0, -0.75, -0.5, 0.0]
+
+
+TRL_CALLBACKS_FN = '''
+SEEN = []
+
+
+def scheduled(completions, trainer_state, log_metric, log_extra, **kwargs):
+    """A TRL 1.12 reward function that reads the step and logs a metric and an extra column."""
+    SEEN.append((trainer_state.global_step, trainer_state.max_steps))
+    log_metric("long_share", sum(len(c) > 3 for c in completions) / len(completions))
+    log_metric("long_share", 1.0)
+    log_extra("note", ["x"] * len(completions))
+    return [float(trainer_state.global_step)] * len(completions)
+'''
+
+
+def test_trl_reward_functions_get_trainer_state_log_metric_and_log_extra(tmp_path, monkeypatch):
+    """TRL's GRPOTrainer passes trainer_state, log_metric and log_extra to reward functions: a
+    function written for it runs unchanged; log_metric's values are the mean of one iteration."""
+    from test_trainer import tiny_config
+
+    from rlhf_ppo import PPOTrainer
+
+    (tmp_path / "trl_sched.py").write_text(TRL_CALLBACKS_FN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("trl_sched", None)
+    trainer = PPOTrainer(tiny_config(tmp_path / "run", "iterations=3", "ppo.batch_size=4",
+                                     "reward.sources=[{function: 'trl_sched:scheduled'}]"))
+    history = trainer.train()
+    import trl_sched as module
+
+    assert module.SEEN == [(0, 3), (1, 3), (2, 3)]  # updates done before each scoring, of 3
+    assert [m["score_mean"] for m in history] == [0.0, 1.0, 2.0]
+    for m in history:  # the mean of (share of long completions, 1.0)
+        assert 0.5 <= m["reward/long_share"] <= 1.0

@@ -127,3 +127,24 @@ def test_smollm2_agent_config_plays_the_guessing_game_through_its_chat_template(
         assert m["agent/turns"] > 1 and m["agent/observation_tokens"] > 0, m
         for key in ("policy_loss", "value_loss", "approx_kl", "kl"):
             assert math.isfinite(m[key]), (key, m)
+
+
+@pytest.mark.slow
+def test_the_trl_agent_file_runs_unchanged_in_rlhf_ppo(tmp_path):
+    """scripts/bench/trl_agent_compat.py --side rlhf_ppo: the environment_factory class, tools and
+    reward function written for TRL 1.12's GRPOTrainer (scripts/bench/trl_agent_env.py) train here:
+    the scripted tool call runs once per episode, get_reward lands on the rollout and the reward
+    function reads the environments (0.5 per recorded call). docs/agents.md shows both sides."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "trl_agent_compat.py"
+    spec = importlib.util.spec_from_file_location("trl_agent_compat", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--side", "rlhf_ppo", "--out", str(tmp_path)]) == 0
+    facts = json.loads((tmp_path / "rlhf_ppo.json").read_text())
+    assert facts["tool_calls_per_episode"] == [1.0, 1.0] and facts["tool_errors_per_episode"] == [0.0, 0.0]
+    assert facts["score_mean"] == [0.5, 0.5]  # the reward function: 0.5 per call its environment saw
+    assert [sorted(set(r)) for r in facts["get_reward_per_rollout"]] == [[0.0, 1.0]] * 2
+    assert [s["function"]["name"] for s in facts["tool_schemas"]] == ["multiply", "add"]

@@ -446,7 +446,7 @@ def test_start_of_run_says_what_the_run_will_do(tmp_path, caplog):
     assert "reward: 1 x rlhf_ppo.rewards:keyword_share" in text
     assert f"trained parameters: {n_params / 1e6:.2f}M of {n_params / 1e6:.2f}M" in text
     # 8 rollouts, 2 minibatches of 4 in micro-batches of 2, 3 epochs: 6 steps per iteration
-    assert ("batch: 8 rollouts per iteration = 1 process(es) x 8; 2 minibatches of 4 per process "
+    assert ("batch: 8 rollouts per iteration = 1 process x 8; 2 minibatches of 4 per process "
             "in micro-batches of 2 sequences; 3 epochs: 6 optimizer steps per iteration, 18 in 3 "
             "iterations") in text
     assert "forward passes: packed, without padding" in text  # the tiny Llama passes the check

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..errors import AgentError, RewardError
+from ..errors import AgentError, RewardError, raised
 from .calls import CallTimeout, call_with_timeout
 
 ON_ERROR = ("observe", "raise")
@@ -164,6 +164,8 @@ class ToolSet:
                 problem = f"tool {call.name!r} {e} (timeout)"
             except Exception as e:  # the tool's own bug or refusal: reported, never swallowed
                 problem = f"tool {call.name!r} raised {type(e).__name__}: {e}"
+                if self.on_error == "raise":  # the run stops: its file and line, the error chained
+                    self._problem(call.name, raised(f"tool {call.name!r}", e, fn), row)
         return self._problem(call.name, problem, row)
 
     def _check(self, call: ToolCall) -> str | None:
