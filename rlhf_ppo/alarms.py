@@ -185,10 +185,23 @@ def secondary_keys(record: dict) -> list[str]:
     return sources if len(sources) >= 2 else []
 
 
+SAMPLES_KEY = "samples/score_mean"
+"""the mean score of the greedy ``sample_prompts`` samples, on the iterations that log them"""
+
+
+def first_and_last(h: History, key: str) -> tuple[float, float] | None:
+    """The first and the last finite value of ``key`` (a metric logged every few iterations, such
+    as :data:`SAMPLES_KEY`); None with fewer than two."""
+    values = [v for r in h if (v := _finite(r, key)) is not None]
+    return (values[0], values[-1]) if len(values) >= 2 else None
+
+
 def check_secondary_drop(h: History, cfg: AlarmsConfig) -> Alarm | None:
     """The score ``divergence_sigmas`` warm-up standard deviations above its start while a
-    secondary signal (another reward source, :func:`secondary_keys`) is as far below its own:
-    the policy pleases the trained-on signal at the expense of what it stands for."""
+    secondary signal is as far below its own: another reward source (:func:`secondary_keys`,
+    baseline and current level as for the score), or the greedy ``sample_prompts`` samples' mean
+    score (:data:`SAMPLES_KEY`: its first logged value against its last, the spread 5% of the
+    first). The policy pleases the trained-on signal at the expense of what it stands for."""
     score = baseline_and_current(h, "score_mean", cfg)
     if score is None:
         return None
@@ -196,11 +209,12 @@ def check_secondary_drop(h: History, cfg: AlarmsConfig) -> Alarm | None:
     rise = (score[1] - score[0]) / spread("score_mean", score[0])
     if rise < cfg.divergence_sigmas:
         return None
-    for key in secondary_keys(h[-1]):
-        bc = baseline_and_current(h, key, cfg)
+    for key in [*secondary_keys(h[-1]), SAMPLES_KEY]:
+        bc = first_and_last(h, key) if key == SAMPLES_KEY else baseline_and_current(h, key, cfg)
         if bc is None:
             continue
-        drop = (bc[0] - bc[1]) / spread(key, bc[0])
+        drop = (bc[0] - bc[1]) / (max(0.05 * abs(bc[0]), 1e-3) if key == SAMPLES_KEY
+                                  else spread(key, bc[0]))
         if drop >= cfg.divergence_sigmas:
             return Alarm("secondary_drop", f"the score rose {score[0]:.3g} -> {score[1]:.3g} while "
                          f"{key} fell {bc[0]:.3g} -> {bc[1]:.3g} ({drop:.1f} warm-up standard "

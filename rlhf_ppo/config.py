@@ -399,7 +399,8 @@ class AlarmsConfig:
     kl_min: float = 10.0
     """the KL alarm needs at least this KL (nats per sequence)"""
     divergence_sigmas: float = 4.0
-    """score this many warm-up standard deviations above its baseline while another source falls as far"""
+    """score this many warm-up standard deviations above its baseline while another source (or the
+    greedy samples' mean score) falls as far"""
     explained_variance_min: float = -1.0
     """explained variance below this for `explained_variance_iterations` in a row (critic runs)"""
     explained_variance_iterations: int = 3

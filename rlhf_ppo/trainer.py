@@ -205,14 +205,15 @@ class PPOTrainer:
                 while self.iteration < cfg.iterations:
                     in_step = True
                     metrics = self.step()
+                    if cfg.sample_every and self.iteration % cfg.sample_every == 0:
+                        rows = self.log_samples()  # their mean score: a signal the alarms watch
+                        metrics["samples/score_mean"] = sum(r["score"] for r in rows) / len(rows)
                     metrics.update(self.alarms.check(self.history, metrics))  # alarms.jsonl too
                     self.history.append(metrics)
                     self.run_log.metrics(metrics, step=self.iteration)
                     bar.update(1)
                     bar.set_postfix({k: f"{metrics[k]:.3g}" for k in
                                      ("score_mean", "kl", "kl_coef", "entropy", "clipfrac")})
-                    if cfg.sample_every and self.iteration % cfg.sample_every == 0:
-                        self.log_samples()
                     signum, save_now = requests.agreed(acc)
                     in_step = False
                     folder = self.output_dir / f"checkpoint-{self.iteration}"

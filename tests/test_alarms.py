@@ -108,6 +108,17 @@ def test_secondary_drop():
     assert first_fired(up, "secondary_drop") is None
 
 
+def test_secondary_drop_of_the_greedy_samples():
+    """samples/score_mean, logged every 2 iterations (None between): its first value 2.0 against
+    its last, the spread 5% of 2.0 = 0.1, so 4 spreads is a fall to 1.6 or below."""
+    score = [1, 1.1, 0.9, 1.2, 1.5, 1.8, 2.0, 2.2, 2.4, 2.6]
+    samples = [None, 2.0, None, 2.0, None, 1.7, None, 1.5, None, 1.4]
+    h = history(score_mean=score, **{"samples/score_mean": samples})
+    assert first_fired(h, "secondary_drop") == 8  # 2.0 -> 1.5: 5 spreads (1.7 was 3)
+    steady = history(score_mean=score, **{"samples/score_mean": [None, 2.0, None, 2.1] * 2 + [None, 2.2]})
+    assert first_fired(steady, "secondary_drop") is None
+
+
 def test_explained_variance_streak():
     # below -1 at iterations 3, 4, 5: fires at 5 (no warm-up); NaN (critic-free) never counts
     h = history(explained_variance=[0.0, -0.5, -2, -3, -1.5, 0.2])

@@ -109,8 +109,9 @@ def test_two_process_run_trains_saves_once_and_logs_once(tmp_path):
              "ppo.batch_size=8", "ppo.micro_batch_size=4")
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [1, 2, 3]  # one writer
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3", "config.yaml",
-                                                      "final", "metrics.jsonl", "report.html"]
+    assert sorted(p.name for p in out.iterdir()) == ["alarms.jsonl", "checkpoint-2", "checkpoint-3",
+                                                      "config.yaml", "final", "metrics.jsonl",
+                                                      "report.html"]
     assert sorted(p.name for p in (out / "checkpoint-3" / "training_state").iterdir()) == [
         "config.yaml", "metrics.jsonl", "optimizer.pt", "rng_state_0.pt", "rng_state_1.pt",
         "scheduler.pt", "trainer_state.json"]

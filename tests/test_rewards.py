@@ -426,6 +426,9 @@ def test_trl_function_gets_keywords_as_trl_passes_them(tok, model_cfg, trl_file,
     assert total.tolist() == [2.0, 1.0, 4.0]  # words per completion
     assert metrics == {"reward/source0_mean": pytest.approx(7 / 3)}
     (got,) = sink
+    # TRL's trainer extras (tested in test_trl_reward_functions_get_trainer_state_...)
+    assert {got.pop(k).__class__.__name__ for k in ("trainer_state", "log_metric", "log_extra")} == {
+        "TrainerState", "method"}
     assert got == {
         "prompts": ["the movie was", "i think the book is", "today"],  # plain-text prompts: str
         "completions": ["good great", "bad", "very nice fun day"],
@@ -444,6 +447,8 @@ def test_trl_function_with_chat_prompts_gets_messages(tok, model_cfg, trl_file, 
     total, _ = rs(chat)
     assert total.tolist() == [1.0, 0.0, 0.0]  # the content of the assistant message starts "good"
     (got,) = sink
+    assert {"trainer_state", "log_metric", "log_extra"} <= set(got)
+    got = {k: v for k, v in got.items() if k not in ("trainer_state", "log_metric", "log_extra")}
     assert got == {
         "prompts": [[{"role": "user", "content": "the movie was"}],
                     [{"role": "user", "content": "i think the book is"}],
