@@ -402,10 +402,14 @@ def test_sample_every_logs_fixed_greedy_samples_without_changing_the_run(tmp_pat
     logged = PPOTrainer(load_config(TINY, [f"output_dir={tmp_path / 'b'}", "iterations=4",
                                            "sample_every=2", "sample_prompts=3", *small]))
     history = logged.train()
-    strip = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per"))}
+    strip = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per", "samples/"))}
     assert [strip(m) for m in history] == [strip(m) for m in plain]  # the RNG stream is untouched
     rows = [json.loads(x) for x in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0] * 3 + [2] * 3 + [4] * 3
+    # the mean score of the samples logged at an iteration joins its metrics (an alarm watches it)
+    assert [m.get("samples/score_mean") for m in history] == [
+        None, pytest.approx(sum(r["score"] for r in rows[3:6]) / 3), None,
+        pytest.approx(sum(r["score"] for r in rows[6:]) / 3)]
     prompts = [p.text for p in logged.sampler.prompts[:3]]
     assert [r["prompt"] for r in rows] == prompts * 3
     # greedy: the same policy gives the same responses; the score is the reward function's
