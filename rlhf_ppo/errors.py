@@ -10,6 +10,7 @@ import functools
 import inspect
 import os
 import signal
+import sysconfig
 import traceback
 from pathlib import Path
 
@@ -93,16 +94,26 @@ def _shown_path(path: str) -> str:
     return path if relative.startswith("..") else relative
 
 
+def _machinery(filename: str) -> bool:
+    """A frame that is not the user's: importlib's frozen frames, this package, Python's own
+    library (asyncio, threading: where a call into user code is made), not site-packages."""
+    path = os.path.abspath(filename)
+    paths = sysconfig.get_paths()
+    libraries = tuple(os.path.abspath(paths[k]) + os.sep for k in ("purelib", "platlib"))
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    stdlib = os.path.abspath(paths["stdlib"]) + os.sep
+    return (filename.startswith("<") or path.startswith(package)
+            or (path.startswith(stdlib) and not path.startswith(libraries)))
+
+
 def user_location(error: BaseException, file: str | None = None) -> str | None:
     """Where ``error`` was raised, as ``path:line in function``: the innermost frame of its
     traceback in ``file`` (the user function's own file, so a library it called is passed
     over), else the innermost frame outside this package; None without such a frame."""
     frames = traceback.extract_tb(error.__traceback__)
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     target = os.path.abspath(file) if file else None
     chosen = [f for f in frames if target and os.path.abspath(f.filename) == target] or \
-             [f for f in frames if not (f.filename.startswith("<")  # importlib's frozen frames
-                                        or os.path.abspath(f.filename).startswith(package))]
+             [f for f in frames if not _machinery(f.filename)]
     if not chosen:
         return None
     frame = chosen[-1]
@@ -121,4 +132,8 @@ def raised(where: str, error: BaseException, fn: object = None) -> str:
     :func:`user_location`). Raise the wrapping error ``from`` the user's: ``rlhf-ppo COMMAND
     --traceback`` then prints both tracebacks."""
     file = source_file(fn) if fn is not None else None
-    return f"{where} raised {type(error).__name__}: {error}" + located(error, file)
+    message = f"{where} raised {type(error).__name__}: {error}"
+    if user_location(error, file) is None and file is not None:  # failed at the call (a signature)
+        line = getattr(getattr(inspect.unwrap(fn), "__code__", None), "co_firstlineno", None)
+        return message + f" (defined at {_shown_path(file)}" + (f":{line})" if line else ")")
+    return message + located(error, file)

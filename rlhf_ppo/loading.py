@@ -88,6 +88,8 @@ def load_pretrained(loader, name: str, key: str, **kwargs):
         elif isinstance(e, OSError):
             msg += (". Expected a local folder with config.json and weights, a hub id (needs "
                     "network), or builtin:tiny")
+            if not Path(name).expanduser().exists():  # read as a hub id: say it is no folder either
+                msg += f"; there is no local folder {str(Path(name).absolute())!r} either"
         raise ModelLoadError(msg) from e
 
 

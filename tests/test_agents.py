@@ -691,3 +691,30 @@ def test_sync_environments_and_tools_run_in_threads_concurrently():
         out = runner.run_tool_calls([tools, tools], [[ToolCall("meet", {"name": "x"})],
                                                      [ToolCall("meet", {"name": "y"})]])
         assert out == [[ToolResult("meet", "x")], [ToolResult("meet", "y")]]
+
+
+def test_an_environment_that_raises_is_an_error_naming_class_method_row_and_line():
+    """An environment's own exception reaches the user as an AgentError: the class, the method,
+    the row, the exception and the line of the environment's code (a call that did not fit the
+    signature: where the method is defined, and TRL's reset(**row) convention)."""
+    class NoKwargs:
+        def reset(self):
+            return None
+
+    class Crashes:
+        def reset(self, row):
+            return None
+
+        def step(self, text):
+            return {"a": 1}["b"]  # KeyError inside the environment's code
+
+    with AgentRunner(timeout=1.0) as runner:
+        with pytest.raises(AgentError, match=r"environment NoKwargs.reset \(row 1\) raised TypeError: .*"
+                           r"unexpected keyword argument 'prompt' \(defined at .*test_agents.py:\d+\); "
+                           r"expected reset\(\*\*row\) to accept the row's columns as keywords"):
+            runner.reset_tool_environments([IncrementEnv(), NoKwargs()], [{"target": 1}, {"prompt": "p"}])
+        episodes = [Episode(Crashes(), {"prompt": "p"}, 3)]
+        runner.reset_episodes(episodes)
+        with pytest.raises(AgentError, match=r"environment Crashes.step \(row 3\) raised KeyError: 'b' "
+                                             r"at .*test_agents.py:\d+ in step"):
+            runner.step_episodes(episodes, ["hi"])

@@ -261,3 +261,22 @@ def test_evaluate_of_a_run_works_from_another_directory(relative_run, cli, monke
     summary = json.loads((other / "eval" / "summary.json").read_text())
     assert summary["reference_path"] == str(start / "policy")
     assert summary["policy"]["sources"][0]["name"] == f"{start / 'reward.py'}:n_words"
+
+
+def test_a_hub_id_that_fails_says_it_is_no_local_folder_either(tmp_path, monkeypatch):
+    """`runs/x` with no `runs` folder here reads as a hub id (org/name); when the hub cannot give
+    it, the error also says there is no such local folder, for the user who meant one."""
+    from rlhf_ppo.loading import load_pretrained
+    from rlhf_ppo.models import ModelLoadError
+
+    monkeypatch.chdir(tmp_path)
+
+    def offline(name, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    with pytest.raises(ModelLoadError, match=r"model.name_or_path: could not load 'runs/x' .*"
+                       rf"no local folder '{tmp_path}/runs/x' either"):
+        load_pretrained(offline, "runs/x", "model.name_or_path")
+    (tmp_path / "org" / "name").mkdir(parents=True)  # a folder that exists is not said to be missing
+    with pytest.raises(ModelLoadError) as e:
+        load_pretrained(offline, "org/name", "model.name_or_path")
+    assert "either" not in str(e.value)

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from ..errors import AgentError
+from ..errors import AgentError, raised
 from .calls import CallTimeout, call_with_timeout
 from .tools import ToolCall, ToolResult, ToolSet
 
@@ -191,6 +191,12 @@ class AgentRunner:
         except CallTimeout as e:
             raise AgentError(f"{_where(env, method, row_id)} {e}; expected it to return within the "
                              "timeout per call") from None
+        except AgentError:  # already says where (an environment behind HTTP)
+            raise
+        except Exception as e:  # the environment's own code failed: say which, where and how
+            hint = ("; expected reset(**row) to accept the row's columns as keywords (TRL's "
+                    "convention: add **kwargs)") if method == "reset" and isinstance(e, TypeError) else ""
+            raise AgentError(raised(_where(env, method, row_id), e, fn) + hint) from e
 
     # --- tool environments (TRL's environment_factory) ---
 
