@@ -109,9 +109,9 @@ def _train(cfg, args) -> int:
         return 128 + e.signum
     if history and int(os.environ.get("RANK", "0")) == 0:
         first, last = history[0], history[-1]
+        kl = f"kl {last['kl']:.3f}" if cfg.ppo.kl.reads_reference() else "no reference"
         print(f"done: {plural(len(history), 'iteration')}, score_mean {first['score_mean']:.3f} -> "
-              f"{last['score_mean']:.3f}, kl {last['kl']:.3f}; policy saved to "
-              f"{cfg.output_dir}/final")
+              f"{last['score_mean']:.3f}, {kl}; policy saved to {cfg.output_dir}/final")
     return 0
 
 

@@ -24,6 +24,7 @@ from .distributed import full_state_dict, is_deepspeed, match_partitioned_dtype,
 from .loading import load_tokenizer
 from .models import (
     ActorCritic,
+    ReferenceModel,
     build_ppo_models,
     check_lengths,
     load_checkpoint_weights,
@@ -49,8 +50,9 @@ class Components:
     """the policy and critic themselves (what ``accelerate.unwrap_model`` returns)"""
     model: torch.nn.Module
     """``unwrapped`` as the engine prepared it (DDP / DeepSpeed / FSDP wrapper, or itself)"""
-    ref: torch.nn.Module
-    """the frozen reference model"""
+    ref: torch.nn.Module | None
+    """the frozen reference model (as the engine placed or sharded it); None when no KL setting reads it
+    (:meth:`~rlhf_ppo.ppo_config.KLConfig.reads_reference` false): neither loaded nor run"""
     optimizer: torch.optim.Optimizer
     """AdamW over the policy's and the critic's parameters (two groups)"""
     scheduler: Any
@@ -76,29 +78,33 @@ def build_components(cfg: Config, acc, batch_size: int, resume: Path | None) -> 
     set_seed(cfg.seed)  # fresh weights (LoRA, a new critic head) are the same on every run
     model, ref, critic_scorer = build_ppo_models(
         cfg.model, cfg.peft, rewards.critic_start_model(),
-        with_critic=estimators.get(cfg.ppo.advantage_estimator).critic)
+        with_critic=estimators.get(cfg.ppo.advantage_estimator).critic,
+        with_reference=cfg.ppo.kl.reads_reference())
     check_lengths(cfg, model.policy.config, max(len(x.input_ids) for x in prompts), len(tokenizer))
     if cfg.ppo.forward.packing:
         enable_packing(cfg, model, ref, rewards)
     if resume is not None:
         load_checkpoint_weights(model, resume)
     prepared, optimizer, scheduler = prepare_engine(cfg, acc, model)
-    ref = prepare_frozen(acc, ref, cfg.model.shard_frozen_models)
+    if ref is not None:
+        ref = prepare_frozen(acc, ref, cfg.model.shard_frozen_models)
     for source in rewards.model_sources():
         if source.scorer is not critic_scorer:  # that one is inside the prepared model
             source.scorer = prepare_frozen(acc, source.scorer, cfg.model.shard_frozen_models)
     return Components(tokenizer, sampler, rewards, model, prepared, ref, optimizer, scheduler, agent)
 
 
-def enable_packing(cfg: Config, model: ActorCritic, ref, rewards: RewardSum) -> None:
+def enable_packing(cfg: Config, model: ActorCritic, ref: ReferenceModel | None,
+                   rewards: RewardSum) -> None:
     """``ppo.forward.packing``: padding-free passes for every model whose packed pass gives its
     padded pass's numbers (:func:`packing.check_packing`; the others stay padded, with a
     warning)."""
     model.pack_sequences = check_packing(model.policy, "model.name_or_path") and (
         model.critic is None or check_packing(model.critic, "model.critic_name_or_path"))
-    ref.pack_sequences = (model.pack_sequences if ref.lm is model.policy
-                          else check_packing(ref.lm, "model.ref_name_or_path"
-                                             if cfg.model.ref_name_or_path else "reference"))
+    if ref is not None:
+        ref.pack_sequences = (model.pack_sequences if ref.lm is model.policy
+                              else check_packing(ref.lm, "model.ref_name_or_path"
+                                                 if cfg.model.ref_name_or_path else "reference"))
     for source in rewards.model_sources():
         source.scorer.pack_sequences = check_packing(source.model, f"{source.key}.model")
 

@@ -65,7 +65,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype the models are loaded in"""
     ref_name_or_path: str | None = None
-    """reference model; default: a frozen copy of the initial policy"""
+    """reference model; default: a frozen copy of the initial policy. Training loads it only
+    when a `ppo.kl` setting reads it; `rlhf-ppo evaluate` compares against it either way"""
     ref_gguf_file: str | None = None
     """GGUF file name inside `ref_name_or_path`"""
     critic: Literal["shared", "separate"] = "shared"

@@ -67,8 +67,8 @@ class RolloutOutputs(NamedTuple):
     """entropy of the policy's next-token distribution (a metric)"""
     values: torch.Tensor
     """V_old(s_t): the critic's values"""
-    ref_logprobs: torch.Tensor
-    """log pi_ref(a_t|s_t)"""
+    ref_logprobs: torch.Tensor | None
+    """log pi_ref(a_t|s_t); None: no reference (nothing reads it)"""
     sampling_logprobs: torch.Tensor | None = None
     """the log-probs recorded while sampling, when they were recomputed too (else None)"""
 
@@ -79,7 +79,8 @@ def rollout_outputs(model, ref, rollout: Rollout, temperature: float, batch_size
     """The reference's log-probs, and the policy's log-probs, entropy and values where sampling
     did not record them (``rollout.logprobs`` etc. None) or ``recompute`` asks (truncated
     importance sampling compares the two), in no-grad batches of ``batch_size``.
-    ``model``: the unwrapped ActorCritic; ``ref``: the reference model.
+    ``model``: the unwrapped ActorCritic; ``ref``: the reference model, or None (no KL setting
+    reads it: no reference pass, ``ref_logprobs`` None).
     Every pass reads the whole context (environment tokens included); every output, computed
     or recorded, is 0 where ``response_mask`` is 0."""
     need_policy = recompute or rollout.logprobs is None or rollout.entropy is None
@@ -93,7 +94,7 @@ def rollout_outputs(model, ref, rollout: Rollout, temperature: float, batch_size
                                       rollout.attention_mask[s:s + batch_size],
                                       rollout.response_mask[s:s + batch_size], rollout.prompt_length)
         ids, am = ids.to(device), am.to(device)
-        got = {"ref": ref(ids, am, P, temperature)}
+        got = {} if ref is None else {"ref": ref(ids, am, P, temperature)}
         if need_policy:
             got["lp"], got["ent"], got["v"] = model(ids, am, P, temperature, with_entropy=True)
         elif need_values:
@@ -107,7 +108,8 @@ def rollout_outputs(model, ref, rollout: Rollout, temperature: float, batch_size
     logprobs = (torch.cat(out["lp"]) if need_policy else rollout.logprobs) * mask
     entropy = (torch.cat(out["ent"]) if need_policy else rollout.entropy) * mask
     values = (torch.cat(out["v"]) if need_policy or need_values else rollout.values) * mask
-    return RolloutOutputs(logprobs, entropy, values, torch.cat(out["ref"]) * mask,
+    ref_logprobs = None if ref is None else torch.cat(out["ref"]) * mask
+    return RolloutOutputs(logprobs, entropy, values, ref_logprobs,
                           rollout.logprobs * mask if recompute else None)
 
 
@@ -149,8 +151,8 @@ class Experience:
     """(B, R) log pi_old(a_t|s_t)"""
     values: torch.Tensor
     """(B, R) V_old(s_t)"""
-    ref_logprobs: torch.Tensor
-    """(B, R) log pi_ref(a_t|s_t) (the KL loss term)"""
+    ref_logprobs: torch.Tensor | None
+    """(B, R) log pi_ref(a_t|s_t) (the KL loss term); None: no reference (nothing reads it)"""
     # ---- targets
     rewards: torch.Tensor
     """(B, R) per-token rewards r_t: -beta * KL_t, plus the turn rewards, plus the score on the
@@ -180,14 +182,15 @@ class Experience:
         """Rows ``rows`` trimmed to their last trained column (:func:`trim_padding`) and moved to
         ``device``: ``input_ids``, ``attention_mask``, ``mask`` (float, the action mask),
         ``prompt_length`` and the per-token ``logprobs``, ``values``, ``advantages``,
-        ``returns``, ``ref_logprobs`` and ``is_weights`` (or None) ``(b, r)``."""
+        ``returns``, and ``ref_logprobs`` and ``is_weights`` (each None when absent) ``(b, r)``."""
         ids, am, mask, P = trim_padding(self.input_ids[rows], self.attention_mask[rows],
                                         self.response_mask[rows], self.prompt_length)
         r = mask.shape[1]
         per_token = {k: getattr(self, k)[rows, :r].to(device)
-                     for k in ("logprobs", "values", "advantages", "returns", "ref_logprobs")}
-        per_token["is_weights"] = (None if self.is_weights is None
-                                   else self.is_weights[rows, :r].to(device))
+                     for k in ("logprobs", "values", "advantages", "returns")}
+        for k in ("ref_logprobs", "is_weights"):  # optional
+            x = getattr(self, k)
+            per_token[k] = None if x is None else x[rows, :r].to(device)
         return {"input_ids": ids.to(device), "attention_mask": am.to(device),
                 "mask": mask.to(device).float(), "prompt_length": P, **per_token}
 
@@ -197,8 +200,9 @@ class Targets(NamedTuple):
 
     batch: Experience
     """the experience the update trains on"""
-    kl: torch.Tensor
-    """(B, R) the per-token KL penalty estimate (``ppo.kl.estimator``), 0 on padding"""
+    kl: torch.Tensor | None
+    """(B, R) the per-token KL penalty estimate (``ppo.kl.estimator``), 0 on padding; None: no
+    reference (nothing reads it)"""
     returns_moments: tuple[float, float]
     """the returns' (mean, variance) over every process's valid tokens"""
     metrics: dict
@@ -218,9 +222,12 @@ def make_targets(acc, p: PPOConfig, rollout: Rollout, out: RolloutOutputs, score
         scores: ``(B,)`` processed scores.  kl_coef: the KL coefficient of this iteration.
     """
     mask = rollout.response_mask.float()
-    kl = ops.kl_penalty(out.logprobs, out.ref_logprobs, p.kl.estimator) * mask
+    kl = (None if out.ref_logprobs is None
+          else ops.kl_penalty(out.logprobs, out.ref_logprobs, p.kl.estimator) * mask)
     est, a = estimators.get(p.advantage_estimator), p.advantages
-    rewards, advantages, returns = est.estimate(scores, kl, kl_coef, out.values, mask,
+    # without a reference kl_coef is 0, so zeros give the penalty it would: none
+    kl_t = torch.zeros_like(mask) if kl is None else kl  # (B, R)
+    rewards, advantages, returns = est.estimate(scores, kl_t, kl_coef, out.values, mask,
                                                 p.samples_per_prompt, a.gamma, a.lam, p.critic.lam,
                                                 a.lam_length_alpha, rollout.turn_rewards)
     if est.whitens(a.whiten):

@@ -39,7 +39,7 @@ class IterationRecord:
     returns_moments: tuple[float, float]
     """the returns' global (mean, variance)"""
     kl: float
-    """mean summed KL per sequence (global)"""
+    """mean summed KL per sequence (global); NaN: no reference (no KL setting reads it)"""
     kl_coef: float
     """the KL coefficient the rewards used"""
     reward_metrics: dict
@@ -95,7 +95,8 @@ def iteration_metrics(acc, r: IterationRecord, update: dict, lr: float, nonfinit
         "value_mean": stats["values"][0],
         "return_mean": ret_mean,
         "value_error": math.sqrt(max(err_ms, 0.0)),
-        "reward_kl_penalty": -kl_coef * kl,
+        # without a reference (kl NaN) the rewards have no KL term: their penalty is 0
+        "reward_kl_penalty": -kl_coef * kl if math.isfinite(kl) else 0.0,
         "response_length": stats["lengths"][0],
         "stop_rate": r.all_stopped.float().mean().item(),
         "lr": lr,

@@ -283,15 +283,34 @@ class ReferenceModel(nn.Module):
                 yield
 
 
+def load_reference(cfg: ModelConfig, policy: nn.Module) -> ReferenceModel:
+    """The frozen reference of a full (not LoRA) policy: a copy of the just-loaded ``policy``, or
+    ``model.ref_name_or_path`` loaded (so is the policy's own checkpoint again under ZeRO-3, where
+    a copy of partitioned weights is empty)."""
+    if cfg.ref_name_or_path is None and not is_partitioned(policy):
+        return ReferenceModel(copy.deepcopy(policy)).eval()
+    with zero3_partitioned_loading(cfg.shard_frozen_models):
+        if cfg.ref_name_or_path is None:
+            ref = load_causal_lm(cfg.name_or_path, cfg, "model.name_or_path", cfg.gguf_file)
+        else:
+            ref = load_causal_lm(cfg.ref_name_or_path, cfg, "model.ref_name_or_path",
+                                 cfg.ref_gguf_file)
+    if vocab_rows(ref.get_output_embeddings()) != vocab_rows(policy.get_output_embeddings()):
+        raise ModelLoadError("model.ref_name_or_path: the reference's vocabulary size differs "
+                             "from the policy's; expected the same tokenizer")
+    return ReferenceModel(ref).eval()
+
+
 def build_actor_critic(cfg: ModelConfig, peft_cfg=None, reward_model: nn.Module | None = None,
-                       reward_path: str | None = None, with_critic: bool = True
-                       ) -> tuple[ActorCritic, ReferenceModel]:
+                       reward_path: str | None = None, with_critic: bool = True,
+                       with_reference: bool = True) -> tuple[ActorCritic, ReferenceModel | None]:
     """Load the policy (with its value head when present) and the reference; return both.
     ``peft_cfg`` (a ``PeftConfig`` with ``enabled``): LoRA, with the reference on the same base.
     ``model.critic_init: reward`` needs the reward model: ``reward_path`` (its folder or hub id,
     the critic's starting weights) and, with LoRA, ``reward_model`` itself (the loaded module,
     which receives the critic adapter). ``with_critic=False`` (critic-free advantage estimators):
-    no value head and no critic are built."""
+    no value head and no critic are built. ``with_reference=False`` (no KL setting reads it):
+    no reference is loaded or copied, and None is returned in its place."""
     from_reward = with_critic and cfg.critic == "separate" and cfg.critic_init == "reward"
     if from_reward and reward_path is None:
         raise ModelLoadError("model.critic_init: 'reward' needs a reward model source "
@@ -302,7 +321,8 @@ def build_actor_critic(cfg: ModelConfig, peft_cfg=None, reward_model: nn.Module 
             raise ModelLoadError("model.ref_name_or_path: with peft.enabled the reference is the "
                                  "base model (or peft.adapter_path); expected null")
         policy, ref_adapter = apply_lora(policy, peft_cfg)
-        ref = ReferenceModel(policy, shared_peft=True, adapter=ref_adapter)
+        ref = (ReferenceModel(policy, shared_peft=True, adapter=ref_adapter) if with_reference
+               else None)
         if not with_critic:
             return _named(ActorCritic(policy, with_critic=False), cfg), ref
         if cfg.critic == "separate":
@@ -318,20 +338,8 @@ def build_actor_critic(cfg: ModelConfig, peft_cfg=None, reward_model: nn.Module 
                 return _named(ActorCritic(policy, critic, CRITIC_ADAPTER, value_head=head), cfg), ref
             ac = ActorCritic(policy, critic_adapter=add_critic_adapter(policy, peft_cfg))
             return _named(ac, cfg), ref
-    elif cfg.ref_name_or_path is None and not is_partitioned(policy):
-        ref = copy.deepcopy(policy)
-    else:  # a separate checkpoint, or ZeRO-3 (a copy of partitioned weights is empty): load
-        with zero3_partitioned_loading(cfg.shard_frozen_models):
-            if cfg.ref_name_or_path is None:
-                ref = load_causal_lm(cfg.name_or_path, cfg, "model.name_or_path", cfg.gguf_file)
-            else:
-                ref = load_causal_lm(cfg.ref_name_or_path, cfg, "model.ref_name_or_path",
-                                     cfg.ref_gguf_file)
-        if vocab_rows(ref.get_output_embeddings()) != vocab_rows(policy.get_output_embeddings()):
-            raise ModelLoadError("model.ref_name_or_path: the reference's vocabulary size differs "
-                                 "from the policy's; expected the same tokenizer")
-    if not isinstance(ref, ReferenceModel):
-        ref = ReferenceModel(ref).eval()
+    else:
+        ref = load_reference(cfg, policy) if with_reference else None
     if not with_critic:
         return _named(ActorCritic(policy, with_critic=False), cfg), ref
     critic = None
@@ -365,16 +373,16 @@ class CriticStart(NamedTuple):
 
 
 def build_ppo_models(cfg: ModelConfig, peft_cfg, critic_start: CriticStart | None,
-                     with_critic: bool = True
-                     ) -> tuple[ActorCritic, ReferenceModel, nn.Module | None]:
+                     with_critic: bool = True, with_reference: bool = True
+                     ) -> tuple[ActorCritic, ReferenceModel | None, nn.Module | None]:
     """:func:`build_actor_critic` with the reward model a critic may start from (None: no reward
     model). A LoRA critic adapter on the reward model's base shares its weights with the scorer,
-    so that scorer is told to score with adapters off. Returns ``(actor_critic, reference, that
-    scorer or None)``."""
+    so that scorer is told to score with adapters off. Returns ``(actor_critic, reference or
+    None (``with_reference=False``), that scorer or None)``."""
     model, ref = build_actor_critic(cfg, peft_cfg,
                                     reward_model=critic_start.model if critic_start else None,
                                     reward_path=critic_start.path if critic_start else None,
-                                    with_critic=with_critic)
+                                    with_critic=with_critic, with_reference=with_reference)
     if not model.critic_on_reward_model:
         return model, ref, None
     critic_start.scorer.adapters_off = True
@@ -488,6 +496,7 @@ __all__ = [  # this module's names, and those that lived here before the split (
     "backbone_hidden", "build_actor_critic", "build_ppo_models", "check_lengths",
     "disable_dropout", "enable_activation_checkpointing", "freeze", "is_partitioned", "is_peft",
     "load_causal_lm", "load_checkpoint_weights", "load_model", "load_policy", "load_pretrained",
+    "load_reference",
     "load_sequence_classifier", "load_tokenizer", "lora_config", "no_split_modules", "padded",
     "plain_after_gguf", "position_ids_from_mask", "postprocess_logits", "record_portable_base",
     "reference_logprobs", "resolve", "response_states", "save_actor_critic", "save_merged",

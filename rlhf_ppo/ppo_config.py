@@ -213,10 +213,13 @@ class CriticTrainConfig:
 
 
 class KLConfig:
-    """``ppo.kl``: the KL to the reference model, as a reward penalty and / or a loss term."""
+    """``ppo.kl``: the KL to the reference model, as a reward penalty and / or a loss term. With
+    neither (``coef`` 0, ``adaptive`` false, ``loss_coef`` 0) nothing reads the reference: it is
+    not loaded and not run, and the ``kl`` metric is NaN."""
 
     coef: float = 0.05
-    """initial KL penalty coefficient beta in the per-token rewards (0: no penalty)"""
+    """initial KL penalty coefficient beta in the per-token rewards (0: no penalty; with
+    `adaptive` false and `loss_coef` 0 too, no reference model is loaded or run)"""
     estimator: Literal["k1", "k2", "k3"] = "k1"
     """per-token KL estimator for the reward penalty (Schulman's k1/k2/k3)"""
     adaptive: bool = False
@@ -239,6 +242,12 @@ class KLConfig:
         for key in ("adaptive_target", "horizon"):
             unread(self, key, "ppo.kl", self.adaptive, "ppo.kl.adaptive is false")
         unread(self, "loss_estimator", "ppo.kl", self.loss_coef > 0, "ppo.kl.loss_coef is 0")
+
+    def reads_reference(self) -> bool:
+        """Whether any KL setting reads the reference model's log-probs: the penalty in the
+        rewards (``coef`` > 0), the adaptive controller (it measures the KL) or the loss term
+        (``loss_coef`` > 0). False: the run builds no reference (GRPO / DAPO without KL)."""
+        return self.coef > 0 or self.adaptive or self.loss_coef > 0
 
 
 @dataclass

@@ -66,7 +66,7 @@ PANELS = (
                                                ("grad_norm_critic", "critic")), log_scale=True),
     Panel("off-policy: log-prob gap (sampling vs recomputed)", (("tis/logprob_gap", "gap"),)),
 )
-"""the charts, in page order; a panel none of whose keys has a finite value is left out"""
+"""the charts, in page order; a panel none of whose left-axis keys has a finite value is left out"""
 
 
 @dataclass
@@ -272,12 +272,13 @@ def chart(panel: Panel, metrics: list[dict], alarms: list[dict]) -> str | None:
     """One panel as an inline ``<svg class="chart">``: each key's values against the iteration
     (NaN / missing values leave a gap; a dot per point when few, so one iteration shows), the
     ``right`` keys dashed on their own axis, alarms as red vertical lines; None when no key of
-    the panel has a finite value."""
+    the left axis has a finite value (the right axis only gives it context: a run without a
+    reference has a KL coefficient and no KL)."""
     left = [(label, *series(metrics, k)) for k, label in panel.lines]
     right = [(label, *series(metrics, k)) for k, label in panel.right]
     left = [s for s in left if any(math.isfinite(v) for v in s[2])]
     right = [s for s in right if any(math.isfinite(v) for v in s[2])]
-    if not left and not right:
+    if not left:
         return None
     alarm_its = [_finite_or(a.get("iteration"), math.nan) for a in alarms]
     x = Axis.fit([v for s in left + right for v in s[1]] + alarm_its, LEFT, WIDTH - RIGHT)

@@ -74,7 +74,8 @@ def start_lines(t: PPOTrainer) -> list[str]:
            if not ac.has_critic else cfg.model.critic
            + (f" from the {cfg.model.critic_init}" if cfg.model.critic == "separate"
               else " value head"))
-        + f"; reference: {cfg.model.ref_name_or_path or 'the initial policy'}",
+        + "; reference: " + ((cfg.model.ref_name_or_path or "the initial policy") if t.ref is not None
+                             else "none, nothing reads it (no KL penalty, controller or loss)"),
         f"trained parameters: {trainable / 1e6:.2f}M of {count(ac.parameters()) / 1e6:.2f}M",
         f"batch: {p.batch_size} rollouts per iteration = "
         f"{plural(acc.num_processes, 'process', 'processes')} x {t.batch_size}; "
@@ -253,13 +254,13 @@ class PPOTrainer:
         # replaced by new ones)
         rollout, raw_scores, reward_metrics = self.score(rollout)
         # step 3. what sampling did not record: log-probs and values under the rollout policy;
-        # reference log-probs
+        # reference log-probs (when a KL setting reads them)
         out = self.rollout_outputs(rollout)
         all_raw = acc.gather(raw_scores.to(acc.device)).cpu()  # (B * processes,)
         all_stopped = acc.gather(rollout.stopped.to(acc.device)).cpu()
         # Nothing non-finite may reach the KL controller, the score statistics or the weights.
         for stage, tensors, detail in (
-                ("rollout", (out.logprobs, out.ref_logprobs, out.values),
+                ("rollout", (out.logprobs, out.ref_logprobs, out.values),  # ref: None without one
                  "policy / reference log-probs or values"),
                 ("score", (raw_scores,), ", ".join(self.rewards.nonfinite_sources) or "scores")):
             if not self._finite(stage, detail, *tensors):
@@ -280,7 +281,8 @@ class PPOTrainer:
         # whitened over every process's tokens when the estimator does
         kl_coef = self.kl_ctl.value
         targets = make_targets(acc, p, rollout, out, scores, kl_coef)
-        mean_kl = global_mean(acc, targets.kl.sum(-1))  # summed KL per sequence
+        # summed KL per sequence; NaN without a reference (the controller is then fixed at 0)
+        mean_kl = float("nan") if targets.kl is None else global_mean(acc, targets.kl.sum(-1))
         self.kl_ctl.update(mean_kl, n_steps=len(rollout.prompts) * acc.num_processes)
 
         # step 6. PPO epochs over shuffled minibatches; the value loss is divided by the returns'
