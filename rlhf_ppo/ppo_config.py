@@ -242,6 +242,8 @@ class KLConfig:
         for key in ("adaptive_target", "horizon"):
             unread(self, key, "ppo.kl", self.adaptive, "ppo.kl.adaptive is false")
         unread(self, "loss_estimator", "ppo.kl", self.loss_coef > 0, "ppo.kl.loss_coef is 0")
+        unread(self, "estimator", "ppo.kl", self.reads_reference(), "no KL setting reads the reference "
+               "(ppo.kl.coef 0, ppo.kl.adaptive false, ppo.kl.loss_coef 0): the run has none")
 
     def reads_reference(self) -> bool:
         """Whether any KL setting reads the reference model's log-probs: the penalty in the

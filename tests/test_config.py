@@ -498,10 +498,17 @@ def test_unknown_estimator_lists_the_registry():
     ("ppo.kl.horizon=100", "ppo.kl.horizon", "ppo.kl.adaptive is false"),
     ("ppo.kl.loss_estimator=k1", "ppo.kl.loss_estimator", "ppo.kl.loss_coef is 0"),
     ("ppo.loss.overlong_penalty=2.0", "ppo.loss.overlong_penalty", "ppo.loss.overlong_buffer is null"),
+    ("ppo.kl.coef=0 ppo.kl.estimator=k3", "ppo.kl.estimator", "no KL setting reads the reference"),
 ])
 def test_unread_kl_and_overlong_keys_warn(override, key, because):
     with pytest.warns(UnreadKeyWarning, match=rf"^{key}: set to .* but unread because {because}"):
-        load_config(None, [override])
+        load_config(None, override.split())
+
+
+@pytest.mark.parametrize("reads", ["ppo.kl.coef=0.1", "ppo.kl.adaptive=true", "ppo.kl.loss_coef=0.1"])
+def test_the_penalty_estimator_is_read_when_the_reference_is(reads, recwarn):
+    load_config(None, ["ppo.kl.coef=0", reads, "ppo.kl.estimator=k3"])
+    assert not [w for w in recwarn if "ppo.kl.estimator" in str(w.message)]
 
 
 def test_old_ppo_names_map_to_the_sections_in_files_overrides_and_attributes(tmp_path):
