@@ -718,3 +718,18 @@ def test_an_environment_that_raises_is_an_error_naming_class_method_row_and_line
         with pytest.raises(AgentError, match=r"environment Crashes.step \(row 3\) raised KeyError: 'b' "
                                              r"at .*test_agents.py:\d+ in step"):
             runner.step_episodes(episodes, ["hi"])
+
+
+def test_numpy_rewards_and_done_flags_are_accepted():
+    """A gymnasium-style environment returns numpy scalars: np.float32 rewards and np.bool_ flags."""
+    import numpy as np
+
+    class NumpyEnv(GuessEnv):
+        def step(self, text):
+            return "ok", np.float32(0.5), np.bool_(True)
+
+    episodes = [Episode(NumpyEnv(), {"secret": 1}, 0)]
+    with AgentRunner(timeout=1.0) as runner:
+        runner.reset_episodes(episodes)
+        (result,) = runner.step_episodes(episodes, ["5"])
+    assert (result.reward, result.done) == (0.5, True) and type(result.done) is bool

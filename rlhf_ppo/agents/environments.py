@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
+
 from ..errors import AgentError, raised
 from .calls import CallTimeout, call_with_timeout
 from .tools import ToolCall, ToolResult, ToolSet
@@ -137,6 +139,8 @@ def check_step(value: Any, env: Any, row_id: int) -> StepResult:
     if not isinstance(observation, str):
         raise AgentError(f"{_where(env, 'step', row_id)} returned observation {type(observation).__name__} "
                          f"{observation!r}; {expected}")
+    if isinstance(done, np.bool_):  # numpy's (gymnasium environments return it): a bool
+        done = bool(done)
     if not isinstance(done, bool):
         raise AgentError(f"{_where(env, 'step', row_id)} returned done {type(done).__name__} {done!r}; "
                          f"{expected}")
