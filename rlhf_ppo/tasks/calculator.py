@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import random
 import re
 import shutil
@@ -41,6 +40,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, parse_override
 from ..evaluate import EvalConfig, run_evaluate
+from ..progress import setup_cli_logging
 from ..sft import SFTConfig, run_sft
 from ..trainer import PPOTrainer
 from . import reasoning as R
@@ -207,9 +207,7 @@ def summary_text(out: Path, s: dict[str, dict], seconds: float) -> str:
 
     return "\n".join([
         f"calculator done in {seconds:.0f} s ({out})",
-        f"  ppo:  {s['ppo']['iterations']} iterations, reward {s['ppo']['score_first5']:.3f} "
-        f"(first 5) -> {s['ppo']['score_last5']:.3f} (last 5), kl {s['ppo']['kl_last5']:.3f} "
-        f"({s['ppo']['seconds']} s)",
+        R.ppo_line(s["ppo"]),
         f"  test accuracy (T=1): sft {acc('reference')} -> ppo {acc('policy')}",
         f"  tool calls per episode: sft {calls('reference')} -> ppo {calls('policy')}",
     ])
@@ -228,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="dotted overrides of the PPO stage's config, values parsed as YAML")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     try:
         overrides = dict(parse_override(item) for item in args.overrides)
     except ConfigError as e:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import random
 import shutil
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 from ..config import Config, ConfigError, parse_override, set_overrides
 from ..evaluate import EvalConfig, run_evaluate
 from ..ops import pass_at_k  # noqa: F401  (re-exported: the unbiased pass@k estimator)
+from ..progress import setup_cli_logging
 from ..sft import SFTConfig, run_sft
 from ..trainer import PPOTrainer
 from ..verifiable import answers_match, math_answer
@@ -334,15 +334,19 @@ def summary_text(out: Path, s: dict[str, dict], seconds: float) -> str:
         f"reasoning done in {seconds:.0f} s ({out})",
         f"  sft:  {s['sft']['steps']} steps, held-out loss {s['sft']['heldout_loss_before']:.3f} -> "
         f"{s['sft']['heldout_loss_after']:.3f} ({s['sft']['seconds']} s)",
-        f"  ppo:  {s['ppo']['iterations']} iterations, reward {s['ppo']['score_first5']:.3f} "
-        f"(first 5) -> {s['ppo']['score_last5']:.3f} (last 5), kl {s['ppo']['kl_last5']:.3f} "
-        f"({s['ppo']['seconds']} s)",
+        ppo_line(s["ppo"]),
         f"  test accuracy, sampled (T=1): sft {acc(ev, 'reference')} -> ppo {acc(ev, 'policy')}; "
         f"pass@{k} sft {pk('reference'):.3f} -> ppo {pk('policy'):.3f}",
         f"  test accuracy, greedy:        sft {acc(greedy, 'reference')} -> ppo "
         f"{acc(greedy, 'policy')}",
         f"  report: {out / 'eval' / 'report.html'}",
     ])
+
+
+def ppo_line(ppo: dict) -> str:
+    """The summary's PPO line from the ppo stage's summary (the reasoning and calculator tasks)."""
+    return (f"  ppo:  {ppo['iterations']} iterations, reward {ppo['score_first5']:.3f} (first 5) -> "
+            f"{ppo['score_last5']:.3f} (last 5), kl {ppo['kl_last5']:.3f} ({ppo['seconds']} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="dotted overrides of the PPO stage's config, values parsed as YAML")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     try:
         overrides = dict(parse_override(item) for item in args.overrides)
     except ConfigError as e:
