@@ -138,21 +138,34 @@ _QWEN3_FUNCTION = re.compile(r"^\s*<function=([^\n>]+)>(.*?)(?:</function>\s*)?$
 _QWEN3_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\s*(.*?)\s*</parameter>", re.S)
 
 
-def parse_qwen3_xml(text: str) -> ParsedTurn:
-    """Qwen3.5 / Qwen3.6 / Nemotron 3: ``<function=NAME>`` with one ``<parameter=KEY>`` per
-    argument inside each ``<tool_call>`` block."""
+def _parse_blocks(text: str, example: str, shape: str,
+                  read: Callable[[str], tuple[str, dict[str, Any]] | None]) -> ParsedTurn:
+    """The calls of the ``<tool_call>`` blocks of ``text``: ``read(body)`` gives a closed block's
+    ``(name, arguments)``, or None when the body lacks ``shape`` (named in the error with
+    ``example``); an unclosed block is a malformed call too."""
     content, blocks = _split_blocks(text, "<tool_call>", "</tool_call>")
     calls = []
     for body, closed in blocks:
         raw = f"<tool_call>{body}</tool_call>" if closed else f"<tool_call>{body}"
-        match = _QWEN3_FUNCTION.match(body)
-        if not closed or match is None:
-            why = "no closing </tool_call>" if not closed else "no <function=NAME> ... </function>"
-            calls.append(_bad(raw, why, QWEN3_XML_EXAMPLE))
+        found = read(body) if closed else None
+        if found is None:
+            why = "no closing </tool_call>" if not closed else f"no {shape}"
+            calls.append(_bad(raw, why, example))
             continue
-        arguments = {k.strip(): _json_or_text(v) for k, v in _QWEN3_PARAMETER.findall(match.group(2))}
-        calls.append(ToolCall(match.group(1).strip(), arguments, text=raw))
+        calls.append(ToolCall(*found, text=raw))
     return ParsedTurn(content, calls)
+
+
+def parse_qwen3_xml(text: str) -> ParsedTurn:
+    """Qwen3.5 / Qwen3.6 / Nemotron 3: ``<function=NAME>`` with one ``<parameter=KEY>`` per
+    argument inside each ``<tool_call>`` block."""
+    def read(body: str) -> tuple[str, dict[str, Any]] | None:
+        match = _QWEN3_FUNCTION.match(body)
+        if match is None:
+            return None
+        return match.group(1).strip(), {k.strip(): _json_or_text(v)
+                                        for k, v in _QWEN3_PARAMETER.findall(match.group(2))}
+    return _parse_blocks(text, QWEN3_XML_EXAMPLE, "<function=NAME> ... </function>", read)
 
 
 GLM4_EXAMPLE = "<tool_call>tool_name<arg_key>arg</arg_key><arg_value>value</arg_value></tool_call>"
@@ -162,18 +175,12 @@ _GLM4_ARGUMENT = re.compile(r"<arg_key>([^<]+)</arg_key>\s*<arg_value>(.*?)</arg
 
 def parse_glm4(text: str) -> ParsedTurn:
     """GLM-4.5/4.6/4.7: the name, then ``<arg_key>``/``<arg_value>`` pairs, in each block."""
-    content, blocks = _split_blocks(text, "<tool_call>", "</tool_call>")
-    calls = []
-    for body, closed in blocks:
-        raw = f"<tool_call>{body}</tool_call>" if closed else f"<tool_call>{body}"
+    def read(body: str) -> tuple[str, dict[str, Any]] | None:
         name = _GLM4_NAME.match(body)
-        if not closed or name is None:
-            why = "no closing </tool_call>" if not closed else "no tool name after <tool_call>"
-            calls.append(_bad(raw, why, GLM4_EXAMPLE))
-            continue
-        arguments = {k.strip(): _json_or_text(v) for k, v in _GLM4_ARGUMENT.findall(body)}
-        calls.append(ToolCall(name.group(1), arguments, text=raw))
-    return ParsedTurn(content, calls)
+        if name is None:
+            return None
+        return name.group(1), {k.strip(): _json_or_text(v) for k, v in _GLM4_ARGUMENT.findall(body)}
+    return _parse_blocks(text, GLM4_EXAMPLE, "tool name after <tool_call>", read)
 
 
 LLAMA3_EXAMPLE = '{"name": "tool_name", "parameters": {"arg": "value"}} as the whole message'
