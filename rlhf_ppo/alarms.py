@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .config import AlarmsConfig
-from .jsonl import append_jsonl, read_jsonl, write_jsonl
+from .jsonl import append_jsonl, finite_number, read_jsonl, write_jsonl
 from .runs import metric_jumps
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,7 @@ def response_metrics(rollout) -> dict[str, torch.Tensor]:
 
 def _finite(record: dict, key: str) -> float | None:
     """``record[key]`` as a float when it is a finite number (metrics files store NaN as null)."""
-    v = record.get(key)
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+    return finite_number(record.get(key))
 
 
 def _mean(records: History, key: str) -> float | None:

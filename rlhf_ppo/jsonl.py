@@ -21,6 +21,13 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def finite_number(x: Any) -> float | None:
+    """``x`` as a float when it is a finite number (not a bool), else None: how a value read back
+    from a metrics file is used (:func:`json_safe` wrote NaN and inf as null)."""
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return float(x) if ok else None
+
+
 def append_jsonl(path: str | Path, *records: dict) -> None:
     """Append one JSON line per record (non-finite floats written as null)."""
     with open(path, "a") as f:

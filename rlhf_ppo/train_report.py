@@ -33,6 +33,7 @@ from typing import Any
 
 from . import report
 from .errors import DataError
+from .jsonl import finite_number
 from .report import _num as number
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,8 @@ def all_alarms(rows: list[dict], metrics: list[dict]) -> list[dict]:
 
 def _finite_or(x: Any, default: float) -> float:
     """``x`` as a float when it is a finite number, else ``default``."""
-    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    return float(x) if ok else default
+    value = finite_number(x)
+    return default if value is None else value
 
 
 def series(metrics: list[dict], key: str) -> tuple[list[float], list[float]]:
